@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh machine: a virtual environment in .venv with the project installed
+# (editable) and every dependency, detectron2 included. Safe to re-run: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+# detectron2 is not on PyPI under its own name: sal-detectron2 0.7.2 is a wheel of upstream
+# detectron2 (commit a59f056). Its wheel is tagged cp310 but is pure Python on the CPU path.
+D2_WHEEL=sal_detectron2-0.7.2-cp310-cp310-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
+D2_SHA256=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q "setuptools>=64,<81" wheel
+"$PY" -m pip install -q -e ".[all,test]"
+
+if ! "$PY" -c "import detectron2" 2>/dev/null; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.10 \
+        --implementation cp -d "$tmp" sal-detectron2==0.7.2
+    wheel=$(ls "$tmp"/sal_detectron2-0.7.2-*.whl)
+    echo "$D2_SHA256  $wheel" | sha256sum -c --quiet - \
+        || { echo "install.sh: sha256 mismatch for $wheel" >&2; exit 1; }
+    site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    "$PY" - "$wheel" "$site" <<'PYEOF'
+import sys, zipfile
+wheel, site = sys.argv[1:]
+with zipfile.ZipFile(wheel) as zf:
+    # only the detectron2 package: the wheel also ships a top-level `tools` we must not install
+    zf.extractall(site, [n for n in zf.namelist() if n.startswith("detectron2/")])
+PYEOF
+fi
+"$PY" -c "import torch, torchvision, timm, nvidia.dali, detectron2, deepspeed, pycocotools, wrn_large" \
+    && echo "install.sh: environment ready in $VENV"

@@ -1,0 +1,95 @@
+"""The contract between data backends and the trainer.
+
+A backend is one function registered with ``@register_backend("name")`` that takes a
+``DataConfig`` and a ``LoaderSpec`` and returns a ``Loader``. The trainer only ever calls
+``build_loader(cfg, spec)``; adding a backend never touches the trainer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of a training config (every field can be overridden as data.KEY=...)."""
+
+    dataset: str = "imagenet"      # imagenet (JPEG folder or file list) | cifar10 | cifar100 | svhn
+    root: str | None = None        # None: the built-in default data set, generated on first use
+    backend: str = "auto"          # auto (dali where it imports, else torch) | dali | torch | synthetic
+    num_classes: int | None = None  # None: read from the data set
+    image_size: int = 224          # train crop / val crop side
+    val_resize: int = 256          # val: shorter side resized to this, then center crop
+    min_crop_area: float = 0.08    # random-resized-crop scale range lower bound (ImageNet)
+    augment: bool = True           # CIFAR: pad-4 random crop + flip; ImageNet: RRC + flip
+    normalization: str = "meanstd"  # meanstd | zca (CIFAR) | scale (divide by 255: SVHN)
+    workers: int = 2               # DALI threads / DataLoader workers per process
+    channels_last: bool = False    # NHWC memory format for the produced images
+    file_list: str | None = None   # a clean list from `python -m pipelines verify` (optional)
+
+
+@dataclass
+class LoaderSpec:
+    """Where and how one process reads: filled in by the trainer."""
+
+    split: str                     # "train" | "val"
+    batch_size: int                # per process
+    rank: int = 0                  # GLOBAL rank
+    world_size: int = 1
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the trainer iterates.
+
+    - iteration yields ``(images, labels)``: float images (N, C, H, W), normalised, on
+      ``spec.device``; int64 labels (N,) on the same device;
+    - train: every rank yields the same number of full batches per epoch and the ranks'
+      samples partition the epoch (drop the remainder); the order depends only on
+      ``(seed, epoch)``, so an epoch can be replayed exactly;
+    - val: every sample is yielded by exactly one rank, exactly once (no padding duplicates);
+      ranks may yield different numbers of batches;
+    - ``set_epoch(epoch, start_batch)`` selects the epoch the next iteration yields and skips its
+      first ``start_batch`` batches (exact mid-epoch resume).
+    """
+
+    num_classes: int
+    num_samples: int               # samples this rank yields per epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...  # batches this rank yields per epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+
+BackendFn = Callable[[DataConfig, LoaderSpec], Loader]
+_backends: dict[str, BackendFn] = {}
+
+
+def register_backend(name: str):
+    def wrap(fn: BackendFn) -> BackendFn:
+        _backends[name] = fn
+        return fn
+
+    return wrap
+
+
+def available_backends() -> list[str]:
+    return sorted(_backends)
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "dali" if "dali" in _backends else "torch"
+    if name not in _backends:
+        raise ValueError(f"unknown data backend {name!r}; valid: auto, {', '.join(available_backends())}")
+    return name
+
+
+def build_loader(cfg: DataConfig, spec: LoaderSpec) -> Loader:
+    return _backends[resolve_backend(cfg.backend)](cfg, spec)

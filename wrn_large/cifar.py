@@ -1,0 +1,180 @@
+"""WRN-n-k for CIFAR-10/100 and SVHN (Zagoruyko & Komodakis 2016, Table 1).
+
+Pre-activation blocks (BN-ReLU-conv), a 3x3 stem of 16 channels, three groups of 16k/32k/64k
+channels at strides 1/2/4, then BN-ReLU, global average pooling and a linear classifier. The
+block type B(M) lists the kernel sizes of the block's convolutions (B(3,3) is the basic block);
+its length is the deepening factor l.
+
+Blocks per group: N = (depth - 4) / 6 whatever the block type, as in the official code; this is
+what reproduces Table 2's counts (e.g. WRN-40-2-B(1,3,1) has 6 blocks of 3 convolutions per
+group, 1.4M parameters). Table 3 instead keeps the parameter count fixed while l varies, so its
+networks set ``blocks_per_group`` explicitly (12, 6, 4, 3 for l = 1..4).
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._features import FeatureInfo
+from ._registry import register_model
+
+# The block types studied in the paper (Tables 2 and 3); any sequence of 1s and 3s is accepted.
+PAPER_BLOCK_TYPES = ("B(3,3)", "B(3,1,3)", "B(1,3,1)", "B(1,3)", "B(3,1)", "B(3,1,1)",
+                     "B(3)", "B(3,3,3)", "B(3,3,3,3)")
+
+
+def parse_block_type(block_type: str | Sequence[int]) -> tuple[int, ...]:
+    """``"B(3,1)"``, ``"3,1"`` or ``(3, 1)`` -> ``(3, 1)``."""
+    if isinstance(block_type, str):
+        body = re.fullmatch(r"\s*(?:B\s*\()?\s*([0-9,\s]+?)\s*\)?\s*", block_type)
+        kernels = tuple(int(k) for k in body.group(1).split(",") if k.strip()) if body else ()
+    else:
+        kernels = tuple(int(k) for k in block_type)
+    if not kernels or any(k not in (1, 3) for k in kernels):
+        raise ValueError(f"invalid block_type {block_type!r}: kernel sizes must be 1 or 3, "
+                         f"e.g. one of {', '.join(PAPER_BLOCK_TYPES)}")
+    return kernels
+
+
+def blocks_per_group_for(depth: int) -> int:
+    n, rest = divmod(depth - 4, 6)
+    if rest or n < 1:
+        raise ValueError(f"invalid depth {depth}: depth must be 6*N + 4 for N >= 1 blocks per "
+                         f"group, e.g. {', '.join(str(6 * n + 4) for n in range(1, 9))}")
+    return n
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv repeated once per kernel size, dropout before every conv but the first."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int,
+                 kernels: tuple[int, ...], dropout: float):
+        super().__init__()
+        self.bns = nn.ModuleList()
+        self.convs = nn.ModuleList()
+        channels = in_channels
+        for i, k in enumerate(kernels):
+            self.bns.append(nn.BatchNorm2d(channels))
+            self.convs.append(nn.Conv2d(channels, out_channels, k, stride if i == 0 else 1,
+                                        padding=k // 2, bias=False))
+            channels = out_channels
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut = None
+        if in_channels != out_channels or stride != 1:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bns[0](x))
+        y = self.convs[0](pre)
+        for bn, conv in zip(self.bns[1:], self.convs[1:]):
+            y = conv(self.dropout(F.relu(bn(y))))
+        # As in the official code, a projection shortcut reads the pre-activated input.
+        return y + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class WideResNetCIFAR(nn.Module):
+    def __init__(self, depth: int = 28, widen_factor: float = 10, dropout: float = 0.0,
+                 block_type: str | Sequence[int] = "B(3,3)", num_classes: int = 10,
+                 in_chans: int = 3, blocks_per_group: int | None = None):
+        super().__init__()
+        kernels = parse_block_type(block_type)
+        n = blocks_per_group or blocks_per_group_for(depth)
+        if widen_factor <= 0:
+            raise ValueError(f"widen_factor must be positive, got {widen_factor}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        widths = [int(round(16 * widen_factor * m)) for m in (1, 2, 4)]
+        self.depth, self.widen_factor, self.kernels = depth, widen_factor, kernels
+        self.blocks_per_group = n
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
+        channels, groups = 16, []
+        for width, stride in zip(widths, (1, 2, 2)):
+            blocks = [PreActBlock(channels if i == 0 else width, width, stride if i == 0 else 1,
+                                  kernels, dropout) for i in range(n)]
+            groups.append(nn.Sequential(*blocks))
+            channels = width
+        self.layer1, self.layer2, self.layer3 = groups
+        self.bn = nn.BatchNorm2d(channels)
+        self.num_features = channels
+        self.fc = nn.Linear(channels, num_classes)
+        self.feature_info = [FeatureInfo(f"res{i + 2}", w, s)
+                             for i, (w, s) in enumerate(zip(widths, (1, 2, 4)))]
+        _he_init(self)
+
+    def forward_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Outputs of the three groups, keyed res2..res4 (strides 1, 2, 4).
+
+        The last one is taken after the final BN-ReLU, since pre-activation blocks leave
+        their output un-normalised."""
+        x = self.conv1(x)
+        feats = OrderedDict()
+        for info, group in zip(self.feature_info, (self.layer1, self.layer2, self.layer3)):
+            x = group(x)
+            feats[info.name] = x
+        feats[self.feature_info[-1].name] = F.relu(self.bn(x))
+        return feats
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(next(reversed(self.forward_features(x).values())))
+
+
+def _he_init(model: nn.Module) -> None:
+    """As the official code (MSRinit): N(0, sqrt(2/(k*k*out_channels))), BN 1/0, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+@register_model(family="cifar")
+def wrn_cifar(depth: int = 28, widen_factor: float = 10, dropout: float = 0.0,
+              block_type: str = "B(3,3)", num_classes: int = 10, in_chans: int = 3,
+              blocks_per_group: int | None = None):
+    """WRN-n-k for 32x32 inputs (CIFAR-10/100, SVHN), any depth, width and block type."""
+    return WideResNetCIFAR(depth, widen_factor, dropout, block_type, num_classes, in_chans,
+                           blocks_per_group)
+
+
+def _preset(name: str, depth: int, k: int, params_m: str | None, table: str,
+            block_type: str = "B(3,3)", blocks_per_group: int | None = None):
+    def builder(dropout: float = 0.0, num_classes: int = 10, in_chans: int = 3):
+        return WideResNetCIFAR(depth, k, dropout, block_type, num_classes, in_chans,
+                               blocks_per_group)
+
+    builder.__name__ = name
+    count = f": {params_m}M parameters" if params_m else ""
+    builder.__doc__ = f"WRN-{depth}-{k}-{block_type} ({table}{count})"
+    register_model(builder, family="cifar", paper_params_m=params_m, paper_table=table)
+
+
+# Parameter counts as printed in the paper (None where it prints none).
+for _d, _k, _p, _table in [
+        (40, 1, "0.6", "Table 4"), (40, 2, "2.2", "Table 4"), (40, 4, "8.9", "Table 4"),
+        (40, 8, "35.7", "Table 4"), (28, 10, "36.5", "Table 4"), (28, 12, "52.5", "Table 4"),
+        (22, 8, "17.2", "Table 4"), (22, 10, "26.8", "Table 4"), (16, 8, "11.0", "Table 4"),
+        (16, 10, "17.1", "Table 4"), (16, 4, None, "Table 6"), (52, 1, None, "Table 6"),
+        (40, 10, "56", "Table 9")]:
+    _preset(f"wrn_{_d}_{_k}", _d, _k, _p, _table)
+
+# Table 2: block types at k = 2.
+for _d, _bt, _code, _p in [(40, "B(1,3,1)", "b131", "1.4"), (40, "B(3,1)", "b31", "1.2"),
+                           (40, "B(1,3)", "b13", "1.3"), (40, "B(3,1,1)", "b311", "1.3"),
+                           (28, "B(3,3)", "b33", "1.5"), (22, "B(3,1,3)", "b313", "1.1")]:
+    _preset(f"wrn_{_d}_2_{_code}", _d, 2, _p, "Table 2", _bt)
+
+# Table 3: WRN-40-2 with deepening factor l = 1..4, blocks per group adjusted to keep 2.2M.
+for _l in (1, 2, 3, 4):
+    _preset(f"wrn_40_2_l{_l}", 40, 2, "2.2", "Table 3", "B(" + ",".join("3" * _l) + ")",
+            blocks_per_group=12 // _l)

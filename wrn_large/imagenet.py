@@ -1,0 +1,179 @@
+"""ImageNet WRNs (Zagoruyko & Komodakis 2016, Tables 7 and 8).
+
+A torchvision-layout ResNet (7x7 stem of 64 channels, max-pool, four stages at strides 4-32,
+post-activation blocks as in fb.resnet.torch) whose stages are widened by ``width``:
+- depth 18/34, basic blocks: the stages have 64w, 128w, 256w, 512w channels;
+- depth 50/101/152, bottleneck blocks: the inner 3x3 width of every block is multiplied by w
+  (WRN-50-2-bottleneck = torchvision's wide_resnet50_2); the block outputs keep 256-2048.
+Module names follow torchvision, so its state dicts load without conversion.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from ._features import FeatureInfo
+from ._registry import register_model
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, width: float):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(inplanes, planes, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, width: float):
+        super().__init__()
+        inner = int(planes * width)
+        self.conv1 = conv1x1(inplanes, inner)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = conv3x3(inner, inner, stride)   # stride on the 3x3, as fb.resnet.torch
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = conv1x1(inner, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(inplanes, planes * self.expansion, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+
+ARCHS = {  # depth -> (block, blocks per stage)
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class WideResNetImageNet(nn.Module):
+    def __init__(self, depth: int = 34, width: float = 2.0, num_classes: int = 1000,
+                 in_chans: int = 3, zero_init_residual: bool = False):
+        super().__init__()
+        if depth not in ARCHS:
+            raise ValueError(f"invalid depth {depth} for an ImageNet WRN; "
+                             f"valid depths: {', '.join(map(str, ARCHS))}")
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        block, counts = ARCHS[depth]
+        self.depth, self.width = depth, width
+        self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        # Basic blocks widen the stage itself; bottlenecks widen only their inner 3x3.
+        stage_scale = width if block is BasicBlock else 1.0
+        inplanes, self.feature_info = 64, []
+        for i, count in enumerate(counts):
+            planes = int(64 * 2 ** i * stage_scale)
+            blocks = []
+            for j in range(count):
+                blocks.append(block(inplanes, planes, 2 if (i > 0 and j == 0) else 1, width))
+                inplanes = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            self.feature_info.append(FeatureInfo(f"res{i + 2}", inplanes, 4 * 2 ** i))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = inplanes
+        self.fc = nn.Linear(inplanes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn().weight)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Outputs of the four stages, keyed res2..res5 (strides 4, 8, 16, 32)."""
+        x = self.forward_stem(x)
+        feats = OrderedDict()
+        for info, stage in zip(self.feature_info, self.stages()):
+            x = stage(x)
+            feats[info.name] = x
+        return feats
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(features), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_stem(x)
+        for stage in self.stages():
+            x = stage(x)
+        return self.forward_head(x)
+
+
+@register_model(family="imagenet")
+def wrn_imagenet(depth: int = 34, width: float = 2.0, num_classes: int = 1000, in_chans: int = 3,
+                 zero_init_residual: bool = False):
+    """ImageNet WRN of any depth in 18/34 (basic) or 50/101/152 (bottleneck) and any width."""
+    return WideResNetImageNet(depth, width, num_classes, in_chans, zero_init_residual)
+
+
+def _preset(name: str, depth: int, width: float, params_m: str | None, table: str):
+    def builder(num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False):
+        return WideResNetImageNet(depth, width, num_classes, in_chans, zero_init_residual)
+
+    builder.__name__ = name
+    kind = "-bottleneck" if depth >= 50 else f" width {width}"
+    count = f": {params_m}M parameters" if params_m else ""
+    builder.__doc__ = f"WRN-{depth}{kind} for ImageNet ({table}{count})"
+    register_model(builder, family="imagenet", paper_params_m=params_m, paper_table=table)
+
+
+for _depth, _width, _p in [(18, 1.0, "11.7"), (18, 1.5, "25.9"), (18, 2.0, "45.6"),
+                           (18, 3.0, "101.8"), (34, 1.0, "21.8"), (34, 1.5, "48.6"),
+                           (34, 2.0, "86.0")]:
+    _suffix = f"{_width:g}".replace(".", "_")
+    _preset(f"wrn{_depth}_x{_suffix}", _depth, _width, _p, "Table 7")
+_preset("wrn50_2_bottleneck", 50, 2.0, "68.9", "Table 8")
+_preset("wrn101_2_bottleneck", 101, 2.0, None, "torchvision")  # wide_resnet101_2
