@@ -1,7 +1,8 @@
 """Input pipelines: DALI (GPU "mixed" decoding or the same graph on the CPU), torchvision, and
 synthetic data, behind one small interface (``pipelines.base``)."""
 from .base import (DataConfig, Loader, LoaderSpec, available_backends, build_loader,
-                   register_backend, resolve_backend)
+                   register_backend, resolve_backend, train_shard_indices,
+                   val_shard_indices)
 
 __all__ = ["DataConfig", "Loader", "LoaderSpec", "available_backends", "build_loader",
-           "register_backend", "resolve_backend"]
+           "register_backend", "resolve_backend", "train_shard_indices", "val_shard_indices"]

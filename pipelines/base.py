@@ -50,7 +50,9 @@ class Loader(Protocol):
       ``spec.device``; int64 labels (N,) on the same device;
     - train: every rank yields the same number of full batches per epoch and the ranks'
       samples partition the epoch (drop the remainder); the order depends only on
-      ``(seed, epoch)``, so an epoch can be replayed exactly;
+      ``(seed, epoch)``, so an epoch can be replayed exactly. Use ``train_shard_indices``:
+      global batch b is a slice of one permutation and rank r takes the r-th contiguous part
+      of it, so N processes see exactly what 1 process with N-step gradient accumulation sees;
     - val: every sample is yielded by exactly one rank, exactly once (no padding duplicates);
       ranks may yield different numbers of batches;
     - ``set_epoch(epoch, start_batch)`` selects the epoch the next iteration yields and skips its
@@ -65,6 +67,28 @@ class Loader(Protocol):
     def __len__(self) -> int: ...  # batches this rank yields per epoch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+
+def train_shard_indices(num_samples: int, batch_size: int, rank: int, world_size: int,
+                        seed: int, epoch: int) -> "torch.Tensor":
+    """This rank's sample indices for one training epoch, in order (full batches only).
+
+    The epoch's permutation depends only on (seed, epoch). Global batch b holds
+    ``perm[b*G:(b+1)*G]`` with G = batch_size * world_size; rank r reads its r-th slice."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_samples, generator=g)
+    global_batch = batch_size * world_size
+    steps = num_samples // global_batch
+    if steps == 0:
+        raise ValueError(f"{num_samples} samples cannot fill one global batch of {global_batch} "
+                         f"({world_size} processes x {batch_size})")
+    perm = perm[: steps * global_batch].view(steps, world_size, batch_size)
+    return perm[:, rank].reshape(-1)
+
+
+def val_shard_indices(num_samples: int, rank: int, world_size: int) -> "torch.Tensor":
+    """Evaluation: every sample exactly once over all ranks, no padding (ranks may differ by 1)."""
+    return torch.arange(rank, num_samples, world_size)
 
 
 BackendFn = Callable[[DataConfig, LoaderSpec], Loader]
