@@ -1,0 +1,86 @@
+"""Checkpoint files: atomic writes, newest-valid lookup with fallback, retention.
+
+Layout: ``<output_dir>/checkpoints/step_00001234.pt`` (one file, DDP engine) or
+``step_00001234/`` (a directory, DeepSpeed engine). A file appears under its final name only
+once complete (temp name + fsync + rename), so a crash never leaves a half-written checkpoint
+that looks valid, and nothing valid is overwritten or deleted before the new one is complete.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
+COMPLETE_MARKER = "COMPLETE"       # written last into checkpoint directories
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_path(output_dir, step: int, suffix: str) -> Path:
+    return checkpoint_dir(output_dir) / f"step_{step:08d}{suffix}"
+
+
+def save_file_atomic(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """A checkpoint file, loaded with ``weights_only=True``; CheckpointError names the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project")
+    return state
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Checkpoints in ``output_dir``, newest first (by step)."""
+    folder = checkpoint_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_file() or (path / COMPLETE_MARKER).is_file()
+
+
+def prune(output_dir, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (incomplete leftovers too)."""
+    kept = 0
+    for path in list_checkpoints(output_dir):
+        if is_complete(path) and kept < keep:
+            kept += 1
+            continue
+        log.info("removing old checkpoint %s", path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def step_of(path: str | os.PathLike) -> int | None:
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,257 @@
+"""Typed training configuration: YAML files in configs/ plus ``key=value`` overrides.
+
+A file may start from another with ``base: relative/path.yaml`` (recipes live in one file; the
+networks trained with it only name what differs). Unknown or mistyped keys are errors that name
+the key, the file it came from and the closest valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.base import DataConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ModelConfig:
+    name: str = "wrn18_x1"          # any name of `python -m wrn_large`
+    kwargs: dict = field(default_factory=dict)  # builder arguments, e.g. {dropout: 0.3}
+    pretrained: str | None = None   # checkpoint of ours or a torchvision state dict
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1                 # learning rate for `lr_batch` images per step
+    lr_batch: int = 256             # linear scaling: lr * global_batch / lr_batch
+    momentum: float = 0.9
+    dampening: float = 0.0
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    no_weight_decay_on_bn: bool = False  # modern recipes skip wd on BN and biases
+    clip_grad_norm: float = 0.0     # 0 = off (the paper's recipes do not clip)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"              # step | cosine
+    milestones: list = field(default_factory=lambda: [30, 60, 80])  # epochs (step)
+    gamma: float = 0.1              # lr factor at each milestone (step)
+    warmup_epochs: float = 0.0      # linear warmup from warmup_factor * lr
+    warmup_factor: float = 0.0
+    min_lr: float = 0.0             # floor of the cosine schedule
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    batch_size: int = 256           # GLOBAL batch per optimizer step (all processes, all micro-steps)
+    grad_accum: int = 1             # micro-batches per optimizer step
+    label_smoothing: float = 0.0
+    mixup: float = 0.0              # timm Mixup alpha (0 = off)
+    cutmix: float = 0.0             # timm CutMix alpha (0 = off)
+    ema_decay: float = 0.0          # 0 = no EMA; e.g. 0.9998 (timm ModelEmaV3)
+    amp: str = "auto"               # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    channels_last: str = "auto"     # auto (on with CUDA) | on | off
+    compile: str = "auto"           # auto (off: compile is opt-in) | on | off
+    seed: int = 0
+    deterministic: bool = False     # cudnn deterministic algorithms
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ddp"               # ddp | deepspeed
+    deepspeed_config: str = "launch/deepspeed/zero1.json"  # used by engine=deepspeed
+    zero_stage: int | None = None   # overrides the JSON's stage when set
+    dist_backend: str = "auto"      # auto (nccl with CUDA, else gloo) | nccl | gloo
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    resume: str = "auto"            # auto (newest valid checkpoint in output_dir) | none | PATH
+    checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
+    keep_checkpoints: int = 3
+    eval_every_epochs: int = 1
+    log_every_steps: int = 20
+    progress: bool = True           # progress bar on rank 0
+    max_steps: int = 0              # stop (with a checkpoint) after this many optimizer steps; 0 = off
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(close)}?" if close else f" Valid keys: {', '.join(valid)}."
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check (and gently convert) a YAML value to the field's annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp in (list, dict) or origin in (list, dict):
+        if isinstance(value, origin or tp):
+            return value
+        raise ConfigError(f"{where}: expected a {(origin or tp).__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj, values: dict, where: str, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = _fields(type(obj))
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {dotted!r}.{_suggest(key, fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {dotted!r} is a section; give keys under it")
+            _apply(current, value, where, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}: {dotted}"))
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """A config path as given, or relative to the repository (so any cwd works)."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {path}")
+
+
+def read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[Path, dict]]:
+    """[(file, values)] from the deepest ``base:`` to ``path`` itself."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    base = values.pop("base", None)
+    chain = read_yaml_chain(find_config(path.parent / base) if not Path(base).is_absolute()
+                            else Path(base), seen + (path.resolve(),)) if base else []
+    return chain + [(path, values)]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.epochs=10)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        for file, values in read_yaml_chain(find_config(path)):
+            _apply(cfg, values, str(file))
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith("model.kwargs."):  # free-form builder arguments
+            cfg.model.kwargs[key.split(".", 2)[2]] = value
+            continue
+        _apply(cfg, nest(key, value), "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    choices = {"schedule.name": (cfg.schedule.name, ("step", "cosine")),
+               "train.amp": (cfg.train.amp, ("auto", "off", "bf16", "fp16")),
+               "train.channels_last": (cfg.train.channels_last, ("auto", "on", "off")),
+               "train.compile": (cfg.train.compile, ("auto", "on", "off")),
+               "engine.dist_backend": (cfg.engine.dist_backend, ("auto", "nccl", "gloo"))}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError("train.grad_accum must be >= 1")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe_keys(obj=None, prefix: str = "") -> list[str]:
+    """Every key with its default, for --help."""
+    obj = obj if obj is not None else Config()
+    lines = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe_keys(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name}={value!r}")
+    return lines

@@ -1,0 +1,104 @@
+"""The DeepSpeed engine: ZeRO stages 0-2 with the recipe's own torch SGD.
+
+The JSON config (``engine.deepspeed_config``) sets ZeRO and communication options only. The
+recipe stays ours: batch sizes, accumulation, precision and clipping are written into the JSON
+from our config, so DeepSpeed's defaults (e.g. gradient_clipping=1.0) never change the recipe.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import COMPLETE_MARKER, CheckpointError, save_file_atomic
+from .config import Config, find_config
+from .distributed import DistInfo, barrier
+from .engines import Engine, build_optimizer, register_engine, resolve_amp
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_json(cfg: Config, dist: DistInfo) -> dict:
+    path = find_config(cfg.engine.deepspeed_config)
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+    t = cfg.train
+    ds["train_batch_size"] = t.batch_size
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size // (dist.world_size * t.grad_accum)
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["gradient_clipping"] = cfg.optim.clip_grad_norm
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10**9)
+    if cfg.engine.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage > 2:
+        raise ValueError(f"{path}: ZeRO stage {stage} is not supported (0-2)")
+    amp = resolve_amp(t.amp, dist.device)
+    ds["bf16"] = {"enabled": amp == torch.bfloat16}
+    ds["fp16"] = {"enabled": amp == torch.float16}
+    if amp == torch.bfloat16:  # BatchNorm buffers must follow the parameters' dtype
+        ds.setdefault("data_types", {})["buffer_dtype"] = "bf16"
+    return ds
+
+
+@register_engine("deepspeed")
+class DeepSpeedEngine(Engine):
+    checkpoint_suffix = ""          # DeepSpeed writes a directory per checkpoint
+
+    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo):
+        import deepspeed
+
+        self.module = model
+        self.dist = dist
+        self.amp_dtype = resolve_amp(cfg.train.amp, dist.device)
+        self.ds_config = deepspeed_json(cfg, dist)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(cfg, model), config=self.ds_config)
+        self.model = self.engine
+
+    def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
+        total, count = torch.zeros((), device=self.dist.device), 0
+        for images, targets in micro_batches:
+            if self.amp_dtype is not None:
+                images = images.to(self.amp_dtype)
+            loss = loss_fn(self.engine(images).float(), targets)
+            self.engine.backward(loss)   # scales by 1/gradient_accumulation_steps itself
+            self.engine.step()           # steps the optimizer on the accumulation boundary
+            total += loss.detach().float()
+            count += 1
+        return total / count
+
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        final = Path(path)
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.dist.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        barrier()
+        self.engine.save_checkpoint(str(tmp), tag="state", client_state=client_state,
+                                    save_latest=False)
+        barrier()
+        if self.dist.is_main:
+            # plain weights too, readable by wrn_large.create_model(pretrained=...)
+            save_file_atomic({"model": self.module.state_dict()}, tmp / "weights.pt")
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            os.replace(tmp, final)
+        barrier()
+
+    def load_checkpoint(self, path: str) -> dict:
+        if not (Path(path) / COMPLETE_MARKER).is_file():
+            raise CheckpointError(f"{path} is incomplete (no {COMPLETE_MARKER} marker)")
+        try:
+            loaded, client = self.engine.load_checkpoint(path, tag="state")
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        if loaded is None:
+            raise CheckpointError(f"cannot read checkpoint {path}")
+        return client

@@ -1,0 +1,145 @@
+"""Training engines: who owns the model wrapper, the optimizer, precision and checkpoints.
+
+An engine is registered with ``@register_engine("name")``; the trainer only calls the methods of
+``Engine``. ``ddp`` lives here, ``deepspeed`` in ``deepspeed_engine.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import load_file, save_file_atomic
+from .config import Config
+from .distributed import DistInfo, barrier
+
+_engines: dict[str, Callable[..., "Engine"]] = {}
+
+
+def register_engine(name: str):
+    def wrap(cls):
+        _engines[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_engine(cfg: Config, model: nn.Module, dist: DistInfo) -> "Engine":
+    if cfg.engine.name == "deepspeed" and "deepspeed" not in _engines:
+        from . import deepspeed_engine  # noqa: F401  (imported lazily: deepspeed is heavy)
+    if cfg.engine.name not in _engines:
+        raise ValueError(f"unknown engine {cfg.engine.name!r}; valid: ddp, deepspeed")
+    return _engines[cfg.engine.name](cfg, model, dist)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on CUDA where supported, full precision on the CPU (16x slower there)."""
+    if amp == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip_bn_and_bias: bool) -> list[dict]:
+    if not skip_bn_and_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.SGD(param_groups(model, o.weight_decay, o.no_weight_decay_on_bn),
+                           lr=o.lr, momentum=o.momentum, dampening=o.dampening,
+                           nesterov=o.nesterov)
+
+
+class Engine:
+    """One optimizer step over ``grad_accum`` micro-batches, plus checkpoint I/O."""
+
+    checkpoint_suffix = ".pt"       # a file; "" for engines that write a directory
+
+    module: nn.Module               # the bare model (weights, EMA source, evaluation)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, micro_batches: Iterable, loss_fn) -> torch.Tensor:
+        """Forward/backward every micro-batch and step; returns the mean loss (0-dim, detached)."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, path: str) -> dict:
+        raise NotImplementedError
+
+
+@register_engine("ddp")
+class DDPEngine(Engine):
+    """DistributedDataParallel (NCCL on CUDA, gloo on the CPU); a plain model in one process."""
+
+    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo):
+        self.module = model
+        self.accum = cfg.train.grad_accum
+        self.clip = cfg.optim.clip_grad_norm
+        self.device = dist.device
+        self.amp_dtype = resolve_amp(cfg.train.amp, dist.device)
+        self.optimizer = build_optimizer(cfg, model)
+        self.scaler = torch.amp.GradScaler(dist.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.model = model
+        if dist.distributed:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=ids)
+        self.is_main = dist.is_main
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        micro_batches = list(micro_batches)
+        for i, (images, targets) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # Gradients are all-reduced once, on the last micro-batch.
+            sync = contextlib.nullcontext() if last or self.model is self.module \
+                else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = loss_fn(self.model(images), targets)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            total += loss.detach().float()
+        if self.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(micro_batches)
+
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        if self.is_main:
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), **client_state}
+            save_file_atomic(state, path)
+        barrier()
+
+    def load_checkpoint(self, path: str) -> dict:
+        state = load_file(path)
+        self.module.load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.scaler.load_state_dict(state.pop("scaler"))
+        return state

@@ -1,0 +1,57 @@
+"""Everything besides model/optimizer that a checkpoint must restore for an exact resume."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .distributed import all_gather_object
+
+
+@dataclass
+class TrainState:
+    step: int = 0                   # optimizer steps done
+    epoch: int = 0                  # epoch the next step belongs to
+    epoch_loss_sum: float = 0.0     # running sums of the current epoch's step losses
+    epoch_loss_count: int = 0
+    history: list = field(default_factory=list)  # one dict per finished epoch
+
+    def as_dict(self) -> dict:
+        return dict(step=self.step, epoch=self.epoch, epoch_loss_sum=self.epoch_loss_sum,
+                    epoch_loss_count=self.epoch_loss_count, history=self.history)
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Per-rank RNG streams (dropout, mixup); the model itself is initialised before this,
+    from the same seed on every rank."""
+    s = seed * 1000 + rank + 1
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": random.getstate()}
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, so rank 0 can save them all."""
+    return all_gather_object(rng_state())
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,339 @@
+"""The training loop shared by every recipe (ImageNet, CIFAR, SVHN) and every engine."""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import pipelines
+import wrn_large
+from pipelines import LoaderSpec, build_loader
+
+from . import checkpoint as ckpt
+from .config import Config, save_config, to_dict
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .engines import Engine, build_engine
+from .evaluate import evaluate
+from .metrics import MetricsWriter, fmt, plot_curves, summary_table
+from .schedule import lr_at, scaled_lr
+from .state import TrainState, gather_rng_states, seed_process, set_rng_state
+
+log = logging.getLogger("wrn_large.train")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class StopRequested:
+    """SIGTERM/SIGUSR1 (SLURM preemption, `scancel --signal`): finish the step, checkpoint, exit."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: checkpointing after this step, then exiting", signum)
+        self.flag = True
+
+
+def setup_logging(dist: DistInfo, output_dir: Path) -> None:
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if dist.is_main:
+        handlers.append(logging.FileHandler(output_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s", handlers=handlers)
+
+
+def resolve_auto(cfg: Config, dist: DistInfo) -> None:
+    """Fill in the 'auto' switches: on with CUDA, off on the CPU (where they slow training)."""
+    cuda = dist.device.type == "cuda"
+    for key in ("channels_last", "compile"):
+        if getattr(cfg.train, key) == "auto":
+            setattr(cfg.train, key, "on" if cuda else "off")
+    cfg.data.channels_last = cfg.train.channels_last == "on"
+    if cfg.data.dataset == "imagenet" and cfg.data.root is None and cfg.data.backend != "synthetic":
+        from pipelines.default_data import ensure_default_dataset
+        if dist.is_main:
+            ensure_default_dataset()
+        barrier()
+        cfg.data.root = ensure_default_dataset()
+
+
+def micro_batch_size(cfg: Config, dist: DistInfo) -> int:
+    per_step = dist.world_size * cfg.train.grad_accum
+    if cfg.train.batch_size % per_step:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                         f"{dist.world_size} processes x train.grad_accum={cfg.train.grad_accum}")
+    return cfg.train.batch_size // per_step
+
+
+def build_loss(cfg: Config, num_classes: int):
+    """(loss_fn, batch_transform): timm's Mixup/CutMix with soft targets when enabled."""
+    t = cfg.train
+    if t.mixup > 0 or t.cutmix > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+        mix = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
+                    num_classes=num_classes)
+        return SoftTargetCrossEntropy(), lambda batch: mix(*batch)
+    return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
+
+
+def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    kwargs = {"num_classes": num_classes, **cfg.model.kwargs}
+    try:
+        model = wrn_large.create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{e} (model.kwargs is {cfg.model.kwargs}; to drop it when changing "
+                        f"model.name, add model.kwargs={{}})") from e
+    model = model.to(dist.device)
+    if cfg.train.channels_last == "on":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dist = init_distributed(cfg.engine.dist_backend,
+                                     need_process_group=cfg.engine.name == "deepspeed")
+        self.out = Path(cfg.run.output_dir)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        barrier()
+        setup_logging(self.dist, self.out)
+        resolve_auto(cfg, self.dist)
+        d, t = self.dist, cfg.train
+        self.micro = micro_batch_size(cfg, d)
+        spec = dict(batch_size=self.micro, rank=d.rank, world_size=d.world_size, seed=t.seed,
+                    device=d.device)
+        self.train_loader = build_loader(cfg.data, LoaderSpec("train", **spec))
+        self.val_loader = build_loader(cfg.data, LoaderSpec("val", **spec))
+        self.num_classes = self.train_loader.num_classes
+        self.model = build_model(cfg, self.num_classes, d)
+        self.engine: Engine = build_engine(cfg, self.model, d)
+        self.ema = None
+        if t.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model, decay=t.ema_decay)
+        self.loss_fn, self.batch_transform = build_loss(cfg, self.num_classes)
+        self.steps_per_epoch = len(self.train_loader) // t.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set gives no full step of {t.batch_size} images")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.base_lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_batch, t.batch_size)
+        self.state = TrainState()
+        self.metrics = MetricsWriter(self.out, enabled=d.is_main)
+        self.stop = StopRequested()
+        if d.is_main:
+            save_config(cfg, self.out / "config.yaml")
+            log.info("model %s: %.2fM parameters, %d classes; %s engine, %d process(es) on %s; "
+                     "global batch %d (%d x %d accum x %d procs), lr %.4g; data backend %s",
+                     cfg.model.name, wrn_large.count_params(self.model) / 1e6, self.num_classes,
+                     cfg.engine.name, d.world_size, d.device, t.batch_size, self.micro,
+                     t.grad_accum, d.world_size, self.base_lr,
+                     pipelines.resolve_backend(cfg.data.backend))
+
+    # ----------------------------------------------------------------- checkpoints
+    def client_state(self) -> dict:
+        return {**self.state.as_dict(), "rng": gather_rng_states(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "config": to_dict(self.cfg)}
+
+    def save(self) -> Path:
+        path = ckpt.checkpoint_path(self.out, self.state.step, self.engine.checkpoint_suffix)
+        if path.exists():  # already saved at this step (e.g. epoch end == every-N-steps)
+            return path
+        self.engine.save_checkpoint(str(path), self.client_state())
+        if self.dist.is_main:
+            ckpt.prune(self.out, self.cfg.run.keep_checkpoints)
+            log.info("saved checkpoint %s", path)
+        barrier()
+        return path
+
+    def resume(self) -> None:
+        choice = self.cfg.run.resume
+        if choice == "none":
+            return
+        candidates = ckpt.list_checkpoints(self.out) if choice == "auto" else [Path(choice)]
+        if choice != "auto" and not candidates[0].exists():
+            raise FileNotFoundError(f"run.resume={choice}: no such checkpoint")
+        for path in candidates:
+            if not ckpt.is_complete(path):
+                log.warning("skipping incomplete checkpoint %s", path)
+                continue
+            try:
+                client = self.engine.load_checkpoint(str(path))
+            except ckpt.CheckpointError as e:
+                if choice != "auto":
+                    raise
+                log.warning("%s; falling back to the previous checkpoint", e)
+                continue
+            self.restore(client, path)
+            return
+        if candidates:
+            log.warning("no valid checkpoint in %s: starting from scratch", ckpt.checkpoint_dir(self.out))
+
+    def restore(self, client: dict, path: Path) -> None:
+        for key in ("step", "epoch", "epoch_loss_sum", "epoch_loss_count", "history"):
+            setattr(self.state, key, client[key])
+        if self.ema is not None and client.get("ema") is not None:
+            self.ema.module.load_state_dict(client["ema"])
+        rngs = client.get("rng") or []
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:
+            log.warning("checkpoint was written by %d processes, this job has %d: RNG streams "
+                        "are re-seeded, so the continuation is not bitwise identical",
+                        len(rngs), self.dist.world_size)
+        log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
+
+    # ----------------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        seed_process(self.cfg.train.seed, self.dist.rank)
+        self.resume()
+        t0, status = time.time(), "finished"
+        try:
+            while self.state.epoch < self.cfg.train.epochs:
+                status = self.train_epoch()
+                if status != "epoch_done":
+                    break
+                self.end_epoch()
+            else:
+                status = "finished"
+        finally:
+            self.metrics.close()
+        summary = self.summary(time.time() - t0, status)
+        cleanup()
+        return summary
+
+    def micro_batches(self, iterator):
+        for _ in range(self.cfg.train.grad_accum):
+            batch = next(iterator)
+            yield self.batch_transform(batch) if self.batch_transform else batch
+
+    def train_epoch(self) -> str:
+        cfg, st, spe = self.cfg, self.state, self.steps_per_epoch
+        done = st.step - st.epoch * spe
+        self.train_loader.set_epoch(st.epoch, done * cfg.train.grad_accum)
+        iterator = iter(self.train_loader)
+        self.model.train()
+        bar = self.progress_bar(done)
+        window_t, window_images = time.time(), 0
+        for _ in range(done, spe):
+            lr = lr_at(st.step, self.base_lr, spe, cfg.train.epochs, cfg.schedule)
+            self.engine.set_lr(lr)
+            loss = self.engine.train_step(self.micro_batches(iterator), self.loss_fn)
+            loss_value, stop = self.reduce_step(loss)
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(self.divergence_message(loss_value))
+            st.step += 1
+            st.epoch_loss_sum += loss_value
+            st.epoch_loss_count += 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=st.step)
+            window_images += cfg.train.batch_size
+            if st.step % cfg.run.log_every_steps == 0 or st.step % spe == 0:
+                rate = window_images / max(time.time() - window_t, 1e-9)
+                self.metrics.write("train", st.step, epoch=st.epoch, loss=loss_value, lr=lr,
+                                   images_per_s=rate)
+                window_t, window_images = time.time(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}",
+                                    img_s=f"{rate:.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            every = cfg.run.checkpoint_every_steps
+            if stop or (cfg.run.max_steps and st.step >= cfg.run.max_steps):
+                if bar is not None:
+                    bar.close()
+                self.save()
+                return "preempted" if stop else "max_steps"
+            if every and st.step % every == 0 and st.step % spe:
+                self.save()
+        if bar is not None:
+            bar.close()
+        return "epoch_done"
+
+    def reduce_step(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """Mean loss over ranks and whether any rank was asked to stop (one all-reduce)."""
+        packed = torch.stack([loss.double(), torch.tensor(float(self.stop.flag),
+                                                          dtype=torch.float64, device=loss.device)])
+        all_reduce_sum(packed)
+        loss_sum, stops = packed.tolist()
+        return loss_sum / self.dist.world_size, stops > 0
+
+    def divergence_message(self, value: float) -> str:
+        newest = next((p for p in ckpt.list_checkpoints(self.out) if ckpt.is_complete(p)), None)
+        where = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written yet"
+        return (f"training loss is {value} at step {self.state.step + 1} (epoch "
+                f"{self.state.epoch}); stopped without saving, so {where}. Lower optim.lr, "
+                f"check the data, or use train.amp=off / train.clip_grad_norm.")
+
+    def progress_bar(self, done: int):
+        if not (self.dist.is_main and self.cfg.run.progress):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.steps_per_epoch, initial=done, unit="step", dynamic_ncols=True,
+                    desc=f"epoch {self.state.epoch + 1}/{self.cfg.train.epochs}", file=sys.stdout)
+
+    def end_epoch(self) -> None:
+        st, cfg = self.state, self.cfg
+        record = {"epoch": st.epoch + 1, "train_loss": st.epoch_loss_sum / max(st.epoch_loss_count, 1),
+                  "lr": lr_at(st.step - 1, self.base_lr, self.steps_per_epoch, cfg.train.epochs,
+                              cfg.schedule)}
+        last = st.epoch + 1 == cfg.train.epochs
+        if last or (st.epoch + 1) % cfg.run.eval_every_epochs == 0:
+            record.update(self.run_eval())
+        st.history.append(record)
+        st.epoch += 1
+        st.epoch_loss_sum, st.epoch_loss_count = 0.0, 0
+        self.metrics.write("epoch", st.step, **record)
+        if self.dist.is_main:
+            log.info("epoch %d/%d: train loss %.4f, %s", record["epoch"], cfg.train.epochs,
+                     record["train_loss"], ", ".join(f"{k} {fmt(v)}" for k, v in record.items()
+                                                     if k in ("top1", "top5", "top1_ema")))
+            plot_curves(st.history, self.out / "training_curves.png",
+                        f"{cfg.model.name} on {cfg.data.dataset}")
+        self.save()
+
+    def run_eval(self) -> dict:
+        autocast = getattr(self.engine, "autocast", None)
+        result = evaluate(self.model, self.val_loader, self.dist.device, autocast)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, self.dist.device, autocast)
+            result.update({f"{k}_ema": v for k, v in ema.items() if k in ("top1", "top5", "val_loss")})
+        return result
+
+    def summary(self, seconds: float, status: str) -> dict:
+        history = self.state.history
+        last = history[-1] if history else {}
+        best = max((h["top1"] for h in history if "top1" in h), default=None)
+        result = {"status": status, "steps": self.state.step, "epochs": self.state.epoch,
+                  "final_top1": last.get("top1"), "final_top5": last.get("top5"),
+                  "best_top1": best, "train_loss": last.get("train_loss"),
+                  "seconds": seconds, "output_dir": str(self.out)}
+        if self.dist.is_main:
+            rows = [("model", self.cfg.model.name), ("data", f"{self.cfg.data.dataset} ({self.cfg.data.root})"),
+                    ("status", status), ("epochs done", f"{self.state.epoch}/{self.cfg.train.epochs}"),
+                    ("optimizer steps", str(self.state.step)),
+                    ("final train loss", fmt(last.get("train_loss"), 4)),
+                    ("final top-1 / top-5 (%)", f"{fmt(last.get('top1'))} / {fmt(last.get('top5'))}"),
+                    ("best top-1 (%)", fmt(best)), ("wall time (s)", fmt(seconds, 1)),
+                    ("outputs", f"{self.out}/ (metrics.jsonl, tensorboard/, training_curves.png, "
+                                "checkpoints/)")]
+            print(summary_table(rows), flush=True)
+        return result
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).fit()
