@@ -1,0 +1,89 @@
+"""Configs: every recipe file loads, overrides are typed, mistakes name the key."""
+from pathlib import Path
+
+import pytest
+
+import wrn_large
+from engine.config import REPO_ROOT, ConfigError, load_config, save_config
+
+RECIPES = sorted(p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "configs").rglob("*.yaml")
+                 if "detection" not in p.parts)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=str)
+def test_every_recipe_loads_and_names_a_registry_model(path):
+    cfg = load_config(path)
+    assert wrn_large.is_model(cfg.model.name)
+    assert cfg.train.epochs > 0 and cfg.optim.lr > 0
+
+
+def test_cifar_recipe_is_the_papers():
+    cfg = load_config("configs/cifar/table4/wrn_28_10.yaml")
+    assert cfg.model.name == "wrn_28_10"
+    assert cfg.data.normalization == "zca"       # from zca.yaml
+    assert (cfg.optim.lr, cfg.optim.lr_batch, cfg.optim.weight_decay) == (0.1, 128, 5e-4)
+    assert cfg.optim.nesterov and cfg.optim.momentum == 0.9 and cfg.optim.dampening == 0
+    assert (cfg.schedule.milestones, cfg.schedule.gamma, cfg.train.epochs) == ([60, 120, 160], 0.2, 200)
+
+
+def test_svhn_and_imagenet_recipes():
+    svhn = load_config("configs/svhn/wrn_16_8_dropout.yaml")
+    assert (svhn.optim.lr, svhn.schedule.milestones, svhn.train.epochs) == (0.01, [80, 120], 160)
+    assert svhn.model.kwargs == {"dropout": 0.4} and not svhn.data.augment
+    assert svhn.data.normalization == "scale"
+    imnet = load_config("configs/imagenet/wrn34_x2.yaml")
+    assert (imnet.optim.lr, imnet.optim.lr_batch, imnet.optim.weight_decay) == (0.1, 256, 1e-4)
+    assert imnet.schedule.milestones == [30, 60] and imnet.train.epochs == 90
+    modern = load_config("configs/imagenet/modern.yaml")
+    assert modern.schedule.name == "cosine" and modern.train.label_smoothing == 0.1
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/cifar/recipe.yaml",
+                      ["train.epochs=3", "optim.lr=0.05", "schedule.milestones=[1,2]",
+                       "model.kwargs.dropout=0.3", "data.root=/tmp/x", "optim.nesterov=false"])
+    assert cfg.train.epochs == 3 and cfg.optim.lr == 0.05
+    assert cfg.schedule.milestones == [1, 2]
+    assert cfg.model.kwargs["dropout"] == 0.3 and cfg.data.root == "/tmp/x"
+    assert cfg.optim.nesterov is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", r"unknown key 'train.epoch'.*Did you mean epochs"),
+    ("optim.learning_rate=0.1", r"unknown key 'optim.learning_rate'"),
+    ("trian.epochs=3", r"unknown key 'trian'.*Did you mean train"),
+    ("train.epochs=ten", r"train.epochs: expected an integer, got 'ten'"),
+    ("optim.nesterov=maybe", r"optim.nesterov: expected true/false"),
+    ("train.amp=fp8", r"train.amp: 'fp8' is not one of"),
+    ("train.epochs", r"not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/cifar/recipe.yaml", [override])
+
+
+def test_bad_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: " + str(REPO_ROOT / "configs/cifar/recipe.yaml") + "\ntrain:\n  epohcs: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.epohcs'.*epochs"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [\n")
+    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
+        load_config(broken)
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config("configs/imagenet/modern.yaml", ["train.epochs=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_reports_config_errors(capsys):
+    import train_imagenet
+    assert train_imagenet.main(["--config", "configs/cifar/recipe.yaml", "train.epoch=1"]) == 2
+    assert "unknown key 'train.epoch'" in capsys.readouterr().err
+    assert train_imagenet.main(["--list-keys"]) == 0
+    assert "optim.lr=0.1" in capsys.readouterr().out
