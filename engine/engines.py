@@ -98,10 +98,12 @@ class DDPEngine(Engine):
         self.optimizer = build_optimizer(cfg, model)
         self.scaler = torch.amp.GradScaler(dist.device.type,
                                            enabled=self.amp_dtype == torch.float16)
-        self.model = model
+        self.ddp = None
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=ids)
+            self.ddp = DistributedDataParallel(model, device_ids=ids)
+        wrapped = self.ddp or model
+        self.model = torch.compile(wrapped) if cfg.train.compile == "on" else wrapped
         self.is_main = dist.is_main
 
     def autocast(self):
@@ -115,8 +117,8 @@ class DDPEngine(Engine):
         for i, (images, targets) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # Gradients are all-reduced once, on the last micro-batch.
-            sync = contextlib.nullcontext() if last or self.model is self.module \
-                else self.model.no_sync()
+            sync = self.ddp.no_sync() if self.ddp is not None and not last \
+                else contextlib.nullcontext()
             with sync:
                 with self.autocast():
                     loss = loss_fn(self.model(images), targets)

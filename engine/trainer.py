@@ -101,6 +101,15 @@ def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     return model
 
 
+def reduce_step(loss: torch.Tensor, stop_flag: bool, world_size: int) -> tuple[float, bool]:
+    """Mean loss over ranks and whether any rank was asked to stop, in one all-reduce."""
+    packed = torch.stack([loss.double(), torch.tensor(float(stop_flag), dtype=torch.float64,
+                                                      device=loss.device)])
+    all_reduce_sum(packed)
+    loss_sum, stops = packed.tolist()
+    return loss_sum / world_size, stops > 0
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -233,7 +242,7 @@ class Trainer:
             lr = lr_at(st.step, self.base_lr, spe, cfg.train.epochs, cfg.schedule)
             self.engine.set_lr(lr)
             loss = self.engine.train_step(self.micro_batches(iterator), self.loss_fn)
-            loss_value, stop = self.reduce_step(loss)
+            loss_value, stop = reduce_step(loss, self.stop.flag, self.dist.world_size)
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(self.divergence_message(loss_value))
             st.step += 1
@@ -263,14 +272,6 @@ class Trainer:
         if bar is not None:
             bar.close()
         return "epoch_done"
-
-    def reduce_step(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """Mean loss over ranks and whether any rank was asked to stop (one all-reduce)."""
-        packed = torch.stack([loss.double(), torch.tensor(float(self.stop.flag),
-                                                          dtype=torch.float64, device=loss.device)])
-        all_reduce_sum(packed)
-        loss_sum, stops = packed.tolist()
-        return loss_sum / self.dist.world_size, stops > 0
 
     def divergence_message(self, value: float) -> str:
         newest = next((p for p in ckpt.list_checkpoints(self.out) if ckpt.is_complete(p)), None)
