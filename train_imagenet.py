@@ -50,13 +50,16 @@ def main(argv=None) -> int:
         import yaml
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from engine.trainer import TrainingDiverged, train
+    from engine.trainer import RunDirInUse, TrainingDiverged, train
 
     try:
         result = train(cfg)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except RunDirInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     return 0 if result["status"] in ("finished", "max_steps") else 143  # 143: preempted (SIGTERM)
 
 

@@ -84,3 +84,32 @@ def prune(output_dir, keep: int) -> None:
 def step_of(path: str | os.PathLike) -> int | None:
     m = _NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
+
+
+class RunDirLock:
+    """One job per output directory: rank 0 holds a POSIX lock on ``<output_dir>/.lock`` for
+    its lifetime. The kernel releases it when the process dies (even by SIGKILL), so restarts
+    and requeued jobs take it over; a second live job pointed at the same directory is refused
+    before it touches anything."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        import fcntl
+        import socket
+
+        self.path = Path(output_dir) / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RuntimeError(f"{output_dir} is in use by another training job ({owner}); "
+                               "give this run its own run.output_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing drops the lock

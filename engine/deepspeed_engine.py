@@ -1,8 +1,10 @@
 """The DeepSpeed engine: ZeRO stages 0-2 with the recipe's own torch SGD.
 
-The JSON config (``engine.deepspeed_config``) sets ZeRO and communication options only. The
-recipe stays ours: batch sizes, accumulation, precision and clipping are written into the JSON
-from our config, so DeepSpeed's defaults (e.g. gradient_clipping=1.0) never change the recipe.
+The JSON config (``engine.deepspeed_config``) sets ZeRO, communication and precision options.
+The recipe stays ours: batch sizes, accumulation and clipping are written into the JSON from our
+config, so DeepSpeed's defaults (e.g. gradient_clipping=1.0) never change the recipe. Precision:
+an explicit ``train.amp`` wins; with ``train.amp=auto`` the JSON's bf16/fp16 section decides,
+and without one, auto means bf16 on CUDA and fp32 on the CPU.
 """
 from __future__ import annotations
 
@@ -41,12 +43,21 @@ def deepspeed_json(cfg: Config, dist: DistInfo) -> dict:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage > 2:
         raise ValueError(f"{path}: ZeRO stage {stage} is not supported (0-2)")
-    amp = resolve_amp(t.amp, dist.device)
-    ds["bf16"] = {"enabled": amp == torch.bfloat16}
-    ds["fp16"] = {"enabled": amp == torch.float16}
+    amp = json_precision(ds) if t.amp == "auto" and json_precision(ds) else \
+        resolve_amp(t.amp, dist.device)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": amp == torch.bfloat16}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": amp == torch.float16}
     if amp == torch.bfloat16:  # BatchNorm buffers must follow the parameters' dtype
         ds.setdefault("data_types", {})["buffer_dtype"] = "bf16"
     return ds
+
+
+def json_precision(ds: dict) -> torch.dtype | None:
+    """The precision a DeepSpeed JSON enables, if any (used when train.amp=auto)."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds.get(key, {}).get("enabled"):
+            return dtype
+    return None
 
 
 @register_engine("deepspeed")
@@ -58,8 +69,8 @@ class DeepSpeedEngine(Engine):
 
         self.module = model
         self.dist = dist
-        self.amp_dtype = resolve_amp(cfg.train.amp, dist.device)
         self.ds_config = deepspeed_json(cfg, dist)
+        self.amp_dtype = json_precision(self.ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, model), config=self.ds_config)
         self.model = self.engine

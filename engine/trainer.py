@@ -17,7 +17,8 @@ from pipelines import LoaderSpec, build_loader
 
 from . import checkpoint as ckpt
 from .config import Config, save_config, to_dict
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup,
+                          init_distributed)
 from .engines import Engine, build_engine
 from .evaluate import evaluate
 from .metrics import MetricsWriter, fmt, plot_curves, summary_table
@@ -28,6 +29,10 @@ log = logging.getLogger("wrn_large.train")
 
 
 class TrainingDiverged(RuntimeError):
+    pass
+
+
+class RunDirInUse(RuntimeError):
     pass
 
 
@@ -116,9 +121,16 @@ class Trainer:
         self.dist = init_distributed(cfg.engine.dist_backend,
                                      need_process_group=cfg.engine.name == "deepspeed")
         self.out = Path(cfg.run.output_dir)
+        lock_error = None
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        barrier()
+            try:
+                self.lock = ckpt.RunDirLock(self.out)
+            except RuntimeError as e:
+                lock_error = str(e)
+        lock_error = broadcast_object(lock_error)  # every rank refuses together
+        if lock_error:
+            raise RunDirInUse(lock_error)
         setup_logging(self.dist, self.out)
         resolve_auto(cfg, self.dist)
         d, t = self.dist, cfg.train
