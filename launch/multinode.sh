@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Multi-node torchrun with c10d rendezvous and automatic restarts. Run the same command on every
+# node (any node can be the rendezvous host; node ranks are assigned by the rendezvous):
+#
+#   launch/multinode.sh NNODES RDZV_HOST:PORT [train_imagenet.py args...]
+#   e.g. on each of 4 nodes:
+#   NPROC_PER_NODE=8 launch/multinode.sh 4 node001:29500 --config configs/imagenet/wrn50_2_bottleneck.yaml \
+#       data.root=/data/imagenet run.output_dir=/shared/runs/wrn50_2
+#
+# Environment: NPROC_PER_NODE (default: GPUs on this node, else 1), MAX_RESTARTS (default 3),
+# RDZV_ID (default wrn), NODE_RANK (optional; c10d assigns one otherwise).
+# A worker that dies makes torchrun restart the whole group (up to MAX_RESTARTS times); the
+# trainer resumes from the newest valid checkpoint in run.output_dir (run.resume=auto), which
+# must be on storage every node sees.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+    sed -n '2,16p' "$0"; exit 2
+fi
+NNODES=$1; ENDPOINT=$2; shift 2
+cd "$(dirname "$0")/.."
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+    NPROC_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+exec "$PYTHON" -m torch.distributed.run \
+    --nnodes="$NNODES" ${NODE_RANK:+--node-rank="$NODE_RANK"} \
+    --nproc-per-node="$NPROC_PER_NODE" \
+    --rdzv-backend=c10d --rdzv-endpoint="$ENDPOINT" --rdzv-id="${RDZV_ID:-wrn}" \
+    --max-restarts="${MAX_RESTARTS:-3}" \
+    train_imagenet.py "$@"
