@@ -174,6 +174,10 @@ class Trainer:
         path = ckpt.checkpoint_path(self.out, self.state.step, self.engine.checkpoint_suffix)
         if path.exists():  # already saved at this step (e.g. epoch end == every-N-steps)
             return path
+        if not all(torch.isfinite(t).all() for t in self.model.state_dict().values()
+                   if t.is_floating_point()):
+            # the last step produced inf/NaN weights: never let them replace a good checkpoint
+            raise TrainingDiverged(self.divergence_message("finite, but the weights are not"))
         self.engine.save_checkpoint(str(path), self.client_state())
         if self.dist.is_main:
             ckpt.prune(self.out, self.cfg.run.keep_checkpoints)
@@ -255,9 +259,9 @@ class Trainer:
             self.engine.set_lr(lr)
             loss = self.engine.train_step(self.micro_batches(iterator), self.loss_fn)
             loss_value, stop = reduce_step(loss, self.stop.flag, self.dist.world_size)
+            st.step += 1
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(self.divergence_message(loss_value))
-            st.step += 1
             st.epoch_loss_sum += loss_value
             st.epoch_loss_count += 1
             if self.ema is not None:
@@ -288,7 +292,7 @@ class Trainer:
     def divergence_message(self, value: float) -> str:
         newest = next((p for p in ckpt.list_checkpoints(self.out) if ckpt.is_complete(p)), None)
         where = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written yet"
-        return (f"training loss is {value} at step {self.state.step + 1} (epoch "
+        return (f"training loss is {value} at step {self.state.step} (epoch "
                 f"{self.state.epoch}); stopped without saving, so {where}. Lower optim.lr, "
                 f"check the data, or use train.amp=off / train.clip_grad_norm.")
 

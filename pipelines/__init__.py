@@ -4,5 +4,7 @@ from .base import (DataConfig, Loader, LoaderSpec, available_backends, build_loa
                    register_backend, resolve_backend, train_shard_indices,
                    val_shard_indices)
 
+from . import synthetic, torch_backend  # noqa: F401,E402  (register the backends)
+
 __all__ = ["DataConfig", "Loader", "LoaderSpec", "available_backends", "build_loader",
            "register_backend", "resolve_backend", "train_shard_indices", "val_shard_indices"]

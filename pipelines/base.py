@@ -27,7 +27,8 @@ class DataConfig:
     normalization: str = "meanstd"  # meanstd | zca (CIFAR) | scale (divide by 255: SVHN)
     workers: int = 2               # DALI threads / DataLoader workers per process
     channels_last: bool = False    # NHWC memory format for the produced images
-    file_list: str | None = None   # a clean list from `python -m pipelines verify` (optional)
+    file_list: str | None = None   # clean list from `python -m pipelines verify`; "{split}" -> train/val
+    synthetic_samples: int = 12800  # backend=synthetic: train samples per epoch (val: a tenth)
 
 
 @dataclass

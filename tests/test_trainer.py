@@ -1,0 +1,126 @@
+"""The trainer end to end, in real processes: outputs, exact resume, divergence, distributed
+equivalence (gloo on 127.0.0.1) and the DeepSpeed engine."""
+import shutil
+
+import pytest
+import torch
+
+from engine.checkpoint import list_checkpoints, load_file
+from trainer_utils import (base_overrides, epochs, make_folder, read_metrics, run_training,
+                           step_losses)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(data, tmp_path_factory):
+    """2 epochs, 1 process, a checkpoint every 2 steps (all kept)."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = run_training(base_overrides(data, out, **{"run.checkpoint_every_steps": 2}))
+    return out, proc
+
+
+def test_run_learns_and_writes_every_output(reference_run):
+    out, proc = reference_run
+    history = epochs(out)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["val_samples"] == 21           # every val image counted once
+    assert history[-1]["top1"] > 60, history          # 3 classes: chance is 33%
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert len(step_losses(out)) == 12                # 48 images / batch 8 x 2 epochs
+    assert (out / "training_curves.png").stat().st_size > 5000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "config.yaml").is_file() and (out / "train.log").is_file()
+    assert "final top-1 / top-5" in proc.stdout       # the summary table
+    newest = list_checkpoints(out)[0]
+    state = load_file(newest)                          # weights_only=True
+    assert state["step"] == 12 and state["epoch"] == 2
+    assert {"model", "optimizer", "scaler", "rng", "history"} <= set(state)
+
+
+@pytest.mark.parametrize("resume_step", [4, 6])  # mid-epoch and exactly at the epoch end
+def test_resume_replays_the_same_losses_bitwise(data, reference_run, tmp_path, resume_step):
+    out, _ = reference_run
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    src = out / "checkpoints" / f"step_{resume_step:08d}.pt"
+    shutil.copy(src, resumed / "checkpoints" / src.name)
+    run_training(base_overrides(data, resumed, **{"run.checkpoint_every_steps": 2}))
+    reference, again = step_losses(out), step_losses(resumed)
+    assert sorted(again) == list(range(resume_step + 1, 13))
+    assert all(again[s] == reference[s] for s in again), (again, reference)
+    assert epochs(resumed)[-1] == epochs(out)[-1]
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(data, reference_run, tmp_path):
+    out, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run_dir / "checkpoints")
+    newest = list_checkpoints(run_dir)[0]
+    newest.write_bytes(newest.read_bytes()[:5000])       # truncated
+    proc = run_training(base_overrides(data, run_dir, **{"train.epochs": 3}))
+    assert f"cannot read checkpoint {newest}" in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000010.pt" in proc.stdout
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    out = tmp_path / "nan"
+    proc = run_training(base_overrides(data, out, **{"optim.lr": 1e12,
+                                                     "run.checkpoint_every_steps": 1}),
+                        check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "training loss is" in proc.stderr and "last good checkpoint is" in proc.stderr
+    good = list_checkpoints(out)
+    assert good, "the checkpoint before the divergence must survive"
+    state = load_file(good[0])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_modern_recipe_options_run(data, tmp_path):
+    out = tmp_path / "modern"
+    run_training(base_overrides(data, out, **{
+        "train.epochs": 1, "train.ema_decay": 0.9, "train.mixup": 0.2, "train.cutmix": 1.0,
+        "train.label_smoothing": 0.1, "schedule.name": "cosine", "schedule.warmup_epochs": 0.5,
+        "optim.no_weight_decay_on_bn": True}))
+    last = epochs(out)[-1]
+    assert "top1_ema" in last and last["val_samples"] == 21
+    lrs = [m["lr"] for m in read_metrics(out) if m["type"] == "train"]
+    assert lrs[0] < lrs[2] and lrs[-1] < lrs[3]       # warmup, then cosine decay
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_accumulation(data, tmp_path, reference_run):
+    """Same global batch 8: 2 ranks x 4 vs 1 process x 2 micro-batches of 4. BatchNorm sees the
+    same 4-image groups both ways, so the losses agree to float32 reduction-order noise."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    extra = {"train.epochs": 1}
+    run_training(base_overrides(data, two, **extra), nproc=2)
+    run_training(base_overrides(data, one, **extra, **{"train.grad_accum": 2}))
+    a, b = step_losses(two), step_losses(one)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-5), (s, a[s], b[s])
+    ea, eb = epochs(two)[-1], epochs(one)[-1]
+    assert ea["val_samples"] == eb["val_samples"] == 21   # 11 + 10 images, no duplicates
+    assert ea["top1"] == pytest.approx(eb["top1"], abs=100 / 21 + 1e-6)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero1_step_equals_ddp_step(data, tmp_path):
+    ddp, ds = tmp_path / "ddp", tmp_path / "ds"
+    extra = {"train.epochs": 1, "run.max_steps": 3}
+    run_training(base_overrides(data, ddp, **extra), nproc=2)
+    run_training(base_overrides(data, ds, **extra, **{"engine.name": "deepspeed",
+                                                      "engine.deepspeed_config": "launch/deepspeed/zero1.json"}),
+                 nproc=2)
+    a, b = step_losses(ddp), step_losses(ds)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
+    w_ddp = load_file(list_checkpoints(ddp)[0])["model"]
+    w_ds = torch.load(list_checkpoints(ds)[0] / "weights.pt", weights_only=True)["model"]
+    for k in w_ddp:
+        torch.testing.assert_close(w_ds[k], w_ddp[k], rtol=1e-5, atol=1e-6, msg=k)
