@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store, with keys private to this torchrun attempt.
+
+    After a worker failure torchrun restarts the group on the same agent store; without a
+    per-attempt prefix the new ranks can read the dead ranks' addresses and fail with
+    "Gloo connectFullMesh failed ... Connection refused"."""
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank,
+                               world_size, timedelta(minutes=10))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"wrn_large/attempt_{attempt}", store)
+
+
 def init_distributed(backend: str = "auto", need_process_group: bool = False) -> DistInfo:
     """Join the job torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT). Without torchrun: one process, and a process group of one only when the
@@ -46,7 +61,10 @@ def init_distributed(backend: str = "auto", need_process_group: bool = False) ->
     if dist.is_initialized():
         pass
     elif "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=_attempt_store(rank, world_size), rank=rank,
+                                world_size=world_size,
+                                device_id=device if backend == "nccl" else None)
     elif need_process_group:  # a job of one, described as torchrun would (DeepSpeed reads it)
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):

@@ -1,0 +1,133 @@
+"""Cluster fault tolerance, tested for real on 127.0.0.1 (gloo, CPU): simulated multi-node,
+a SIGKILLed worker under torchrun --max-restarts, SIGTERM preemption, and two jobs on one run
+directory. Slow: deselect with -m 'not slow'; CI runs them."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.checkpoint import list_checkpoints
+from trainer_utils import (REPO, base_overrides, epochs, free_port, make_folder, read_metrics,
+                           run_training, step_losses)
+
+pytestmark = pytest.mark.slow
+STEPS = 18  # 3 epochs x 6 steps
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Uninterrupted: one node, 2 processes, 3 epochs."""
+    out = tmp_path_factory.mktemp("reference")
+    run_training(base_overrides(data, out, **{"train.epochs": 3}), nproc=2)
+    return step_losses(out)
+
+
+def torchrun(args, overrides, env_extra=None, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, str(REPO / "train_imagenet.py"),
+           "--config", "configs/quickstart.yaml", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+    _started.append(proc)
+    return proc
+
+
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers():
+    """A failed test must not leave a torchrun job behind."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def wait_for_step(out, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and max(step_losses(out), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_two_simulated_nodes_match_one_node(data, reference, tmp_path):
+    out = tmp_path / "two_nodes"
+    port = free_port()
+    overrides = base_overrides(data, out, **{"train.epochs": 3})
+    common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]
+    nodes = [torchrun(common + [f"--node-rank={r}"], overrides) for r in (0, 1)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), logs[0][-3000:] + logs[1][-3000:]
+    got = step_losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in got:
+        assert got[s] == pytest.approx(reference[s], rel=1e-6), s
+
+
+def test_sigkilled_worker_restarts_and_resumes_exactly(data, reference, tmp_path):
+    out = tmp_path / "killed"
+    args = ["--nproc-per-node=2", "--max-restarts=2", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=killed"]
+    proc = torchrun(args, base_overrides(data, out, **{"train.epochs": 3,
+                                                       "run.checkpoint_every_steps": 4}))
+    wait_for_step(out, 9, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    victim = int(workers.stdout.split()[-1])
+    os.kill(victim, signal.SIGKILL)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-4000:]
+    assert "resumed from" in log and "step_00000008.pt" in log
+    got = step_losses(out)  # per step, the last attempt's loss
+    assert max(got) == STEPS and len(epochs(out)) == 3
+    logged_steps = [m["step"] for m in read_metrics(out) if m["type"] == "train"]
+    resume_at = next(s for i, s in enumerate(logged_steps) if i and s <= logged_steps[i - 1])
+    assert resume_at == 9                  # replay starts right after the step-8 checkpoint
+    for s in range(resume_at, STEPS + 1):
+        assert got[s] == reference[s], (s, got[s], reference[s])
+
+
+def test_sigterm_checkpoints_then_next_start_resumes(data, reference, tmp_path):
+    out = tmp_path / "preempted"
+    overrides = base_overrides(data, out, **{"train.epochs": 3})
+    proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
+                     f"--master_port={free_port()}"], overrides)
+    wait_for_step(out, 4, proc)
+    proc.send_signal(signal.SIGTERM)       # what SLURM sends to torchrun on preemption
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    stopped = [p for p in list_checkpoints(out)]
+    assert stopped, log[-3000:]
+    saved_step = int(stopped[0].name[5:13])
+    assert 4 <= saved_step < STEPS
+    run_training(overrides, nproc=2)
+    got = step_losses(out)
+    assert max(got) == STEPS
+    for s in range(saved_step + 1, STEPS + 1):
+        assert got[s] == reference[s], s
+
+
+def test_second_job_on_the_same_run_directory_refuses(data, tmp_path):
+    out = tmp_path / "shared"
+    first = torchrun(["--nproc-per-node=1", "--master_addr=127.0.0.1",
+                      f"--master_port={free_port()}"],
+                     base_overrides(data, out, **{"train.epochs": 20}))
+    wait_for_step(out, 1, first)
+    second = run_training(base_overrides(data, out), check=False)
+    assert second.returncode == 4
+    assert "in use by another training job" in second.stderr
+    assert first.poll() is None            # the first job is unharmed
