@@ -1,0 +1,155 @@
+"""Train and evaluate detectron2 models with WRN backbones (detectron2's tools/train_net.py,
+plus COCO-format data sets registered from paths).
+
+    python -m detection.train_net --config-file configs/detection/faster_rcnn_wrn34_2_fpn_1x.yaml \
+        --train-json ann/instances_train.json --train-images train/ \
+        --val-json ann/instances_val.json --val-images val/ \
+        --num-gpus 8 MODEL.WEIGHTS wrn34_x2_d2.pth OUTPUT_DIR output/frcnn_wrn34_2
+    ... --resume                       # continue from OUTPUT_DIR/last_checkpoint
+    ... --eval-only MODEL.WEIGHTS output/frcnn_wrn34_2/model_final.pth
+
+Without --train-json/--val-json, DATASETS.TRAIN/TEST of the config are used (e.g. detectron2's
+builtin coco_2017_train with DETECTRON2_DATASETS set). Annotation files given by path are
+validated first (detection.coco_check) and the number of classes is taken from them.
+Multi-machine: --num-machines N --machine-rank R --dist-url tcp://HOST:PORT, as detectron2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+
+import detection  # noqa: F401  (registers the WRN backbones: always imported here)
+from detection.coco_check import check_coco_json
+from detection.config import get_wrn_cfg
+
+log = logging.getLogger("detection.train_net")
+
+NUM_CLASSES_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES")
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer evaluating with COCOEvaluator (pycocotools)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True,
+                             output_dir=output_folder)
+
+
+def register_dataset(name: str, json_file: str, image_root: str, for_eval: bool) -> int:
+    """Validate and register one COCO-format data set; returns its number of categories."""
+    summary = check_coco_json(json_file, image_root, require_area=for_eval)
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if (getattr(meta, "json_file", None) != os.path.abspath(json_file)
+                or getattr(meta, "image_root", None) != os.path.abspath(image_root)):
+            raise ValueError(f"data set name {name!r} is already registered for other files "
+                             f"({getattr(meta, 'json_file', '?')}); choose another name")
+        return len(summary.categories)
+    register_coco_instances(name, {}, os.path.abspath(json_file), os.path.abspath(image_root))
+    log.info("registered %s: %s (%d images, %d annotations, categories %s)", name, json_file,
+             summary.num_images, summary.num_annotations, list(summary.categories.values()))
+    return len(summary.categories)
+
+
+def add_dataset_arguments(parser):
+    g = parser.add_argument_group("COCO-format data sets from paths")
+    g.add_argument("--train-json", help="instances json of the training set")
+    g.add_argument("--train-images", help="image folder of the training set")
+    g.add_argument("--val-json", help="instances json of the evaluation set")
+    g.add_argument("--val-images", help="image folder of the evaluation set")
+    g.add_argument("--train-name", default="wrn_coco_train", help="name to register it under")
+    g.add_argument("--val-name", default="wrn_coco_val", help="name to register it under")
+    return parser
+
+
+def register_from_args(args, cfg: CfgNode) -> None:
+    """Register --train-*/--val-* and point cfg.DATASETS at them (cfg not frozen)."""
+    for split in ("train", "val"):
+        js, images = getattr(args, f"{split}_json"), getattr(args, f"{split}_images")
+        if bool(js) != bool(images):
+            raise SystemExit(f"--{split}-json and --{split}-images go together")
+    num_classes = None
+    if args.train_json:
+        num_classes = register_dataset(args.train_name, args.train_json, args.train_images,
+                                       for_eval=False)
+        cfg.DATASETS.TRAIN = (args.train_name,)
+    if args.val_json:
+        n_val = register_dataset(args.val_name, args.val_json, args.val_images, for_eval=True)
+        cfg.DATASETS.TEST = (args.val_name,)
+        if num_classes is not None and n_val != num_classes:
+            raise ValueError(f"{args.val_json} has {n_val} categories but {args.train_json} has "
+                             f"{num_classes}")
+        num_classes = num_classes or n_val
+    if num_classes is not None:
+        opts = list(args.opts or [])[::2]
+        for key in NUM_CLASSES_KEYS:
+            node, leaf = key.rsplit(".", 1)
+            target = cfg
+            for part in node.split("."):
+                target = target[part]
+            if key in opts and target[leaf] != num_classes:
+                raise ValueError(f"{key} {target[leaf]} was given but the data set has "
+                                 f"{num_classes} categories")
+            target[leaf] = num_classes
+
+
+def setup(args) -> CfgNode:
+    cfg = get_wrn_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts or [])
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"  # detectron2's default is cuda; this machine has none
+    register_from_args(args, cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if comm.get_world_size() > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
+        # DefaultTrainer wraps the model in DDP with device_ids=[local rank]: GPUs only.
+        raise SystemExit("multi-process training (--num-gpus/--num-machines > 1) needs CUDA "
+                         f"GPUs; MODEL.DEVICE is {cfg.MODEL.DEVICE!r}")
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    if not cfg.DATASETS.TRAIN:
+        raise SystemExit("no training data: give --train-json/--train-images or DATASETS.TRAIN")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def get_parser():
+    return add_dataset_arguments(default_argument_parser())
+
+
+def cli(argv=None):
+    args = get_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    return launch(main, args.num_gpus, num_machines=args.num_machines,
+                  machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
