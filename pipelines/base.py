@@ -29,6 +29,7 @@ class DataConfig:
     channels_last: bool = False    # NHWC memory format for the produced images
     file_list: str | None = None   # clean list from `python -m pipelines verify`; "{split}" -> train/val
     synthetic_samples: int = 12800  # backend=synthetic: train samples per epoch (val: a tenth)
+    svhn_extra: bool = False       # svhn: add extra_32x32.mat to the training set (paper: 604k)
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""Small data sets in the real on-disk formats for the pipeline tests."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_cifar(root: Path, classes: int = 10, per_batch: int = 20, test: int = 30,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """cifar-10-batches-py (classes=10) or cifar-100-python (classes=100) with random images.
+    Returns (train NHWC, train labels, test NHWC, test labels) as written."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    key = b"labels" if classes == 10 else b"fine_labels"
+
+    def dump(name: str, n: int):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, n).tolist()
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), key: labels, b"data": data,
+                         b"filenames": [f"{i}.png".encode() for i in range(n)]}, f)
+        return data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels)
+
+    names = [f"data_batch_{i}" for i in range(1, 6)] if classes == 10 else ["train"]
+    per = per_batch if classes == 10 else per_batch * 5
+    parts = [dump(name, per) for name in names]
+    test_x, test_y = dump("test_batch" if classes == 10 else "test", test)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            test_x, test_y)
+
+
+def write_svhn(root: Path, train: int = 50, test: int = 20, seed: int = 0):
+    """train_32x32.mat / test_32x32.mat (X 32x32x3xN uint8, y Nx1 in 1..10, 10 = digit 0).
+    Returns (train NHWC, train digits, test NHWC, test digits)."""
+    from scipy.io import savemat
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, n in (("train", train), ("test", test)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+        savemat(root / f"{name}_32x32.mat", {"X": x, "y": y})
+        out += [x.transpose(3, 0, 1, 2), np.where(y[:, 0] == 10, 0, y[:, 0]).astype(np.int64)]
+    return tuple(out)
+
+
+def write_jpeg_folder(root: Path, classes=("b_cls", "a_cls", "c_cls"), per_class: int = 6,
+                      size=(96, 72), splits=("train", "val"), seed: int = 0) -> Path:
+    """ImageNet layout with smooth random images (JPEG-friendly)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for split in splits:
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+                img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+                img.save(folder / f"{c}_{i:03d}.JPEG", quality=92)
+    return root
