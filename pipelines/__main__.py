@@ -1,0 +1,33 @@
+"""Data tools.
+
+    python -m pipelines verify DATA_DIR [--out FILE] [--workers N]   scan, report, clean list
+    python -m pipelines make-default-data [DIR]                      the built-in demo data set
+"""
+from __future__ import annotations
+
+import sys
+
+
+def make_default_data(argv: list[str]) -> int:
+    import argparse
+    from .default_data import ensure_default_dataset
+    p = argparse.ArgumentParser(prog="python -m pipelines make-default-data",
+                                description="Generate the built-in ImageNet-layout demo data set "
+                                            "(default: $WRN_DEFAULT_DATA or data/default_imagenet).")
+    p.add_argument("dir", nargs="?")
+    print(ensure_default_dataset(p.parse_args(argv).dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"verify": lambda rest: __import__("pipelines.verify", fromlist=["main"]).main(rest),
+                "make-default-data": make_default_data}
+    if not argv or argv[0] not in commands:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""NVIDIA DALI ImageNet pipelines: nvJPEG ("mixed") decoding on the GPU, the same graph on the CPU.
+
+One ``@pipeline_def`` per stage (train, val), shared by the CPU and GPU variants; only the
+decoder's device and ``device_id`` differ (``device_id=None`` on the CPU, nothing assumes a GPU).
+
+Python decides *what* is read, DALI does the heavy work. Each epoch, ``fn.external_source``
+feeds the encoded bytes in the order of ``train_shard_indices`` / ``val_shard_indices``
+together with each sample's augmentation parameters, computed by ``rrc_window`` (torchvision's
+RandomResizedCrop algorithm, 10 attempts then a centre-crop fallback) from numbers that depend
+only on (seed, epoch, sample index) (``sample_rng``). No DALI RNG is used, so:
+
+- a resumed epoch (``set_epoch(epoch, start_batch)``) skips the first batches without reading
+  them and replays the rest exactly (DALI's own random operators could not be fast-forwarded
+  without pipeline checkpoints);
+- a sample gets the same crop and flip whichever rank reads it, for any number of processes.
+
+Train: ``decoders.image_slice`` decodes only the crop window (region-of-interest decoding),
+then one antialiased resize to ``image_size`` and a flip. Val: decode, resize the shorter side
+to ``val_resize`` (antialiased bilinear, as torchvision's ``Resize``), centre crop
+``image_size``. Both output uint8 HWC; the loader moves uint8 to ``spec.device`` and normalises
+there (4x less to copy; on a GPU the normalisation is free), giving float NCHW
+(a channels_last view when ``data.channels_last``). The last val batch may be short:
+``external_source`` takes variable batch sizes, so every image is evaluated exactly once.
+
+A file DALI cannot decode stops the run with an error that names it and tells the user to run
+``python -m pipelines verify``; files listed by ``data.file_list`` (its output) are all clean.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+import torch
+from nvidia.dali import pipeline_def
+
+from .base import DataConfig, LoaderSpec, register_backend, train_shard_indices, val_shard_indices
+from .folder import Samples, load_samples
+from .sample_rng import sample_uniforms
+from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
+
+ATTEMPTS = 10  # RandomResizedCrop tries before falling back to a centre crop (as torchvision)
+RATIO = (3 / 4, 4 / 3)
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+# ---------------------------------------------------------------- the DALI graphs
+@pipeline_def
+def imagenet_train_pipe(source, decoder_device: str, size: int):
+    jpegs, labels, anchor, shape, flip = fn.external_source(
+        source=source, num_outputs=5,
+        dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
+    images = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device,
+                                     output_type=types.RGB, axis_names="WH",
+                                     normalized_anchor=False, normalized_shape=False)
+    images = fn.resize(images, size=[size, size], antialias=True,
+                       interp_type=types.INTERP_LINEAR)
+    return fn.flip(images, horizontal=flip), labels
+
+
+@pipeline_def
+def imagenet_val_pipe(source, decoder_device: str, resize: int, crop: int):
+    jpegs, labels = fn.external_source(source=source, num_outputs=2,
+                                       dtype=[types.UINT8, types.INT64])
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=resize, antialias=True,
+                       interp_type=types.INTERP_LINEAR)
+    return fn.crop(images, crop=(crop, crop)), labels
+
+
+# ---------------------------------------------------------------- augmentation parameters
+def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, None if ``data`` is not a parsable JPEG."""
+    buf = data.tobytes() if isinstance(data, np.ndarray) else data
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(buf)
+    while i + 9 < n:
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:
+            i += 1
+        elif marker in _SOF:
+            return int.from_bytes(buf[i + 5:i + 7], "big"), int.from_bytes(buf[i + 7:i + 9], "big")
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+        else:
+            i += 2 + int.from_bytes(buf[i + 2:i + 4], "big")
+    return None
+
+
+def image_size(data: np.ndarray, path) -> tuple[int, int]:
+    size = jpeg_size(data)
+    if size is not None and size[0] > 0 and size[1] > 0:
+        return size
+    import io
+    from PIL import Image
+    try:  # PNG and other formats DALI also decodes
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            return im.size[1], im.size[0]
+    except Exception as e:
+        raise CorruptImageError(f"{path} is not a readable image ({type(e).__name__}: {e}). "
+                                f"{VERIFY_HINT}") from e
+
+
+def rrc_window(h: int, w: int, u: np.ndarray, scale: tuple[float, float],
+               ratio: tuple[float, float] = RATIO) -> tuple[int, int, int, int]:
+    """(left, top, width, height): torchvision's RandomResizedCrop.get_params with its random
+    draws replaced by ``u`` (4 numbers per attempt)."""
+    area = h * w
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for k in range(ATTEMPTS):
+        a, r, y, x = u[4 * k:4 * k + 4]
+        target = area * (scale[0] + a * (scale[1] - scale[0]))
+        aspect = math.exp(log_lo + r * (log_hi - log_lo))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(x * (w - cw + 1)), int(y * (h - ch + 1)), cw, ch
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        cw, ch = int(round(h * max(ratio))), h
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+VERIFY_HINT = ("Run `python -m pipelines verify DATA_DIR` to list every bad file, and train on the "
+               "clean list it writes (data.file_list=...).")
+
+
+# ---------------------------------------------------------------- feeding one epoch
+class EpochSource:
+    """An iterable for ``fn.external_source``: one epoch of batches in our order. Remembers the
+    files of the batches DALI has taken but not yet returned, to name a file that fails."""
+
+    def __init__(self, samples: Samples, order: list[int], batch_size: int, augment=None):
+        self.samples, self.order, self.batch_size, self.augment = samples, order, batch_size, augment
+        self.in_flight: deque[list[str]] = deque()
+
+    def __iter__(self):
+        files, labels, bs = self.samples.files, self.samples.labels, self.batch_size
+        for start in range(0, len(self.order), bs):
+            indices = self.order[start:start + bs]
+            paths = [self.samples.root / files[i] for i in indices]
+            data = [np.fromfile(p, dtype=np.uint8) for p in paths]
+            self.in_flight.append(paths)
+            batch = [data, [np.array(labels[i], dtype=np.int64) for i in indices]]
+            if self.augment is not None:
+                batch += self.augment(indices, data, paths)
+            yield tuple(batch)
+
+    def returned(self) -> None:
+        self.in_flight.popleft()
+
+    def explain(self, error: Exception) -> Exception:
+        """The error to raise when DALI fails: names the undecodable files if there are any."""
+        from .verify import check_image
+        bad = [(p, why) for paths in self.in_flight for p in paths
+               if (why := check_image(p)) is not None]
+        if not bad:
+            return error
+        listing = "; ".join(f"{p} ({why})" for p, why in bad)
+        return CorruptImageError(f"DALI could not decode {listing}. {VERIFY_HINT}")
+
+
+class TrainAugment:
+    """Per-sample RandomResizedCrop windows and flips from (seed, epoch, sample index)."""
+
+    def __init__(self, seed: int, epoch: int, scale: tuple[float, float], flip: bool):
+        self.seed, self.epoch, self.scale, self.flip = seed, epoch, scale, flip
+
+    def __call__(self, indices, data, paths):
+        u = sample_uniforms(self.seed, self.epoch, indices, 4 * ATTEMPTS + 1)
+        anchors, shapes, flips = [], [], []
+        for k, (buf, path) in enumerate(zip(data, paths)):
+            left, top, cw, ch = rrc_window(*image_size(buf, path), u[k], self.scale)
+            anchors.append(np.array([left, top], dtype=np.int32))
+            shapes.append(np.array([cw, ch], dtype=np.int32))
+            flips.append(np.array(int(self.flip and u[k, -1] < 0.5), dtype=np.int32))
+        return [anchors, shapes, flips]
+
+
+# ---------------------------------------------------------------- the Loader
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """A DALI batch (CPU or GPU TensorList of uniform shape) as a torch tensor on ``device``."""
+    if hasattr(tensor_list, "as_cpu") and device.type == "cuda":  # GPU output: copy in place
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        tensor = tensor_list.as_tensor()
+        out = torch.empty(tensor.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(tensor_list.as_array()).to(device, non_blocking=True)
+
+
+class DaliLoader:
+    """A Loader (pipelines.base) over an ImageNet-layout folder or a verified file list."""
+
+    def __init__(self, cfg: DataConfig, spec: LoaderSpec):
+        self.cfg, self.spec = cfg, spec
+        self.samples = load_samples(cfg.root, spec.split, cfg.file_list)
+        self.num_classes = cfg.num_classes or len(self.samples.classes)
+        cuda = spec.device.type == "cuda"
+        self.device_id = (spec.device.index if spec.device.index is not None
+                          else torch.cuda.current_device()) if cuda else None
+        self.decoder_device = "mixed" if cuda else "cpu"
+        self.mean = torch.tensor(IMAGENET_MEAN, device=spec.device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=spec.device).view(1, 3, 1, 1) * 255)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        s, n = self.spec, len(self.samples)
+        self.epoch, self.start_batch = epoch, start_batch
+        self.order = (train_shard_indices(n, s.batch_size, s.rank, s.world_size, s.seed, epoch)
+                      if s.split == "train" else val_shard_indices(n, s.rank, s.world_size))
+        self.num_samples = len(self.order)
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.spec.batch_size)
+
+    def pipeline(self, source: EpochSource):
+        cfg, s = self.cfg, self.spec
+        common = dict(batch_size=s.batch_size, num_threads=max(1, cfg.workers),
+                      device_id=self.device_id, prefetch_queue_depth=2, seed=s.seed)
+        if s.split == "train":
+            return imagenet_train_pipe(source, self.decoder_device, cfg.image_size, **common)
+        return imagenet_val_pipe(source, self.decoder_device, cfg.val_resize, cfg.image_size,
+                                 **common)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()  # NCHW view with channels_last strides
+        x = x.sub_(self.mean).mul_(self.inv_std)
+        return x if self.cfg.channels_last else x.contiguous()
+
+    def __iter__(self):
+        bs, s = self.spec.batch_size, self.spec
+        order = self.order[self.start_batch * bs:].tolist()
+        if not order:
+            return
+        augment = (TrainAugment(s.seed, self.epoch, (self.cfg.min_crop_area, 1.0),
+                                self.cfg.augment) if s.split == "train" else None)
+        source = EpochSource(self.samples, order, bs, augment)
+        pipe = self.pipeline(source)
+        pipe.build()
+        try:
+            for _ in range(-(-len(order) // bs)):
+                try:
+                    images, labels = pipe.run()
+                except RuntimeError as e:
+                    raise source.explain(e) from e
+                source.returned()
+                yield (self.normalize(to_torch(images, s.device)),
+                       to_torch(labels, s.device).view(-1))
+        finally:
+            del pipe
+
+
+@register_backend("dali")
+def dali_loader(cfg: DataConfig, spec: LoaderSpec):
+    if cfg.dataset != "imagenet":
+        from .small_datasets import small_dataset_loader
+        return small_dataset_loader(cfg, spec)
+    return DaliLoader(cfg, spec)
