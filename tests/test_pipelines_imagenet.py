@@ -1,0 +1,147 @@
+"""ImageNet-layout pipelines with real DALI on the CPU, against torchvision."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from pipelines import DataConfig, LoaderSpec, build_loader, resolve_backend, val_shard_indices
+from pipelines.sample_rng import sample_uniforms
+from pipeline_data import write_jpeg_folder
+
+dali = pytest.importorskip("pipelines.dali")
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+BACKENDS = ["dali", "torch"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_jpeg_folder(tmp_path_factory.mktemp("jpegs"), per_class=6, size=(300, 260))
+
+
+def cfg_for(root, backend, **kw):
+    return DataConfig(root=str(root), backend=backend, workers=kw.pop("workers", 0 if backend == "torch" else 2), **kw)
+
+
+def test_auto_is_dali_where_it_imports():
+    assert resolve_backend("auto") == "dali"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_follow_imagefolder_order_and_val_covers_each_image_once(folder, backend):
+    reference = ImageFolder(str(folder / "val"))
+    assert reference.classes == ["a_cls", "b_cls", "c_cls"]
+    cfg = cfg_for(folder, backend, image_size=64, val_resize=72)
+    seen = []
+    for rank in range(3):  # 18 images over 3 ranks, batch 4: short last batches
+        loader = build_loader(cfg, LoaderSpec("val", batch_size=4, rank=rank, world_size=3))
+        assert loader.num_classes == 3 and loader.num_samples == 6 and len(loader) == 2
+        batches = list(loader)
+        assert [len(b[1]) for b in batches] == [4, 2]
+        labels = torch.cat([b[1] for b in batches])
+        expected = [reference.targets[i] for i in val_shard_indices(18, rank, 3)]
+        assert labels.dtype == torch.int64 and labels.tolist() == expected
+        seen += val_shard_indices(18, rank, 3).tolist()
+    assert sorted(seen) == list(range(18))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shapes_dtypes_memory_format(folder, channels_last):
+    cfg = cfg_for(folder, "dali", image_size=96, channels_last=channels_last)
+    images, labels = next(iter(build_loader(cfg, LoaderSpec("train", batch_size=5))))
+    assert images.shape == (5, 3, 96, 96) and images.dtype == torch.float32
+    assert labels.shape == (5,) and labels.dtype == torch.int64
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert images.is_contiguous(memory_format=fmt)
+    assert -3 < images.min() < -0.5 and 0.5 < images.max() < 3  # normalised, not 0..255
+
+
+def test_val_matches_torchvision_resize_centercrop(folder):
+    """DALI val vs torchvision Resize(256, antialias) + CenterCrop(224) on the same JPEGs.
+    Tolerance (normalised units, ~0.0175 per 8-bit level): mean |diff| < 0.03, max < 0.3."""
+    cfg = cfg_for(folder, "dali")
+    images, _ = zip(*build_loader(cfg, LoaderSpec("val", batch_size=8)))
+    images = torch.cat(images)
+    reference = ImageFolder(str(folder / "val"), transform=v2.Compose([
+        v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())]))
+    expected = torch.stack([reference[i][0] for i in range(len(reference))])
+    diff = (images - expected).abs()
+    assert diff.mean() < 0.03 and diff.max() < 0.3, (diff.mean(), diff.max())
+    assert (images - expected.roll(1, 0)).abs().mean() > 0.3  # the check can fail
+
+
+def test_train_crops_are_torchvision_randomresizedcrop_windows(folder):
+    """Each train image is the RandomResizedCrop window computed from (seed, epoch, index),
+    resized with antialiasing and flipped where the per-sample coin says so."""
+    cfg = cfg_for(folder, "dali", image_size=64, min_crop_area=0.08)
+    loader = build_loader(cfg, LoaderSpec("train", batch_size=6, seed=5))
+    loader.set_epoch(2)
+    order = loader.order.tolist()
+    images = torch.cat([b[0] for b in loader])
+    u = sample_uniforms(5, 2, order, 4 * dali.ATTEMPTS + 1)
+    samples = loader.samples
+    flips = 0
+    for k, i in enumerate(order):
+        pil = Image.open(samples.root / samples.files[i]).convert("RGB")
+        left, top, w, h = dali.rrc_window(pil.height, pil.width, u[k], (0.08, 1.0))
+        assert 0 <= left and left + w <= pil.width and 0 <= top and top + h <= pil.height
+        x = TF.resized_crop(TF.pil_to_tensor(pil), top, left, h, w, [64, 64], antialias=True)
+        if u[k, -1] < 0.5:
+            x, flips = x.flip(-1), flips + 1
+        expected = (x.float() / 255 - MEAN) / STD
+        assert (images[k] - expected).abs().mean() < 0.05
+    assert 0 < flips < len(order)
+
+
+def test_rrc_window_distribution_and_fallback():
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(2000):
+        left, top, w, h = dali.rrc_window(375, 500, rng.random(41), (0.08, 1.0))
+        assert 0 <= left <= 500 - w and 0 <= top <= 375 - h
+        assert 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+        areas.append(w * h / (375 * 500))
+    assert min(areas) < 0.1 and max(areas) > 0.9
+    assert dali.rrc_window(100, 1000, np.full(41, 0.99), (0.9, 1.0)) == (433, 0, 133, 100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_replays_the_epoch_bitwise(folder, backend):
+    cfg = cfg_for(folder, backend, image_size=48)
+    loader = build_loader(cfg, LoaderSpec("train", batch_size=4, seed=7))
+    loader.set_epoch(1)
+    full = list(loader)
+    assert len(full) == len(loader) == 4
+    rng = torch.get_rng_state()
+    loader.set_epoch(1, start_batch=2)
+    tail = list(loader)
+    assert torch.equal(rng, torch.get_rng_state())  # the loader leaves the global RNG alone
+    assert len(tail) == 2
+    for (a, la), (b, lb) in zip(full[2:], tail):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    loader.set_epoch(2)
+    assert not torch.equal(next(iter(loader))[0], full[0][0])
+
+
+def test_jpeg_size_reads_the_frame_header(tmp_path):
+    for size, kw in (((37, 51), {}), ((640, 480), {"progressive": True})):
+        Image.new("RGB", size).save(tmp_path / "x.jpg", **kw)
+        assert dali.jpeg_size(np.fromfile(tmp_path / "x.jpg", np.uint8)) == (size[1], size[0])
+    Image.new("RGB", (9, 7)).save(tmp_path / "x.png")
+    data = np.fromfile(tmp_path / "x.png", np.uint8)
+    assert dali.jpeg_size(data) is None and dali.image_size(data, "x.png") == (7, 9)
+
+
+def test_synthetic_backend(folder):
+    cfg = DataConfig(backend="synthetic", image_size=32, num_classes=7, synthetic_samples=100)
+    loader = build_loader(cfg, LoaderSpec("train", batch_size=8, world_size=2))
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6 and loader.num_classes == 7
+    assert batches[0][0].shape == (8, 3, 32, 32) and batches[0][1].max() < 7
