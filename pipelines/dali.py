@@ -15,11 +15,12 @@ only on (seed, epoch, sample index) (``sample_rng``). No DALI RNG is used, so:
 - a sample gets the same crop and flip whichever rank reads it, for any number of processes.
 
 Train: ``decoders.image_slice`` decodes only the crop window (region-of-interest decoding),
-then one antialiased resize to ``image_size`` and a flip. Val: decode, resize the shorter side
-to ``val_resize`` (antialiased bilinear, as torchvision's ``Resize``), centre crop
-``image_size``. Both output uint8 HWC; the loader moves uint8 to ``spec.device`` and normalises
-there (4x less to copy; on a GPU the normalisation is free), giving float NCHW
-(a channels_last view when ``data.channels_last``). The last val batch may be short:
+then one antialiased resize to ``image_size``. Val: decode, resize the shorter side to
+``val_resize`` (antialiased bilinear, as torchvision's ``Resize``), centre crop ``image_size``.
+Both end in one fused ``crop_mirror_normalize`` (flip + crop + float normalisation) on the
+pipeline's device, so it runs in DALI's threads, overlapped with training: normalising uint8
+in torch on the CPU instead measured 1.6x slower end to end. Output float CHW, or HWC turned
+into a channels_last NCHW view (no copy) when ``data.channels_last``. The last val batch may be short:
 ``external_source`` takes variable batch sizes, so every image is evaluated exactly once.
 
 A file DALI cannot decode stops the run with an error that names it and tells the user to run
@@ -47,8 +48,18 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 
 
 # ---------------------------------------------------------------- the DALI graphs
+MEAN_255 = [m * 255 for m in IMAGENET_MEAN]
+STD_255 = [v * 255 for v in IMAGENET_STD]
+
+
+def normalize(images, layout: str, mirror=0, crop=None):
+    """Flip, crop and normalise to float in one pass (crop_mirror_normalize)."""
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=MEAN_255,
+                                    std=STD_255, mirror=mirror, crop=crop)
+
+
 @pipeline_def
-def imagenet_train_pipe(source, decoder_device: str, size: int):
+def imagenet_train_pipe(source, decoder_device: str, size: int, layout: str):
     jpegs, labels, anchor, shape, flip = fn.external_source(
         source=source, num_outputs=5,
         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
@@ -57,17 +68,17 @@ def imagenet_train_pipe(source, decoder_device: str, size: int):
                                      normalized_anchor=False, normalized_shape=False)
     images = fn.resize(images, size=[size, size], antialias=True,
                        interp_type=types.INTERP_LINEAR)
-    return fn.flip(images, horizontal=flip), labels
+    return normalize(images, layout, mirror=flip), labels
 
 
 @pipeline_def
-def imagenet_val_pipe(source, decoder_device: str, resize: int, crop: int):
+def imagenet_val_pipe(source, decoder_device: str, resize: int, crop: int, layout: str):
     jpegs, labels = fn.external_source(source=source, num_outputs=2,
                                        dtype=[types.UINT8, types.INT64])
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
     images = fn.resize(images, resize_shorter=resize, antialias=True,
                        interp_type=types.INTERP_LINEAR)
-    return fn.crop(images, crop=(crop, crop)), labels
+    return normalize(images, layout, crop=(crop, crop)), labels
 
 
 # ---------------------------------------------------------------- augmentation parameters
@@ -186,12 +197,12 @@ class TrainAugment:
 
 
 # ---------------------------------------------------------------- the Loader
-def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+def to_torch(tensor_list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A DALI batch (CPU or GPU TensorList of uniform shape) as a torch tensor on ``device``."""
     if hasattr(tensor_list, "as_cpu") and device.type == "cuda":  # GPU output: copy in place
         from nvidia.dali.plugin.pytorch import feed_ndarray
         tensor = tensor_list.as_tensor()
-        out = torch.empty(tensor.shape(), dtype=torch.uint8, device=device)
+        out = torch.empty(tensor.shape(), dtype=dtype, device=device)
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
         return out
     return torch.from_numpy(tensor_list.as_array()).to(device, non_blocking=True)
@@ -208,8 +219,6 @@ class DaliLoader:
         self.device_id = (spec.device.index if spec.device.index is not None
                           else torch.cuda.current_device()) if cuda else None
         self.decoder_device = "mixed" if cuda else "cpu"
-        self.mean = torch.tensor(IMAGENET_MEAN, device=spec.device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=spec.device).view(1, 3, 1, 1) * 255)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -226,15 +235,16 @@ class DaliLoader:
         cfg, s = self.cfg, self.spec
         common = dict(batch_size=s.batch_size, num_threads=max(1, cfg.workers),
                       device_id=self.device_id, prefetch_queue_depth=2, seed=s.seed)
+        layout = "HWC" if cfg.channels_last else "CHW"
         if s.split == "train":
-            return imagenet_train_pipe(source, self.decoder_device, cfg.image_size, **common)
+            return imagenet_train_pipe(source, self.decoder_device, cfg.image_size, layout,
+                                       **common)
         return imagenet_val_pipe(source, self.decoder_device, cfg.val_resize, cfg.image_size,
-                                 **common)
+                                 layout, **common)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()  # NCHW view with channels_last strides
-        x = x.sub_(self.mean).mul_(self.inv_std)
-        return x if self.cfg.channels_last else x.contiguous()
+    def images(self, tensor_list) -> torch.Tensor:
+        x = to_torch(tensor_list, self.spec.device, torch.float32)
+        return x.permute(0, 3, 1, 2) if self.cfg.channels_last else x  # NHWC -> channels_last view
 
     def __iter__(self):
         bs, s = self.spec.batch_size, self.spec
@@ -253,8 +263,7 @@ class DaliLoader:
                 except RuntimeError as e:
                     raise source.explain(e) from e
                 source.returned()
-                yield (self.normalize(to_torch(images, s.device)),
-                       to_torch(labels, s.device).view(-1))
+                yield self.images(images), to_torch(labels, s.device, torch.int64).view(-1)
         finally:
             del pipe
 

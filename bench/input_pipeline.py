@@ -1,0 +1,196 @@
+"""Input pipeline throughput: DALI train pipeline vs torchvision loaders vs the raw decode limit.
+
+    python bench/input_pipeline.py [--images 2000] [--threads 2] [--batch 64] [--repeats 2]
+
+Generates (once) a set of ~500x375 JPEGs (~50 KB, like ImageNet's) under data/bench_jpegs,
+then measures, side by side in one run, each loader in its own subprocess (so each gets its own
+peak RSS, workers included), alternating the order over ``--repeats`` rounds and keeping the
+best round:
+
+- dali-cpu:      pipelines' DALI train pipeline (ROI decode + RandomResizedCrop 224 + flip,
+                 uint8 out, normalised to float NCHW in torch), ``threads`` DALI threads;
+- dali-mixed:    the same on the GPU (nvJPEG), only when CUDA is present;
+- torch-pil:     pipelines' torch backend: ImageFolder-style PIL loader + v2 RandomResizedCrop,
+                 flip, normalise, DataLoader with ``threads`` workers (the baseline users know);
+- torch-decode_jpeg: torchvision.io.decode_jpeg + the same v2 transforms, ``threads`` workers;
+- raw-decode:    decode only (simplejpeg = libjpeg-turbo, else torchvision decode_jpeg),
+                 ``threads`` processes: the limit for a decoder on this many cores.
+
+Prints img/s, ratios to torch-pil and raw-decode, and peak RSS per loader.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def make_set(root: Path, count: int) -> Path:
+    if (root / "train").is_dir() and len(list((root / "train").rglob("*.JPEG"))) == count:
+        return root
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = root / "train" / f"class_{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = (500, 375) if i % 3 else (375, 500)
+        coarse = rng.integers(0, 256, (h // 6, w // 6, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+        noise = rng.normal(0, 6, (h, w, 3))
+        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+        img.save(folder / f"{i:05d}.JPEG", quality=85)
+    return root
+
+
+def files_of(root: Path) -> list[Path]:
+    return sorted((root / "train").rglob("*.JPEG"))
+
+
+# ------------------------------------------------------------------ one measurement each
+def run_loader(loader, warmup: int = 2) -> tuple[int, float]:
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    for images, _ in it:
+        n += len(images)
+    if images.is_cuda:
+        import torch
+        torch.cuda.synchronize()
+    return n, time.perf_counter() - t0
+
+
+def bench_pipelines(root: Path, backend: str, a, device: str = "cpu"):
+    import torch
+    from pipelines import DataConfig, LoaderSpec, build_loader
+    cfg = DataConfig(root=str(root), backend=backend, workers=a.threads, image_size=224)
+    loader = build_loader(cfg, LoaderSpec("train", batch_size=a.batch, device=torch.device(device)))
+    return run_loader(loader)
+
+
+def bench_decode_jpeg(root: Path, a):
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    from torchvision.transforms import v2
+    from pipelines.torch_backend import IMAGENET_MEAN, IMAGENET_STD
+    tf = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    files = files_of(root)
+
+    class Files(Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            return tf(decode_jpeg(read_file(str(files[i])), mode=ImageReadMode.RGB)), 0
+
+    def init(_):
+        torch.set_num_threads(1)
+    loader = DataLoader(Files(), batch_size=a.batch, shuffle=True, num_workers=a.threads,
+                        drop_last=True, worker_init_fn=init)
+    return run_loader(loader)
+
+
+def _decode_chunk(paths: list[str]) -> int:
+    try:
+        import simplejpeg
+
+        def decode(data):
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ImportError:
+        import torch
+        from torchvision.io import decode_jpeg
+        torch.set_num_threads(1)
+
+        def decode(data):
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    for p in paths:
+        with open(p, "rb") as f:
+            decode(f.read())
+    return len(paths)
+
+
+def bench_raw(root: Path, a):
+    from multiprocessing import get_context
+    paths = [str(p) for p in files_of(root)]
+    chunks = [paths[i::a.threads * 8] for i in range(a.threads * 8)]
+    with get_context("fork").Pool(a.threads) as pool:
+        pool.map(_decode_chunk, [paths[:32]] * a.threads)  # warm up
+        t0 = time.perf_counter()
+        n = sum(pool.map(_decode_chunk, chunks))
+        return n, time.perf_counter() - t0
+
+
+def measure(name: str, root: Path, a) -> dict:
+    fn = {"dali-cpu": lambda: bench_pipelines(root, "dali", a),
+          "dali-mixed": lambda: bench_pipelines(root, "dali", a, "cuda"),
+          "torch-pil": lambda: bench_pipelines(root, "torch", a),
+          "torch-decode_jpeg": lambda: bench_decode_jpeg(root, a),
+          "raw-decode": lambda: bench_raw(root, a)}[name]
+    n, seconds = fn()
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return {"name": name, "images": n, "seconds": seconds, "img_s": n / seconds,
+            "peak_rss_mib": rss / 1024}
+
+
+# ------------------------------------------------------------------ driver
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--data", default=str(REPO / "data" / "bench_jpegs"))
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+    root = Path(a.data)
+    if a.one:
+        print(json.dumps(measure(a.one, root, a)))
+        return 0
+    make_set(root, a.images)
+    sizes = [f.stat().st_size for f in files_of(root)]
+    print(f"{len(sizes)} JPEGs, mean {sum(sizes) / len(sizes) / 1024:.0f} KB, batch {a.batch}, "
+          f"{a.threads} threads/workers/processes")
+    import torch
+    names = ["dali-cpu", "torch-pil", "torch-decode_jpeg", "raw-decode"]
+    if torch.cuda.is_available():
+        names.insert(1, "dali-mixed")
+    best: dict[str, dict] = {}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
+    for r in range(a.repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--data", str(root),
+                                  "--threads", str(a.threads), "--batch", str(a.batch)],
+                                 capture_output=True, text=True, env=env)
+            if out.returncode:
+                print(out.stderr[-2000:], file=sys.stderr)
+                return 1
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  round {r}: {name:18s} {result['img_s']:7.0f} img/s")
+            if name not in best or result["img_s"] > best[name]["img_s"]:
+                best[name] = result
+    pil, raw = best["torch-pil"]["img_s"], best["raw-decode"]["img_s"]
+    print(f"\n{'loader':18s} {'img/s':>7s} {'x torch-pil':>11s} {'x raw-decode':>12s} {'peak RSS':>9s}")
+    for name in names:
+        b = best[name]
+        print(f"{name:18s} {b['img_s']:7.0f} {b['img_s'] / pil:11.2f} {b['img_s'] / raw:12.2f} "
+              f"{b['peak_rss_mib']:6.0f} MiB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(best, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
