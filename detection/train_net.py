@@ -47,6 +47,12 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True,
                              output_dir=output_folder)
 
+    def train(self):
+        """Train; returns the final evaluation results (this detectron2 version's train()
+        returns them only when TEST.EXPECTED_RESULTS is set)."""
+        results = super().train()
+        return results if results is not None else getattr(self, "_last_eval_results", None)
+
 
 def register_dataset(name: str, json_file: str, image_root: str, for_eval: bool) -> int:
     """Validate and register one COCO-format data set; returns its number of categories."""
@@ -137,7 +143,10 @@ def main(args):
         raise SystemExit("no training data: give --train-json/--train-images or DATASETS.TRAIN")
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # DefaultTrainer.train() returns the final evaluation only when TEST.EXPECTED_RESULTS is
+    # set; its EvalHook keeps them in _last_eval_results (absent without DATASETS.TEST).
+    return getattr(trainer, "_last_eval_results", None)
 
 
 def get_parser():

@@ -100,6 +100,7 @@ def test_zoo_base_address_is_served_locally():
     url = detection.MODEL_ZOO_URL + "COCO-Detection/../Base-RCNN-FPN.yaml"
     assert PathManager.isfile(url)
     local = PathManager.get_local_path(url)
-    assert os.path.isfile(local) and "site-packages" in local or "detectron2" in local
+    assert os.path.isfile(local)
+    assert local.endswith(os.path.join("detectron2", "model_zoo", "configs", "Base-RCNN-FPN.yaml"))
     with pytest.raises(FileNotFoundError, match="no such file in the installed detectron2"):
         PathManager.open(detection.MODEL_ZOO_URL + "COCO-Detection/nope.yaml")
