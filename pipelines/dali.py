@@ -65,6 +65,9 @@ def imagenet_train_pipe(source, decoder_device: str, size: int, layout: str):
         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
     images = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device,
                                      output_type=types.RGB, axis_names="WH",
+                                     # the crop window is in raw-frame pixels, and ImageFolder
+                                     # (PIL) ignores EXIF orientation too
+                                     adjust_orientation=False,
                                      normalized_anchor=False, normalized_shape=False)
     images = fn.resize(images, size=[size, size], antialias=True,
                        interp_type=types.INTERP_LINEAR)
@@ -75,7 +78,8 @@ def imagenet_train_pipe(source, decoder_device: str, size: int, layout: str):
 def imagenet_val_pipe(source, decoder_device: str, resize: int, crop: int, layout: str):
     jpegs, labels = fn.external_source(source=source, num_outputs=2,
                                        dtype=[types.UINT8, types.INT64])
-    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
+                               adjust_orientation=False)
     images = fn.resize(images, resize_shorter=resize, antialias=True,
                        interp_type=types.INTERP_LINEAR)
     return normalize(images, layout, crop=(crop, crop)), labels
