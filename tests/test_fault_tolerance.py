@@ -125,7 +125,7 @@ def test_second_job_on_the_same_run_directory_refuses(data, tmp_path):
     out = tmp_path / "shared"
     first = torchrun(["--nproc-per-node=1", "--master_addr=127.0.0.1",
                       f"--master_port={free_port()}"],
-                     base_overrides(data, out, **{"train.epochs": 20}))
+                     base_overrides(data, out, **{"train.epochs": 1000}))
     wait_for_step(out, 1, first)
     second = run_training(base_overrides(data, out), check=False)
     assert second.returncode == 4
