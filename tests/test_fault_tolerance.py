@@ -50,8 +50,12 @@ def _kill_leftovers():
     while _started:
         proc = _started.pop()
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            proc.terminate()  # torchrun forwards SIGTERM to its workers and reaps them
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
 
 
 def wait_for_step(out, step, proc, timeout=300):
