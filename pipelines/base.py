@@ -93,6 +93,14 @@ def val_shard_indices(num_samples: int, rank: int, world_size: int) -> "torch.Te
     return torch.arange(rank, num_samples, world_size)
 
 
+def epoch_indices(spec: "LoaderSpec", num_samples: int, epoch: int) -> "torch.Tensor":
+    """This rank's sample order for one epoch of ``spec.split`` (the one rule of every backend)."""
+    if spec.split == "train":
+        return train_shard_indices(num_samples, spec.batch_size, spec.rank, spec.world_size,
+                                   spec.seed, epoch)
+    return val_shard_indices(num_samples, spec.rank, spec.world_size)
+
+
 BackendFn = Callable[[DataConfig, LoaderSpec], Loader]
 _backends: dict[str, BackendFn] = {}
 

@@ -37,7 +37,7 @@ import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
 
-from .base import DataConfig, LoaderSpec, register_backend, train_shard_indices, val_shard_indices
+from .base import DataConfig, LoaderSpec, epoch_indices, register_backend
 from .folder import Samples, load_samples
 from .sample_rng import sample_uniforms
 from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
@@ -228,8 +228,7 @@ class DaliLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         s, n = self.spec, len(self.samples)
         self.epoch, self.start_batch = epoch, start_batch
-        self.order = (train_shard_indices(n, s.batch_size, s.rank, s.world_size, s.seed, epoch)
-                      if s.split == "train" else val_shard_indices(n, s.rank, s.world_size))
+        self.order = epoch_indices(s, n, epoch)
         self.num_samples = len(self.order)
 
     def __len__(self) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DataConfig, LoaderSpec, train_shard_indices, val_shard_indices
+from .base import DataConfig, LoaderSpec, epoch_indices
 from .sample_rng import sample_uniforms
 
 PAD = 4
@@ -202,8 +202,7 @@ class InMemoryLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         s, n = self.spec, len(self.images)
         self.epoch, self.start_batch = epoch, start_batch
-        self.order = (train_shard_indices(n, s.batch_size, s.rank, s.world_size, s.seed, epoch)
-                      if s.split == "train" else val_shard_indices(n, s.rank, s.world_size))
+        self.order = epoch_indices(s, n, epoch)
         self.num_samples = len(self.order)
 
     def __len__(self) -> int:

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .base import DataConfig, LoaderSpec, register_backend, train_shard_indices, val_shard_indices
+from .base import DataConfig, LoaderSpec, epoch_indices, register_backend
 from .folder import Samples, load_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,16 +67,9 @@ class IndexedLoader:
         self.workers, self.channels_last = workers, channels_last
         self.set_epoch(0)
 
-    def indices(self, epoch: int) -> torch.Tensor:
-        s = self.spec
-        if s.split == "train":
-            return train_shard_indices(len(self.dataset), s.batch_size, s.rank, s.world_size,
-                                       s.seed, epoch)
-        return val_shard_indices(len(self.dataset), s.rank, s.world_size)
-
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
-        self.epoch_indices = self.indices(epoch)
+        self.epoch_indices = epoch_indices(self.spec, len(self.dataset), epoch)
         self.num_samples = len(self.epoch_indices)
 
     def __len__(self) -> int:
