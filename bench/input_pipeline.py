@@ -1,18 +1,21 @@
 """Input pipeline throughput: DALI train pipeline vs torchvision loaders vs the raw decode limit.
 
-    python bench/input_pipeline.py [--images 2000] [--threads 2] [--batch 64] [--repeats 2]
+    python bench/input_pipeline.py [--images 2000] [--threads 2] [--batch 64] [--repeats 5] [--passes 3]
 
 Generates (once) a set of ~500x375 JPEGs (~50 KB, like ImageNet's) under data/bench_jpegs,
 then measures, side by side in one run, each loader in its own subprocess (so each gets its own
-peak RSS, workers included), alternating the order over ``--repeats`` rounds and keeping the
-best round:
+peak RSS, workers included), alternating the order over ``--repeats`` rounds. Ratios are taken
+within each round and their median is reported (the machine's speed drifts between rounds):
 
-- dali-cpu:      pipelines' DALI train pipeline (ROI decode + RandomResizedCrop 224 + flip,
-                 uint8 out, normalised to float NCHW in torch), ``threads`` DALI threads;
-- dali-mixed:    the same on the GPU (nvJPEG), only when CUDA is present;
+- dali-cpu:      pipelines' DALI train pipeline as the trainer gets it: ROI decode of the
+                 RandomResizedCrop window in ``threads`` DALI threads, then resize to 224 + flip
+                 + normalise to float NCHW in torch's uint8 kernels (``data.resize_with=auto``);
+- dali-mixed:    the same graph on the GPU (nvJPEG, DALI's resize), only when CUDA is present;
 - torch-pil:     pipelines' torch backend: ImageFolder-style PIL loader + v2 RandomResizedCrop,
                  flip, normalise, DataLoader with ``threads`` workers (the baseline users know);
 - torch-decode_jpeg: torchvision.io.decode_jpeg + the same v2 transforms, ``threads`` workers;
+- dali-decode:   DALI's CPU decoder alone on the full images (no crop, resize or
+                 normalisation; C++ file reader), ``threads`` threads: the ceiling of dali-cpu;
 - raw-decode:    decode only (simplejpeg = libjpeg-turbo, else torchvision decode_jpeg),
                  ``threads`` processes: the limit for a decoder on this many cores.
 
@@ -56,8 +59,14 @@ def files_of(root: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ one measurement each
-def run_loader(loader, warmup: int = 2) -> tuple[int, float]:
-    it = iter(loader)
+def run_loader(loader, passes: int, warmup: int = 2) -> tuple[int, float]:
+    """Images per second over ``passes`` epochs of ``loader``, after ``warmup`` batches."""
+    def batches():
+        for epoch in range(passes):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            yield from loader
+    it = batches()
     for _ in range(warmup):
         next(it)
     n, t0 = 0, time.perf_counter()
@@ -74,7 +83,7 @@ def bench_pipelines(root: Path, backend: str, a, device: str = "cpu"):
     from pipelines import DataConfig, LoaderSpec, build_loader
     cfg = DataConfig(root=str(root), backend=backend, workers=a.threads, image_size=224)
     loader = build_loader(cfg, LoaderSpec("train", batch_size=a.batch, device=torch.device(device)))
-    return run_loader(loader)
+    return run_loader(loader, a.passes)
 
 
 def bench_decode_jpeg(root: Path, a):
@@ -98,7 +107,32 @@ def bench_decode_jpeg(root: Path, a):
         torch.set_num_threads(1)
     loader = DataLoader(Files(), batch_size=a.batch, shuffle=True, num_workers=a.threads,
                         drop_last=True, worker_init_fn=init)
-    return run_loader(loader)
+    return run_loader(loader, a.passes)
+
+
+def bench_dali_decode(root: Path, a):
+    """DALI's CPU decoder alone (full images, ``threads`` threads, C++ file reader): the
+    ceiling of any DALI CPU pipeline on this machine."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    files = [str(p) for p in files_of(root)]
+
+    @pipeline_def(batch_size=a.batch, num_threads=a.threads, device_id=None, exec_dynamic=True,
+                  prefetch_queue_depth=3)
+    def decode_only():
+        jpegs, _ = fn.readers.file(files=files, random_shuffle=True, seed=0)
+        return fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False)
+
+    pipe = decode_only()
+    pipe.build()
+    for _ in range(2):
+        pipe.run()
+    steps = len(files) // a.batch * a.passes - 2
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        pipe.run()
+    return steps * a.batch, time.perf_counter() - t0
 
 
 def _decode_chunk(paths: list[str]) -> int:
@@ -127,7 +161,7 @@ def bench_raw(root: Path, a):
     with get_context("fork").Pool(a.threads) as pool:
         pool.map(_decode_chunk, [paths[:32]] * a.threads)  # warm up
         t0 = time.perf_counter()
-        n = sum(pool.map(_decode_chunk, chunks))
+        n = sum(pool.map(_decode_chunk, chunks * a.passes))
         return n, time.perf_counter() - t0
 
 
@@ -136,6 +170,7 @@ def measure(name: str, root: Path, a) -> dict:
           "dali-mixed": lambda: bench_pipelines(root, "dali", a, "cuda"),
           "torch-pil": lambda: bench_pipelines(root, "torch", a),
           "torch-decode_jpeg": lambda: bench_decode_jpeg(root, a),
+          "dali-decode": lambda: bench_dali_decode(root, a),
           "raw-decode": lambda: bench_raw(root, a)}[name]
     n, seconds = fn()
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -145,12 +180,24 @@ def measure(name: str, root: Path, a) -> dict:
 
 
 # ------------------------------------------------------------------ driver
+def summarize(rounds: list[dict[str, dict]], names: list[str]) -> dict[str, dict]:
+    """Per loader: median img/s, and the median of its ratios to torch-pil and raw-decode
+    computed within each round (the machine's speed drifts between rounds, not within one)."""
+    from statistics import median
+    return {name: {"img_s": median(r[name]["img_s"] for r in rounds),
+                   "x_torch_pil": median(r[name]["img_s"] / r["torch-pil"]["img_s"] for r in rounds),
+                   "x_raw_decode": median(r[name]["img_s"] / r["raw-decode"]["img_s"] for r in rounds),
+                   "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in rounds)}
+            for name in names}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--passes", type=int, default=3, help="epochs over the images per measurement")
     p.add_argument("--data", default=str(REPO / "data" / "bench_jpegs"))
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results here")
@@ -164,31 +211,32 @@ def main(argv=None) -> int:
     print(f"{len(sizes)} JPEGs, mean {sum(sizes) / len(sizes) / 1024:.0f} KB, batch {a.batch}, "
           f"{a.threads} threads/workers/processes")
     import torch
-    names = ["dali-cpu", "torch-pil", "torch-decode_jpeg", "raw-decode"]
+    names = ["dali-cpu", "torch-pil", "torch-decode_jpeg", "dali-decode", "raw-decode"]
     if torch.cuda.is_available():
         names.insert(1, "dali-mixed")
-    best: dict[str, dict] = {}
+    rounds: list[dict[str, dict]] = []
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
     for r in range(a.repeats):
+        rounds.append({})
         for name in (names if r % 2 == 0 else names[::-1]):
             out = subprocess.run([sys.executable, __file__, "--one", name, "--data", str(root),
-                                  "--threads", str(a.threads), "--batch", str(a.batch)],
+                                  "--threads", str(a.threads), "--batch", str(a.batch),
+                                  "--passes", str(a.passes)],
                                  capture_output=True, text=True, env=env)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
                 return 1
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  round {r}: {name:18s} {result['img_s']:7.0f} img/s")
-            if name not in best or result["img_s"] > best[name]["img_s"]:
-                best[name] = result
-    pil, raw = best["torch-pil"]["img_s"], best["raw-decode"]["img_s"]
-    print(f"\n{'loader':18s} {'img/s':>7s} {'x torch-pil':>11s} {'x raw-decode':>12s} {'peak RSS':>9s}")
+            rounds[-1][name] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  round {r}: {name:18s} {rounds[-1][name]['img_s']:7.0f} img/s")
+    summary = summarize(rounds, names)
+    print(f"\n{'loader':18s} {'img/s':>7s} {'x torch-pil':>11s} {'x raw-decode':>12s} "
+          f"{'peak RSS':>9s}   (median over {a.repeats} rounds; ratios taken within each round)")
     for name in names:
-        b = best[name]
-        print(f"{name:18s} {b['img_s']:7.0f} {b['img_s'] / pil:11.2f} {b['img_s'] / raw:12.2f} "
+        b = summary[name]
+        print(f"{name:18s} {b['img_s']:7.0f} {b['x_torch_pil']:11.2f} {b['x_raw_decode']:12.2f} "
               f"{b['peak_rss_mib']:6.0f} MiB")
     if a.json:
-        Path(a.json).write_text(json.dumps(best, indent=2))
+        Path(a.json).write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=2))
     return 0
 
 

@@ -26,6 +26,7 @@ class DataConfig:
     augment: bool = True           # CIFAR: pad-4 random crop + flip; ImageNet: RRC + flip
     normalization: str = "meanstd"  # meanstd | zca (CIFAR) | scale (divide by 255: SVHN)
     workers: int = 2               # DALI threads / DataLoader workers per process
+    resize_with: str = "auto"      # dali: auto (DALI's resize on the GPU, torch's uint8 kernel on the CPU) | dali | torch
     channels_last: bool = False    # NHWC memory format for the produced images
     file_list: str | None = None   # clean list from `python -m pipelines verify`; "{split}" -> train/val
     synthetic_samples: int = 12800  # backend=synthetic: train samples per epoch (val: a tenth)

@@ -1,7 +1,9 @@
 """NVIDIA DALI ImageNet pipelines: nvJPEG ("mixed") decoding on the GPU, the same graph on the CPU.
 
-One ``@pipeline_def`` per stage (train, val), shared by the CPU and GPU variants; only the
-decoder's device and ``device_id`` differ (``device_id=None`` on the CPU, nothing assumes a GPU).
+One ``@pipeline_def`` per stage (train, val), shared by the CPU and GPU variants: the
+decoder's device and ``device_id`` differ (``device_id=None`` on the CPU, nothing assumes a GPU),
+and by default where the resize runs (below); ``data.resize_with=dali`` runs the GPU graph
+unchanged on the CPU.
 
 Python decides *what* is read, DALI does the heavy work. Each epoch, ``fn.external_source``
 feeds the encoded bytes in the order of ``train_shard_indices`` / ``val_shard_indices``
@@ -14,14 +16,20 @@ only on (seed, epoch, sample index) (``sample_rng``). No DALI RNG is used, so:
   without pipeline checkpoints);
 - a sample gets the same crop and flip whichever rank reads it, for any number of processes.
 
-Train: ``decoders.image_slice`` decodes only the crop window (region-of-interest decoding),
-then one antialiased resize to ``image_size``. Val: decode, resize the shorter side to
-``val_resize`` (antialiased bilinear, as torchvision's ``Resize``), centre crop ``image_size``.
-Both end in one fused ``crop_mirror_normalize`` (flip + crop + float normalisation) on the
-pipeline's device, so it runs in DALI's threads, overlapped with training: normalising uint8
-in torch on the CPU instead measured 1.6x slower end to end. Output float CHW, or HWC turned
-into a channels_last NCHW view (no copy) when ``data.channels_last``. The last val batch may be short:
-``external_source`` takes variable batch sizes, so every image is evaluated exactly once.
+Train: ``decoders.image_slice`` decodes only the crop window (region-of-interest decoding).
+Val: decode the whole image. What follows depends on ``data.resize_with`` (``resize_in_dali``):
+
+- on the GPU (``auto``/``dali``): DALI resizes (antialiased bilinear) to ``image_size``, or
+  for val to the size torchvision's ``Resize(val_resize)`` gives, and centre-crops at the
+  offset torchvision's ``CenterCrop`` uses (both computed in Python, ``ValGeometry``); one
+  fused ``crop_mirror_normalize`` flips, crops and normalises to float;
+- on the CPU (``auto``/``torch``): the graph stops after decoding and ``torch_resize`` resizes,
+  flips and normalises in torch's uint8 kernels, which are ~6x faster than DALI's CPU
+  resampler here and are torchvision's own (results equal torchvision's tensor transforms).
+
+Output float CHW, or channels_last NCHW when ``data.channels_last``. The last val batch may
+be short: ``external_source`` takes variable batch sizes, so every image is evaluated exactly
+once.
 
 A file DALI cannot decode stops the run with an error that names it and tells the user to run
 ``python -m pipelines verify``; files listed by ``data.file_list`` (its output) are all clean.
@@ -40,7 +48,9 @@ from nvidia.dali import pipeline_def
 from .base import DataConfig, LoaderSpec, epoch_indices, register_backend
 from .folder import Samples, load_samples
 from .sample_rng import sample_uniforms
+from . import torch_resize
 from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
+from .torch_resize import keep_freed_batches_mapped
 
 ATTEMPTS = 10  # RandomResizedCrop tries before falling back to a centre crop (as torchvision)
 RATIO = (3 / 4, 4 / 3)
@@ -52,43 +62,57 @@ MEAN_255 = [m * 255 for m in IMAGENET_MEAN]
 STD_255 = [v * 255 for v in IMAGENET_STD]
 
 
-def normalize(images, layout: str, mirror=0, crop=None):
+def normalize(images, layout: str, **crop_and_mirror):
     """Flip, crop and normalise to float in one pass (crop_mirror_normalize)."""
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=MEAN_255,
-                                    std=STD_255, mirror=mirror, crop=crop)
+                                    std=STD_255, **crop_and_mirror)
+
+
+def decode(jpegs, decoder_device: str):
+    # ImageFolder (PIL) ignores EXIF orientation, and crop windows are in raw-frame pixels
+    return fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
+                             adjust_orientation=False)
 
 
 @pipeline_def
-def imagenet_train_pipe(source, decoder_device: str, size: int, layout: str):
+def imagenet_train_pipe(source, decoder_device: str, size: int, layout: str,
+                        resize_in_pipe: bool):
     jpegs, labels, anchor, shape, flip = fn.external_source(
         source=source, num_outputs=5,
         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
-    images = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device,
-                                     output_type=types.RGB, axis_names="WH",
-                                     # the crop window is in raw-frame pixels, and ImageFolder
-                                     # (PIL) ignores EXIF orientation too
-                                     adjust_orientation=False,
-                                     normalized_anchor=False, normalized_shape=False)
-    images = fn.resize(images, size=[size, size], antialias=True,
+    crops = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device,
+                                    output_type=types.RGB, axis_names="WH",
+                                    adjust_orientation=False,
+                                    normalized_anchor=False, normalized_shape=False)
+    if not resize_in_pipe:  # torch_resize finishes: resize, flip, normalise
+        return crops, labels, flip
+    images = fn.resize(crops, size=[size, size], antialias=True,
                        interp_type=types.INTERP_LINEAR)
     return normalize(images, layout, mirror=flip), labels
 
 
 @pipeline_def
-def imagenet_val_pipe(source, decoder_device: str, resize: int, crop: int, layout: str):
-    jpegs, labels = fn.external_source(source=source, num_outputs=2,
-                                       dtype=[types.UINT8, types.INT64])
-    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
-                               adjust_orientation=False)
-    images = fn.resize(images, resize_shorter=resize, antialias=True,
+def imagenet_val_pipe(source, decoder_device: str, crop: int, layout: str,
+                      resize_in_pipe: bool):
+    if not resize_in_pipe:  # torch_resize finishes: Resize + CenterCrop, normalise
+        jpegs, labels = fn.external_source(source=source, num_outputs=2,
+                                           dtype=[types.UINT8, types.INT64])
+        return decode(jpegs, decoder_device), labels
+    jpegs, labels, resized_hw, crop_y, crop_x = fn.external_source(
+        source=source, num_outputs=5,
+        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.FLOAT])
+    # the size and crop position torchvision would use, computed in Python (ValGeometry):
+    # DALI's own resize_shorter / centre-crop rounding is up to a pixel off
+    images = fn.resize(decode(jpegs, decoder_device), size=resized_hw, antialias=True,
                        interp_type=types.INTERP_LINEAR)
-    return normalize(images, layout, crop=(crop, crop)), labels
+    return normalize(images, layout, crop=(crop, crop), crop_pos_x=crop_x,
+                     crop_pos_y=crop_y), labels
 
 
 # ---------------------------------------------------------------- augmentation parameters
 def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
     """(height, width) from a JPEG's frame header, None if ``data`` is not a parsable JPEG."""
-    buf = data.tobytes() if isinstance(data, np.ndarray) else data
+    buf = memoryview(data)  # no copy: only the header is read
     if buf[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(buf)
@@ -149,6 +173,11 @@ VERIFY_HINT = ("Run `python -m pipelines verify DATA_DIR` to list every bad file
 
 
 # ---------------------------------------------------------------- feeding one epoch
+def read_bytes(path) -> np.ndarray:
+    with open(path, "rb", buffering=0) as f:
+        return np.frombuffer(f.read(), dtype=np.uint8)
+
+
 class EpochSource:
     """An iterable for ``fn.external_source``: one epoch of batches in our order. Remembers the
     files of the batches DALI has taken but not yet returned, to name a file that fails."""
@@ -162,9 +191,9 @@ class EpochSource:
         for start in range(0, len(self.order), bs):
             indices = self.order[start:start + bs]
             paths = [self.samples.root / files[i] for i in indices]
-            data = [np.fromfile(p, dtype=np.uint8) for p in paths]
+            data = [read_bytes(p) for p in paths]
             self.in_flight.append(paths)
-            batch = [data, [np.array(labels[i], dtype=np.int64) for i in indices]]
+            batch = [data, np.array([labels[i] for i in indices], dtype=np.int64)]
             if self.augment is not None:
                 batch += self.augment(indices, data, paths)
             yield tuple(batch)
@@ -191,13 +220,37 @@ class TrainAugment:
 
     def __call__(self, indices, data, paths):
         u = sample_uniforms(self.seed, self.epoch, indices, 4 * ATTEMPTS + 1)
-        anchors, shapes, flips = [], [], []
-        for k, (buf, path) in enumerate(zip(data, paths)):
-            left, top, cw, ch = rrc_window(*image_size(buf, path), u[k], self.scale)
-            anchors.append(np.array([left, top], dtype=np.int32))
-            shapes.append(np.array([cw, ch], dtype=np.int32))
-            flips.append(np.array(int(self.flip and u[k, -1] < 0.5), dtype=np.int32))
-        return [anchors, shapes, flips]
+        windows = np.array([rrc_window(*image_size(buf, path), u[k], self.scale)
+                            for k, (buf, path) in enumerate(zip(data, paths))], dtype=np.int32)
+        flips = (u[:, -1] < 0.5) & self.flip
+        # whole-batch arrays: DALI takes them in one piece, much cheaper than per-sample lists
+        return [windows[:, :2].copy(), windows[:, 2:].copy(), flips.astype(np.int32)]
+
+
+def resized_size(h: int, w: int, shorter: int) -> tuple[int, int]:
+    """torchvision's Resize(shorter) output (height, width): the longer side is truncated."""
+    if w <= h:
+        return int(shorter * h / w), shorter
+    return shorter, int(shorter * w / h)
+
+
+class ValGeometry:
+    """Per-sample resized size and centre-crop position, rounded as torchvision rounds them."""
+
+    def __init__(self, resize: int, crop: int):
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, indices, data, paths):
+        sizes = np.array([resized_size(*image_size(buf, path), self.resize)
+                          for buf, path in zip(data, paths)], dtype=np.float32)
+        pos_y, pos_x = (np.array([self.position(int(n)) for n in sizes[:, axis]], np.float32)
+                        for axis in (0, 1))
+        return [sizes, pos_y, pos_x]
+
+    def position(self, extent: int) -> float:
+        """DALI's normalised crop_pos for torchvision's offset int(round((extent - crop) / 2))."""
+        margin = extent - self.crop
+        return int(round(margin / 2.0)) / margin if margin > 0 else 0.0
 
 
 # ---------------------------------------------------------------- the Loader
@@ -223,6 +276,9 @@ class DaliLoader:
         self.device_id = (spec.device.index if spec.device.index is not None
                           else torch.cuda.current_device()) if cuda else None
         self.decoder_device = "mixed" if cuda else "cpu"
+        self.resize_in_pipe = resize_in_dali(cfg.resize_with, cuda)
+        if not self.resize_in_pipe:
+            keep_freed_batches_mapped()
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -235,40 +291,73 @@ class DaliLoader:
         return -(-self.num_samples // self.spec.batch_size)
 
     def pipeline(self, source: EpochSource):
-        cfg, s = self.cfg, self.spec
+        cfg, s, cpu = self.cfg, self.spec, self.device_id is None
         common = dict(batch_size=s.batch_size, num_threads=max(1, cfg.workers),
-                      device_id=self.device_id, prefetch_queue_depth=2, seed=s.seed)
+                      device_id=self.device_id, seed=s.seed,
+                      # on the CPU, DALI's dynamic executor and a third batch in flight keep
+                      # both cores busy while torch resizes (+5-15%, docs/benchmarks.md)
+                      exec_dynamic=cpu, prefetch_queue_depth=3 if cpu else 2)
         layout = "HWC" if cfg.channels_last else "CHW"
-        if s.split == "train":
-            return imagenet_train_pipe(source, self.decoder_device, cfg.image_size, layout,
-                                       **common)
-        return imagenet_val_pipe(source, self.decoder_device, cfg.val_resize, cfg.image_size,
-                                 layout, **common)
+        graph = imagenet_train_pipe if s.split == "train" else imagenet_val_pipe
+        return graph(source, self.decoder_device, cfg.image_size, layout, self.resize_in_pipe,
+                     **common)
 
-    def images(self, tensor_list) -> torch.Tensor:
-        x = to_torch(tensor_list, self.spec.device, torch.float32)
-        return x.permute(0, 3, 1, 2) if self.cfg.channels_last else x  # NHWC -> channels_last view
+    def source(self, order: list[int]) -> EpochSource:
+        s, cfg = self.spec, self.cfg
+        if s.split == "train":
+            augment = TrainAugment(s.seed, self.epoch, (cfg.min_crop_area, 1.0), cfg.augment)
+        else:
+            augment = None if not self.resize_in_pipe else ValGeometry(cfg.val_resize,
+                                                                       cfg.image_size)
+        return EpochSource(self.samples, order, s.batch_size, augment)
+
+    def batch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) as the trainer wants them from one run of the pipeline."""
+        cfg, device = self.cfg, self.spec.device
+        labels = to_torch(outputs[1], device, torch.int64).view(-1)
+        if self.resize_in_pipe:
+            x = to_torch(outputs[0], device, torch.float32)
+            return (x.permute(0, 3, 1, 2) if cfg.channels_last else x), labels  # NHWC view
+        images = torch_resize.image_views(outputs[0])
+        with torch_resize.one_thread():
+            if self.spec.split == "train":
+                x = torch_resize.resize_crops(images, cfg.image_size, outputs[2].as_array(),
+                                              cfg.channels_last)
+            else:
+                x = torch_resize.resize_center_crop(images, cfg.val_resize, cfg.image_size,
+                                                    cfg.channels_last)
+        return x.to(device), labels
 
     def __iter__(self):
-        bs, s = self.spec.batch_size, self.spec
+        bs = self.spec.batch_size
         order = self.order[self.start_batch * bs:].tolist()
         if not order:
             return
-        augment = (TrainAugment(s.seed, self.epoch, (self.cfg.min_crop_area, 1.0),
-                                self.cfg.augment) if s.split == "train" else None)
-        source = EpochSource(self.samples, order, bs, augment)
+        source = self.source(order)
         pipe = self.pipeline(source)
         pipe.build()
         try:
             for _ in range(-(-len(order) // bs)):
                 try:
-                    images, labels = pipe.run()
+                    outputs = pipe.run()
                 except RuntimeError as e:
                     raise source.explain(e) from e
                 source.returned()
-                yield self.images(images), to_torch(labels, s.device, torch.int64).view(-1)
+                yield self.batch(outputs)
         finally:
             del pipe
+
+
+def resize_in_dali(resize_with: str, cuda: bool) -> bool:
+    """``data.resize_with``: auto = DALI's resize on the GPU, torch's on the CPU (faster there)."""
+    if resize_with == "auto":
+        return cuda
+    if resize_with not in ("dali", "torch"):
+        raise ValueError(f"data.resize_with={resize_with!r}: valid: auto, dali, torch")
+    if resize_with == "torch" and cuda:
+        raise ValueError("data.resize_with=torch resizes DALI's CPU decodes; with CUDA, DALI "
+                         "decodes and resizes on the GPU: use auto or dali")
+    return resize_with == "dali"
 
 
 @register_backend("dali")

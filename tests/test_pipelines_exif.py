@@ -28,5 +28,5 @@ def test_dali_ignores_exif_orientation_like_imagefolder(tmp_path):
         assert x.shape == (8, 3, 32, 32) and torch.isfinite(x).all()
     dali_val, _ = next(iter(build_loader(cfg, LoaderSpec("val", batch_size=8))))
     torch_val, _ = next(iter(build_loader(torch_cfg, LoaderSpec("val", batch_size=8))))
-    # same orientation as PIL: close in value (DALI's resize is not bit-identical)
-    assert (dali_val - torch_val).abs().mean() < 0.25
+    # same orientation as PIL, and on the CPU the same resize kernel: equal up to float rounding
+    assert (dali_val - torch_val).abs().max() < 1e-4
