@@ -202,14 +202,27 @@ class EpochSource:
         self.in_flight.popleft()
 
     def explain(self, error: Exception) -> Exception:
-        """The error to raise when DALI fails: names the undecodable files if there are any."""
+        """The error to raise when DALI fails: names the undecodable files, or if none is found,
+        the files of the batch that failed."""
         from .verify import check_image
         bad = [(p, why) for paths in self.in_flight for p in paths
                if (why := check_image(p)) is not None]
-        if not bad:
-            return error
-        listing = "; ".join(f"{p} ({why})" for p, why in bad)
-        return CorruptImageError(f"DALI could not decode {listing}. {VERIFY_HINT}")
+        if bad:
+            listing = "; ".join(f"{p} ({why})" for p, why in bad)
+            return CorruptImageError(f"DALI could not decode {listing}. {VERIFY_HINT}")
+        batch = self.in_flight[0] if self.in_flight else []
+        reason = dali_reason(error)
+        return CorruptImageError(f"DALI failed on one of the {len(batch)} files of a batch "
+                                 f"({', '.join(map(str, batch[:4]))}{' ...' if len(batch) > 4 else ''}): "
+                                 f"{reason}. {VERIFY_HINT}")
+
+
+def dali_reason(error: Exception) -> str:
+    """The informative line of a DALI error (its last one, before the boilerplate)."""
+    boilerplate = ("Current pipeline object", "Critical error in pipeline", "encountered")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if not line.startswith(boilerplate)),
+                str(error)[:200])
 
 
 class TrainAugment:

@@ -27,13 +27,19 @@ from pathlib import Path
 from .folder import IMAGE_EXTENSIONS, scan_folder, split_dir
 
 
+# what DALI's image decoder reads (PIL's format names; MPO is a multi-picture JPEG, PPM = PNM)
+DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM"}
+
+
 def check_image(path) -> str | None:
-    """None if ``path`` decodes completely, else the reason it does not."""
+    """None if ``path`` decodes completely in every backend, else the reason it does not."""
     from PIL import Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                if im.format not in DALI_FORMATS:
+                    return f"{im.format} is not a format DALI decodes"
                 im.load()
                 if im.width < 1 or im.height < 1:
                     return "empty image"

@@ -31,8 +31,9 @@ def corrupt(root: Path) -> dict[str, str]:
     (folder / "text.JPEG").write_text("<html>not found</html>")
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored")
+    Image.open(folder / "a_cls_001.JPEG").convert("P").save(folder / "anim.JPEG", format="GIF")
     return {"a_cls/truncated.JPEG": "truncated", "a_cls/text.JPEG": "not an image",
-            "a_cls/empty.jpg": "not an image"}
+            "a_cls/empty.jpg": "not an image", "a_cls/anim.JPEG": "GIF is not a format DALI"}
 
 
 def test_verify_reports_bad_files_and_writes_a_clean_list(tmp_path):
@@ -85,6 +86,30 @@ def test_dali_decoder_failure_is_explained(tmp_path):
                                      val_resize=36), LoaderSpec("val", batch_size=3))
     with pytest.raises(CorruptImageError, match="c_cls_002.JPEG"):
         list(loader)
+
+
+def test_a_format_dali_cannot_read_is_named(tmp_path):
+    """A GIF saved as .JPEG: PIL (and so ImageFolder) reads it, DALI does not."""
+    root = write_jpeg_folder(tmp_path / "data", per_class=4, splits=("val",))
+    path = root / "val" / "c_cls" / "c_cls_002.JPEG"
+    Image.open(path).convert("P").save(path, format="GIF")
+    loader = build_loader(DataConfig(root=str(root), backend="dali", workers=1, image_size=32,
+                                     val_resize=36), LoaderSpec("val", batch_size=3))
+    with pytest.raises(CorruptImageError, match="c_cls_002.JPEG .GIF is not a format DALI"):
+        list(loader)
+
+
+def test_an_unexplained_dali_failure_names_the_files_of_its_batch(tmp_path):
+    from pipelines.dali import EpochSource
+    from pipelines.folder import load_samples
+    root = write_jpeg_folder(tmp_path / "data", per_class=2, splits=("val",))
+    source = EpochSource(load_samples(str(root), "val", None), [0, 1, 2], batch_size=3)
+    next(iter(source))
+    error = RuntimeError("Critical error in pipeline:\nError in CPU operator ...\n"
+                         "nvImageCodec failure: '#4'\nCurrent pipeline object is no longer valid.")
+    message = str(source.explain(error))
+    assert "b_cls_000.JPEG" in message and "nvImageCodec failure: '#4'" in message, message
+    assert "python -m pipelines verify" in message
 
 
 def test_default_data_generation_is_learnable_layout_and_idempotent(tmp_path):
