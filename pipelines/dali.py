@@ -45,12 +45,11 @@ import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
 
+from . import torch_resize
 from .base import DataConfig, LoaderSpec, epoch_indices, register_backend
 from .folder import Samples, load_samples
 from .sample_rng import sample_uniforms
-from . import torch_resize
 from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
-from .torch_resize import keep_freed_batches_mapped
 
 ATTEMPTS = 10  # RandomResizedCrop tries before falling back to a centre crop (as torchvision)
 RATIO = (3 / 4, 4 / 3)
@@ -291,7 +290,7 @@ class DaliLoader:
         self.decoder_device = "mixed" if cuda else "cpu"
         self.resize_in_pipe = resize_in_dali(cfg.resize_with, cuda)
         if not self.resize_in_pipe:
-            keep_freed_batches_mapped()
+            torch_resize.keep_freed_batches_mapped()
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
