@@ -60,6 +60,22 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _record_name(kind: str, index: int, record, required: tuple, problems: _Problems) -> str | None:
+    """How to name ``record`` in a problem ("image id 7", else "image #3"), or None (after
+    logging the problem) if it is not an object with every ``required`` key."""
+    if not isinstance(record, dict):
+        problems.add(f"{kind} #{index}: is a {type(record).__name__}, expected an object")
+        return None
+    where = f"{kind} id {record['id']!r}" if "id" in record else f"{kind} #{index}"
+    missing = [k for k in required if k not in record]
+    if missing:
+        note = (" (COCO evaluation needs it; box width*height is the usual value)"
+                if missing == ["area"] else "")
+        problems.add(f"{where}: missing key(s) {', '.join(map(repr, missing))}{note}")
+        return None
+    return where
+
+
 def check_coco_json(json_file: str, image_root: str | None = None, *, require_area: bool = False,
                     check_files: bool = True, max_problems: int = 20) -> CocoSummary:
     """Raise ``CocoFormatError`` if ``json_file`` is not a usable COCO instances file.
@@ -91,13 +107,8 @@ def check_coco_json(json_file: str, image_root: str | None = None, *, require_ar
 
     categories: dict[int, str] = {}
     for i, cat in enumerate(data["categories"]):
-        where = f"category #{i}" + (f" (id {cat.get('id')!r})" if isinstance(cat, dict) else "")
-        if not isinstance(cat, dict):
-            problems.add(f"{where}: is a {type(cat).__name__}, expected an object")
-            continue
-        missing = [k for k in CATEGORY_KEYS if k not in cat]
-        if missing:
-            problems.add(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+        where = _record_name("category", i, cat, CATEGORY_KEYS, problems)
+        if where is None:
             continue
         if not _is_int(cat["id"]):
             problems.add(f"{where}: id must be an integer")
@@ -110,13 +121,8 @@ def check_coco_json(json_file: str, image_root: str | None = None, *, require_ar
 
     images: dict[int, tuple] = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict):
-            problems.add(f"image #{i}: is a {type(img).__name__}, expected an object")
-            continue
-        where = f"image id {img['id']!r}" if "id" in img else f"image #{i}"
-        missing = [k for k in IMAGE_KEYS if k not in img]
-        if missing:
-            problems.add(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+        where = _record_name("image", i, img, IMAGE_KEYS, problems)
+        if where is None:
             continue
         if not _is_int(img["id"]):
             problems.add(f"{where}: id must be an integer")
@@ -138,17 +144,10 @@ def check_coco_json(json_file: str, image_root: str | None = None, *, require_ar
                 problems.add(f"{where}: image file does not exist: {path}")
 
     ann_ids: set = set()
+    required = ANNOTATION_KEYS + (("area",) if require_area else ())
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict):
-            problems.add(f"annotation #{i}: is a {type(ann).__name__}, expected an object")
-            continue
-        where = f"annotation id {ann['id']!r}" if "id" in ann else f"annotation #{i}"
-        required = ANNOTATION_KEYS + (("area",) if require_area else ())
-        missing = [k for k in required if k not in ann]
-        if missing:
-            extra = " (COCO evaluation needs it; box width*height is the usual value)" \
-                if missing == ["area"] else ""
-            problems.add(f"{where}: missing key(s) {', '.join(map(repr, missing))}{extra}")
+        where = _record_name("annotation", i, ann, required, problems)
+        if where is None:
             continue
         not_int = [k for k in ("id", "image_id", "category_id") if not _is_int(ann[k])]
         if not_int:

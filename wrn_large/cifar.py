@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._features import FeatureInfo
+from ._init import he_init
 from ._registry import register_model
 
 # The block types studied in the paper (Tables 2 and 3); any sequence of 1s and 3s is accepted.
@@ -104,7 +105,7 @@ class WideResNetCIFAR(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
         self.feature_info = [FeatureInfo(f"res{i + 2}", w, s)
                              for i, (w, s) in enumerate(zip(widths, (1, 2, 4)))]
-        _he_init(self)
+        he_init(self, zero_linear_bias=True)
 
     def forward_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Outputs of the three groups, keyed res2..res4 (strides 1, 2, 4).
@@ -124,18 +125,6 @@ class WideResNetCIFAR(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(next(reversed(self.forward_features(x).values())))
-
-
-def _he_init(model: nn.Module) -> None:
-    """As the official code (MSRinit): N(0, sqrt(2/(k*k*out_channels))), BN 1/0, bias 0."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
 
 
 @register_model(family="cifar")

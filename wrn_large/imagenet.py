@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ._features import FeatureInfo
+from ._init import he_init
 from ._registry import register_model
 
 
@@ -116,12 +117,7 @@ class WideResNetImageNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init(self, zero_linear_bias=False)
         if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
