@@ -48,8 +48,9 @@ class Trainer(DefaultTrainer):
                              output_dir=output_folder)
 
     def train(self):
-        """Train; returns the final evaluation results (this detectron2 version's train()
-        returns them only when TEST.EXPECTED_RESULTS is set)."""
+        """Train; returns the final evaluation results, None without DATASETS.TEST
+        (DefaultTrainer.train() returns them only when TEST.EXPECTED_RESULTS is set; its
+        EvalHook keeps them in _last_eval_results)."""
         results = super().train()
         return results if results is not None else getattr(self, "_last_eval_results", None)
 
@@ -143,10 +144,7 @@ def main(args):
         raise SystemExit("no training data: give --train-json/--train-images or DATASETS.TRAIN")
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-    # DefaultTrainer.train() returns the final evaluation only when TEST.EXPECTED_RESULTS is
-    # set; its EvalHook keeps them in _last_eval_results (absent without DATASETS.TEST).
-    return getattr(trainer, "_last_eval_results", None)
+    return trainer.train()
 
 
 def get_parser():
