@@ -319,8 +319,8 @@ class DaliLoader:
         if s.split == "train":
             augment = TrainAugment(s.seed, self.epoch, (cfg.min_crop_area, 1.0), cfg.augment)
         else:
-            augment = None if not self.resize_in_pipe else ValGeometry(cfg.val_resize,
-                                                                       cfg.image_size)
+            augment = (ValGeometry(cfg.val_resize, cfg.image_size) if self.resize_in_pipe
+                       else None)
         return EpochSource(self.samples, order, s.batch_size, augment)
 
     def batch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
