@@ -10,6 +10,8 @@ within each round and their median is reported (the machine's speed drifts betwe
 - dali-cpu:      pipelines' DALI train pipeline as the trainer gets it: ROI decode of the
                  RandomResizedCrop window in ``threads`` DALI threads, then resize to 224 + flip
                  + normalise to float NCHW in torch's uint8 kernels (``data.resize_with=auto``);
+- dali-cpu-dali-resize: the same with ``data.resize_with=dali``: the GPU graph unchanged on
+                 the CPU (DALI's resize and fused crop_mirror_normalize);
 - dali-mixed:    the same graph on the GPU (nvJPEG, DALI's resize), only when CUDA is present;
 - torch-pil:     pipelines' torch backend: ImageFolder-style PIL loader + v2 RandomResizedCrop,
                  flip, normalise, DataLoader with ``threads`` workers (the baseline users know);
@@ -78,10 +80,10 @@ def run_loader(loader, passes: int, warmup: int = 2) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def bench_pipelines(root: Path, backend: str, a, device: str = "cpu"):
+def bench_pipelines(root: Path, backend: str, a, device: str = "cpu", **data):
     import torch
     from pipelines import DataConfig, LoaderSpec, build_loader
-    cfg = DataConfig(root=str(root), backend=backend, workers=a.threads, image_size=224)
+    cfg = DataConfig(root=str(root), backend=backend, workers=a.threads, image_size=224, **data)
     loader = build_loader(cfg, LoaderSpec("train", batch_size=a.batch, device=torch.device(device)))
     return run_loader(loader, a.passes)
 
@@ -167,6 +169,7 @@ def bench_raw(root: Path, a):
 
 def measure(name: str, root: Path, a) -> dict:
     fn = {"dali-cpu": lambda: bench_pipelines(root, "dali", a),
+          "dali-cpu-dali-resize": lambda: bench_pipelines(root, "dali", a, resize_with="dali"),
           "dali-mixed": lambda: bench_pipelines(root, "dali", a, "cuda"),
           "torch-pil": lambda: bench_pipelines(root, "torch", a),
           "torch-decode_jpeg": lambda: bench_decode_jpeg(root, a),
@@ -211,7 +214,8 @@ def main(argv=None) -> int:
     print(f"{len(sizes)} JPEGs, mean {sum(sizes) / len(sizes) / 1024:.0f} KB, batch {a.batch}, "
           f"{a.threads} threads/workers/processes")
     import torch
-    names = ["dali-cpu", "torch-pil", "torch-decode_jpeg", "dali-decode", "raw-decode"]
+    names = ["dali-cpu", "dali-cpu-dali-resize", "torch-pil", "torch-decode_jpeg", "dali-decode",
+             "raw-decode"]
     if torch.cuda.is_available():
         names.insert(1, "dali-mixed")
     rounds: list[dict[str, dict]] = []
@@ -227,13 +231,13 @@ def main(argv=None) -> int:
                 print(out.stderr[-2000:], file=sys.stderr)
                 return 1
             rounds[-1][name] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  round {r}: {name:18s} {rounds[-1][name]['img_s']:7.0f} img/s")
+            print(f"  round {r}: {name:22s} {rounds[-1][name]['img_s']:7.0f} img/s")
     summary = summarize(rounds, names)
-    print(f"\n{'loader':18s} {'img/s':>7s} {'x torch-pil':>11s} {'x raw-decode':>12s} "
+    print(f"\n{'loader':22s} {'img/s':>7s} {'x torch-pil':>11s} {'x raw-decode':>12s} "
           f"{'peak RSS':>9s}   (median over {a.repeats} rounds; ratios taken within each round)")
     for name in names:
         b = summary[name]
-        print(f"{name:18s} {b['img_s']:7.0f} {b['x_torch_pil']:11.2f} {b['x_raw_decode']:12.2f} "
+        print(f"{name:22s} {b['img_s']:7.0f} {b['x_torch_pil']:11.2f} {b['x_raw_decode']:12.2f} "
               f"{b['peak_rss_mib']:6.0f} MiB")
     if a.json:
         Path(a.json).write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=2))
