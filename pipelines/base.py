@@ -102,6 +102,28 @@ def epoch_indices(spec: "LoaderSpec", num_samples: int, epoch: int) -> "torch.Te
     return val_shard_indices(num_samples, spec.rank, spec.world_size)
 
 
+class EpochOrder:
+    """The epoch bookkeeping of a Loader over ``dataset_size`` indexed samples: ``set_epoch``
+    computes this rank's order with ``epoch_indices`` and keeps the resume point;
+    ``__len__`` counts batches. Subclasses set ``spec`` and ``dataset_size``, then call
+    ``set_epoch(0)``."""
+
+    spec: LoaderSpec
+    dataset_size: int
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        self.order = epoch_indices(self.spec, self.dataset_size, epoch)
+        self.num_samples = len(self.order)
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.spec.batch_size)
+
+    def remaining_order(self) -> "torch.Tensor":
+        """This epoch's sample indices from the resume point on."""
+        return self.order[self.start_batch * self.spec.batch_size:]
+
+
 BackendFn = Callable[[DataConfig, LoaderSpec], Loader]
 _backends: dict[str, BackendFn] = {}
 

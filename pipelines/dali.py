@@ -46,7 +46,7 @@ import torch
 from nvidia.dali import pipeline_def
 
 from . import torch_resize
-from .base import DataConfig, LoaderSpec, epoch_indices, register_backend
+from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
 from .folder import Samples, load_samples
 from .sample_rng import sample_uniforms
 from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
@@ -277,12 +277,13 @@ def to_torch(tensor_list, device: torch.device, dtype: torch.dtype) -> torch.Ten
     return torch.from_numpy(tensor_list.as_array()).to(device, non_blocking=True)
 
 
-class DaliLoader:
+class DaliLoader(EpochOrder):
     """A Loader (pipelines.base) over an ImageNet-layout folder or a verified file list."""
 
     def __init__(self, cfg: DataConfig, spec: LoaderSpec):
         self.cfg, self.spec = cfg, spec
         self.samples = load_samples(cfg.root, spec.split, cfg.file_list)
+        self.dataset_size = len(self.samples)
         self.num_classes = cfg.num_classes or len(self.samples.classes)
         cuda = spec.device.type == "cuda"
         self.device_id = (spec.device.index if spec.device.index is not None
@@ -292,15 +293,6 @@ class DaliLoader:
         if not self.resize_in_pipe:
             torch_resize.keep_freed_batches_mapped()
         self.set_epoch(0)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        s, n = self.spec, len(self.samples)
-        self.epoch, self.start_batch = epoch, start_batch
-        self.order = epoch_indices(s, n, epoch)
-        self.num_samples = len(self.order)
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.spec.batch_size)
 
     def pipeline(self, source: EpochSource):
         cfg, s, cpu = self.cfg, self.spec, self.device_id is None
@@ -342,7 +334,7 @@ class DaliLoader:
 
     def __iter__(self):
         bs = self.spec.batch_size
-        order = self.order[self.start_batch * bs:].tolist()
+        order = self.remaining_order().tolist()
         if not order:
             return
         source = self.source(order)

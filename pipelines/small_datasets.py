@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DataConfig, LoaderSpec, epoch_indices
+from .base import DataConfig, EpochOrder, LoaderSpec
 from .sample_rng import sample_uniforms
 
 PAD = 4
@@ -185,7 +185,7 @@ def pad_crop_flip(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-class InMemoryLoader:
+class InMemoryLoader(EpochOrder):
     """A Loader (pipelines.base) over a uint8 NHWC tensor held on the device."""
 
     def __init__(self, cfg: DataConfig, spec: LoaderSpec):
@@ -194,19 +194,11 @@ class InMemoryLoader:
         self.spec, self.cfg = spec, cfg
         self.images = torch.from_numpy(images).to(spec.device)
         self.labels = torch.from_numpy(labels).to(spec.device)
+        self.dataset_size = len(self.images)
         self.num_classes = cfg.num_classes or NUM_CLASSES[cfg.dataset]
         self.normalize = Normalizer(cfg, spec.device)
         self.augment = cfg.augment and spec.split == "train"
         self.set_epoch(0)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        s, n = self.spec, len(self.images)
-        self.epoch, self.start_batch = epoch, start_batch
-        self.order = epoch_indices(s, n, epoch)
-        self.num_samples = len(self.order)
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.spec.batch_size)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         on_device = indices.to(self.spec.device)

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .base import DataConfig, LoaderSpec, epoch_indices, register_backend
+from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
 from .folder import Samples, load_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,27 +58,20 @@ class ImageFiles(Dataset):
             return self.transform(image), self.samples.labels[index]
 
 
-class IndexedLoader:
+class IndexedLoader(EpochOrder):
     """A Loader (pipelines.base) over any map-style dataset of (image, label) pairs."""
 
     def __init__(self, dataset, spec: LoaderSpec, num_classes: int, workers: int,
                  channels_last: bool):
         self.dataset, self.spec, self.num_classes = dataset, spec, num_classes
         self.workers, self.channels_last = workers, channels_last
+        self.dataset_size = len(dataset)
         self.set_epoch(0)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-        self.epoch_indices = epoch_indices(self.spec, len(self.dataset), epoch)
-        self.num_samples = len(self.epoch_indices)
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.spec.batch_size)
 
     def __iter__(self):
         if hasattr(self.dataset, "epoch"):
             self.dataset.epoch = self.epoch
-        order = self.epoch_indices[self.start_batch * self.spec.batch_size:].tolist()
+        order = self.remaining_order().tolist()
         loader = DataLoader(self.dataset, batch_size=self.spec.batch_size, sampler=order,
                             num_workers=self.workers, pin_memory=self.spec.device.type == "cuda",
                             generator=torch.Generator(), persistent_workers=False)
