@@ -61,19 +61,20 @@ def files_of(root: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ one measurement each
-def run_loader(loader, passes: int, warmup: int = 2) -> tuple[int, float]:
-    """Images per second over ``passes`` epochs of ``loader``, after ``warmup`` batches."""
-    def batches():
-        for epoch in range(passes):
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            yield from loader
-    it = batches()
-    for _ in range(warmup):
-        next(it)
+def run_loader(loader, passes: int) -> tuple[int, float]:
+    """Images per second over ``passes`` whole epochs of ``loader``, after one untimed epoch
+    (imports, pipeline build, caches). Every timed epoch starts from an empty pipeline, so no
+    work a loader prefetched during the warm-up is counted as free."""
+    def epoch(number):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(number)
+        return loader
+    for _ in epoch(0):
+        pass
     n, t0 = 0, time.perf_counter()
-    for images, _ in it:
-        n += len(images)
+    for number in range(1, passes + 1):
+        for images, _ in epoch(number):
+            n += len(images)
     if images.is_cuda:
         import torch
         torch.cuda.synchronize()
@@ -128,9 +129,9 @@ def bench_dali_decode(root: Path, a):
 
     pipe = decode_only()
     pipe.build()
-    for _ in range(2):
+    for _ in range(len(files) // a.batch):  # one untimed pass, as run_loader
         pipe.run()
-    steps = len(files) // a.batch * a.passes - 2
+    steps = len(files) // a.batch * a.passes
     t0 = time.perf_counter()
     for _ in range(steps):
         pipe.run()
