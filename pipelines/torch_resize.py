@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from contextlib import contextmanager
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -41,28 +42,46 @@ def resize_crops(crops: list[torch.Tensor], size: int, flips: np.ndarray,
                  channels_last: bool) -> torch.Tensor:
     """Train: each decoded crop window resized to ``size`` x ``size``, flipped where ``flips``
     says so, normalised: one float batch."""
-    out = torch.empty(len(crops), 3, size, size)
+    out = empty_batch(len(crops), size, channels_last)
     for i, crop in enumerate(crops):
         image = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
                               align_corners=False)[0]
         normalize_into(out[i], image.flip(-1) if flips[i] else image)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    return out
 
 
 def resize_center_crop(images: list[torch.Tensor], resize: int, crop: int,
                        channels_last: bool) -> torch.Tensor:
     """Val: torchvision's Resize(resize) + CenterCrop(crop), normalised: one float batch."""
-    out = torch.empty(len(images), 3, crop, crop)
+    out = empty_batch(len(images), crop, channels_last)
     for i, image in enumerate(images):
         normalize_into(out[i], TF.center_crop(TF.resize(image, [resize], antialias=True),
                                               [crop, crop])[0])
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    return out
+
+
+def empty_batch(n: int, size: int, channels_last: bool) -> torch.Tensor:
+    """The float batch, allocated in the memory format asked for: each image is written once,
+    in place (a batch-wide conversion to channels_last afterwards cost ~0.12 ms per image)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(n, 3, size, size, memory_format=memory_format)
 
 
 def normalize_into(out: torch.Tensor, image: torch.Tensor) -> None:
     """uint8 CHW -> float normalised with the ImageNet mean/std, written into ``out``. One image
     at a time, while it is in cache: 0.15 ms per 224x224 image cheaper than a batch-wide pass."""
-    out.copy_(image).mul_(_SCALE).add_(_SHIFT)
+    scale, shift = normalization_constants(tuple(out.shape), out.stride())
+    out.copy_(image).mul_(scale).add_(shift)
+
+
+@lru_cache(maxsize=8)
+def normalization_constants(shape: tuple[int, ...], stride: tuple[int, ...]):
+    """``_SCALE`` and ``_SHIFT`` shaped for an image of this layout. CHW: broadcast (3, 1, 1)
+    constants. HWC (channels_last): full-size constants in the same layout, since torch's
+    elementwise loop over a broadcast innermost dimension of 3 is ~5x slower."""
+    if stride[0] != 1:
+        return _SCALE, _SHIFT
+    return tuple(torch.empty_strided(shape, stride).copy_(c.expand(shape)) for c in (_SCALE, _SHIFT))
 
 
 @contextmanager

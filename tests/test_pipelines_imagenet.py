@@ -51,15 +51,21 @@ def test_labels_follow_imagefolder_order_and_val_covers_each_image_once(folder, 
     assert sorted(seen) == list(range(18))
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_shapes_dtypes_memory_format(folder, channels_last):
-    cfg = cfg_for(folder, "dali", image_size=96, channels_last=channels_last)
-    images, labels = next(iter(build_loader(cfg, LoaderSpec("train", batch_size=5))))
-    assert images.shape == (5, 3, 96, 96) and images.dtype == torch.float32
-    assert labels.shape == (5,) and labels.dtype == torch.int64
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    assert images.is_contiguous(memory_format=fmt)
-    assert -3 < images.min() < -0.5 and 0.5 < images.max() < 3  # normalised, not 0..255
+@pytest.mark.parametrize("resize_with", ["torch", "dali"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_shapes_dtypes_memory_format(folder, split, resize_with):
+    batches = {}
+    for channels_last in (False, True):
+        cfg = cfg_for(folder, "dali", image_size=96, val_resize=110, channels_last=channels_last,
+                      resize_with=resize_with)
+        images, labels = next(iter(build_loader(cfg, LoaderSpec(split, batch_size=5, seed=3))))
+        assert images.shape == (5, 3, 96, 96) and images.dtype == torch.float32
+        assert labels.shape == (5,) and labels.dtype == torch.int64
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert images.is_contiguous(memory_format=fmt)
+        assert -3 < images.min() < -0.5 and 0.5 < images.max() < 3  # normalised, not 0..255
+        batches[channels_last] = images
+    assert torch.equal(batches[True], batches[False])  # the same values in either layout
 
 
 @pytest.fixture(scope="module")
