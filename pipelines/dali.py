@@ -36,6 +36,7 @@ A file DALI cannot decode stops the run with an error that names it and tells th
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 
@@ -51,6 +52,7 @@ from .folder import Samples, load_samples
 from .sample_rng import sample_uniforms
 from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 
+log = logging.getLogger(__name__)
 ATTEMPTS = 10  # RandomResizedCrop tries before falling back to a centre crop (as torchvision)
 RATIO = (3 / 4, 4 / 3)
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -292,6 +294,9 @@ class DaliLoader(EpochOrder):
         self.resize_in_pipe = resize_in_dali(cfg.resize_with, cuda)
         if not self.resize_in_pipe:
             torch_resize.keep_freed_batches_mapped()
+            if not torch_resize.compiled():
+                log.warning("pipelines/_normalize.c is not built (no C compiler at install?): "
+                            "normalising with torch's ops, ~0.1 ms per image slower")
         self.set_epoch(0)
 
     def pipeline(self, source: EpochSource):

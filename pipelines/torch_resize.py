@@ -5,7 +5,8 @@ RandomResizedCrop output against ~0.3 ms for torch's antialiased bilinear uint8 
 the one torchvision's v2 transforms call on tensors (measured in docs/benchmarks.md). So on
 the CPU DALI decodes (the crop window only, for train) and these functions resize, crop, flip
 and normalise. The result is torchvision's tensor transforms: ``resized_crop`` /
-``resize`` + ``center_crop`` with ``antialias=True``, by construction.
+``resize`` + ``center_crop`` with ``antialias=True``, by construction. The flip and the
+normalisation run in one compiled pass (``_normalize.c``) where setup.py could build it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ from .torch_backend import IMAGENET_MEAN, IMAGENET_STD
 
 _SCALE = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)  # (x - 255 mean) / (255 std)
 _SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255 * _SCALE  # = x * _SCALE + _SHIFT
+_SCALE3, _SHIFT3 = _SCALE.flatten().contiguous(), _SHIFT.flatten().contiguous()  # for _kernel
+
+try:  # built by setup.py where a C compiler is found; torch's ops otherwise
+    from . import _normalize as _kernel
+except ImportError:
+    _kernel = None
+
+
+def compiled() -> bool:
+    """Whether the compiled normalisation (``_normalize.c``) is in use."""
+    return _kernel is not None
 
 
 def image_views(tensor_list) -> list[torch.Tensor]:
@@ -47,7 +59,7 @@ def resize_crops(crops: list[torch.Tensor], size: int, flips: np.ndarray,
     for i, crop in enumerate(crops):
         image = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
                               align_corners=False)[0]
-        normalize_into(out[i], image.flip(-1) if flips[i] else image, constants)
+        normalize_into(out[i], image, constants, flip=bool(flips[i]))
     return out
 
 
@@ -69,18 +81,37 @@ def empty_batch(n: int, size: int, channels_last: bool) -> torch.Tensor:
     return torch.empty(n, 3, size, size, memory_format=memory_format)
 
 
-def normalize_into(out: torch.Tensor, image: torch.Tensor, constants) -> None:
-    """uint8 CHW -> float normalised with the ImageNet mean/std, written into ``out``. One image
-    at a time, while it is in cache: 0.15 ms per 224x224 image cheaper than a batch-wide pass.
-    ``constants``: ``normalization_constants`` of the batch ``out`` belongs to."""
+def normalize_into(out: torch.Tensor, image: torch.Tensor, constants, flip: bool = False) -> None:
+    """uint8 CHW (a channels_last view) -> float normalised with the ImageNet mean/std, mirrored
+    if ``flip``, written into ``out``. One image at a time, while it is in cache: 0.15 ms per
+    224x224 image cheaper than a batch-wide pass. ``constants``: ``normalization_constants`` of
+    the batch ``out`` belongs to.
+
+    The compiled one-pass loop (``_normalize.c``) where it is built and the layouts are the
+    usual ones, else torch's ops: the same values either way (tested)."""
+    if _kernel is not None and _kernel_layouts(out, image):
+        _kernel.normalize(image.data_ptr(), image.stride(1), image.shape[1], image.shape[2],
+                          out.data_ptr(), out.stride(2) == 1, _SCALE3.data_ptr(),
+                          _SHIFT3.data_ptr(), flip)
+        return
     scale, shift = constants
-    out.copy_(image).mul_(scale).add_(shift)
+    out.copy_(image.flip(-1) if flip else image).mul_(scale).add_(shift)
+
+
+def _kernel_layouts(out: torch.Tensor, image: torch.Tensor) -> bool:
+    """``image``: uint8 (3, h, w) with 3-byte pixels in rows; ``out``: float32 (3, h, w),
+    contiguous CHW or HWC (what ``empty_batch`` makes)."""
+    _, h, w = image.shape
+    return (image.dtype == torch.uint8 and image.stride(0) == 1 and image.stride(2) == 3
+            and image.stride(1) >= 3 * w and out.dtype == torch.float32
+            and out.shape == image.shape
+            and out.stride() in ((h * w, w, 1), (1, 3 * w, 3)))
 
 
 def normalization_constants(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_SCALE`` and ``_SHIFT`` shaped for the images of ``batch``. CHW: broadcast (3, 1, 1)
-    constants. HWC (channels_last): full-size constants in the same layout, since torch's
-    elementwise loop over a broadcast innermost dimension of 3 is ~5x slower."""
+    """``_SCALE`` and ``_SHIFT`` shaped for the images of ``batch`` (torch's path). CHW:
+    broadcast (3, 1, 1) constants. HWC (channels_last): full-size constants in the same layout,
+    since torch's elementwise loop over a broadcast innermost dimension of 3 is ~5x slower."""
     shape, stride = tuple(batch.shape[1:]), batch.stride()[1:]  # one image's
     if stride[0] != 1:
         return _SCALE, _SHIFT

@@ -68,6 +68,42 @@ def test_shapes_dtypes_memory_format(folder, split, resize_with):
     assert torch.equal(batches[True], batches[False])  # the same values in either layout
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("h, w, pad", [(224, 224, 0), (37, 301, 5)])  # > one 256-pixel chunk
+def test_compiled_normalisation_equals_torch_ops(monkeypatch, h, w, pad, flip, channels_last):
+    """pipelines/_normalize.c (built by setup.py) writes the same floats as torch's ops."""
+    from pipelines import torch_resize
+    kernel = torch_resize._kernel
+    assert kernel is not None, "pipelines/_normalize.c is not built: pip install -e . needs a C compiler"
+    pixels = torch.randint(0, 256, (h, w + pad, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(w))
+    image = pixels[:, pad:].permute(2, 0, 1)  # (3, h, w) over HWC memory, rows 3 * (w + pad) apart
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    results = []
+    for selected in (kernel, None):
+        monkeypatch.setattr(torch_resize, "_kernel", selected)
+        batch = torch.full((2, 3, h, w), float("nan")).contiguous(memory_format=fmt)
+        assert torch_resize._kernel_layouts(batch[1], image)  # the kernel's case, not a fallback
+        torch_resize.normalize_into(batch[1], image, torch_resize.normalization_constants(batch),
+                                    flip=flip)
+        assert batch[0].isnan().all()  # nothing written outside the image
+        results.append(batch[1])
+    assert torch.equal(results[0], results[1])
+    expected = ((image.flip(-1) if flip else image).float() / 255 - MEAN) / STD
+    assert (results[0] - expected).abs().max() < 1e-5
+
+
+def test_compiled_normalisation_rejects_what_it_cannot_do():
+    from pipelines import torch_resize
+    out = torch.empty(3, 4, 4)
+    strided = torch.zeros(3, 4, 8, dtype=torch.uint8)[:, :, ::2]  # pixels not 3 bytes apart
+    assert not torch_resize._kernel_layouts(out, strided)
+    assert not torch_resize._kernel_layouts(out.double(), torch.zeros(4, 4, 3, dtype=torch.uint8).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="row stride"):
+        torch_resize._kernel.normalize(0, 2, 1, 1, 0, True, 0, 0, False)
+
+
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
     """Pixel noise at varied sizes and aspect ratios: a half-pixel shift or a one-pixel size
