@@ -10,6 +10,9 @@ within each round and their median is reported (the machine's speed drifts betwe
 - dali-cpu:      pipelines' DALI train pipeline as the trainer gets it: ROI decode of the
                  RandomResizedCrop window in ``threads`` DALI threads, then resize to 224 + flip
                  + normalise to float NCHW in torch's uint8 kernels (``data.resize_with=auto``);
+- dali-cpu-torch-ops: the same with torch's ops for the flip + normalisation instead of the
+                 compiled pass (``pipelines/_normalize.c``): what an install without a C compiler
+                 gets;
 - dali-cpu-dali-resize: the same with ``data.resize_with=dali``: the GPU graph unchanged on
                  the CPU (DALI's resize and fused crop_mirror_normalize);
 - dali-mixed:    the same graph on the GPU (nvJPEG, DALI's resize), only when CUDA is present;
@@ -87,6 +90,12 @@ def bench_pipelines(root: Path, backend: str, a, device: str = "cpu", **data):
     cfg = DataConfig(root=str(root), backend=backend, workers=a.threads, image_size=224, **data)
     loader = build_loader(cfg, LoaderSpec("train", batch_size=a.batch, device=torch.device(device)))
     return run_loader(loader, a.passes)
+
+
+def bench_without_kernel(root: Path, a):
+    from pipelines import torch_resize
+    torch_resize._kernel = None  # as if setup.py had found no C compiler
+    return bench_pipelines(root, "dali", a)
 
 
 def bench_decode_jpeg(root: Path, a):
@@ -170,6 +179,7 @@ def bench_raw(root: Path, a):
 
 def measure(name: str, root: Path, a) -> dict:
     fn = {"dali-cpu": lambda: bench_pipelines(root, "dali", a),
+          "dali-cpu-torch-ops": lambda: bench_without_kernel(root, a),
           "dali-cpu-dali-resize": lambda: bench_pipelines(root, "dali", a, resize_with="dali"),
           "dali-mixed": lambda: bench_pipelines(root, "dali", a, "cuda"),
           "torch-pil": lambda: bench_pipelines(root, "torch", a),
@@ -215,7 +225,7 @@ def main(argv=None) -> int:
     print(f"{len(sizes)} JPEGs, mean {sum(sizes) / len(sizes) / 1024:.0f} KB, batch {a.batch}, "
           f"{a.threads} threads/workers/processes")
     import torch
-    names = ["dali-cpu", "dali-cpu-dali-resize", "torch-pil", "torch-decode_jpeg", "dali-decode",
+    names = ["dali-cpu", "dali-cpu-torch-ops", "dali-cpu-dali-resize", "torch-pil", "torch-decode_jpeg", "dali-decode",
              "raw-decode"]
     if torch.cuda.is_available():
         names.insert(1, "dali-mixed")

@@ -94,6 +94,15 @@ def test_compiled_normalisation_equals_torch_ops(monkeypatch, h, w, pad, flip, c
     assert (results[0] - expected).abs().max() < 1e-5
 
 
+def test_loader_says_when_the_compiled_normalisation_is_missing(folder, monkeypatch, caplog):
+    from pipelines import torch_resize
+    monkeypatch.setattr(torch_resize, "_kernel", None)
+    loader = build_loader(cfg_for(folder, "dali", image_size=32), LoaderSpec("train", batch_size=4))
+    assert "_normalize.c is not built" in caplog.text
+    images, _ = next(iter(loader))  # and works without it
+    assert images.shape == (4, 3, 32, 32) and images.isfinite().all()
+
+
 def test_compiled_normalisation_rejects_what_it_cannot_do():
     from pipelines import torch_resize
     out = torch.empty(3, 4, 4)
