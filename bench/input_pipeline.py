@@ -225,8 +225,8 @@ def main(argv=None) -> int:
     print(f"{len(sizes)} JPEGs, mean {sum(sizes) / len(sizes) / 1024:.0f} KB, batch {a.batch}, "
           f"{a.threads} threads/workers/processes")
     import torch
-    names = ["dali-cpu", "dali-cpu-torch-ops", "dali-cpu-dali-resize", "torch-pil", "torch-decode_jpeg", "dali-decode",
-             "raw-decode"]
+    names = ["dali-cpu", "dali-cpu-torch-ops", "dali-cpu-dali-resize", "torch-pil",
+             "torch-decode_jpeg", "dali-decode", "raw-decode"]
     if torch.cuda.is_available():
         names.insert(1, "dali-mixed")
     rounds: list[dict[str, dict]] = []

@@ -75,7 +75,8 @@ def test_compiled_normalisation_equals_torch_ops(monkeypatch, h, w, pad, flip, c
     """pipelines/_normalize.c (built by setup.py) writes the same floats as torch's ops."""
     from pipelines import torch_resize
     kernel = torch_resize._kernel
-    assert kernel is not None, "pipelines/_normalize.c is not built: pip install -e . needs a C compiler"
+    assert kernel is not None, ("pipelines/_normalize.c is not built: "
+                                "pip install -e . needs a C compiler")
     pixels = torch.randint(0, 256, (h, w + pad, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(w))
     image = pixels[:, pad:].permute(2, 0, 1)  # (3, h, w) over HWC memory, rows 3 * (w + pad) apart
@@ -108,7 +109,9 @@ def test_compiled_normalisation_rejects_what_it_cannot_do():
     out = torch.empty(3, 4, 4)
     strided = torch.zeros(3, 4, 8, dtype=torch.uint8)[:, :, ::2]  # pixels not 3 bytes apart
     assert not torch_resize._kernel_layouts(out, strided)
-    assert not torch_resize._kernel_layouts(out.double(), torch.zeros(4, 4, 3, dtype=torch.uint8).permute(2, 0, 1))
+    hwc = torch.zeros(4, 4, 3, dtype=torch.uint8).permute(2, 0, 1)
+    assert torch_resize._kernel_layouts(out, hwc)  # the same image the kernel does take
+    assert not torch_resize._kernel_layouts(out.double(), hwc)
     with pytest.raises(ValueError, match="row stride"):
         torch_resize._kernel.normalize(0, 2, 1, 1, 0, True, 0, 0, False)
 
