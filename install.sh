@@ -11,7 +11,14 @@ VENV=${VENV:-.venv}
 D2_WHEEL=sal_detectron2-0.7.2-cp310-cp310-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
 D2_SHA256=491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+    # torch with its CUDA libraries, DALI and DeepSpeed make a ~7 GB environment: say so up front
+    # rather than let pip stop half-way with "No space left on device"
+    free_gb=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
+    [ "$free_gb" -ge 8 ] || echo "install.sh: warning: ${free_gb} GB free here;" \
+        "the environment in $VENV needs about 7 GB" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q "setuptools>=64,<81" wheel
 "$PY" -m pip install -q -e ".[all,test]"
