@@ -13,13 +13,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from pipelines.base import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A three-way switch. YAML 1.1 reads a bare on/off (and yes/no, true/false) as a boolean, so
+# `train.amp=off` arrives as False: _coerce maps booleans back to "on"/"off" for Literal fields.
+Switch = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -43,7 +46,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "step"              # step | cosine
+    name: Literal["step", "cosine"] = "step"
     milestones: list = field(default_factory=lambda: [30, 60, 80])  # epochs (step)
     gamma: float = 0.1              # lr factor at each milestone (step)
     warmup_epochs: float = 0.0      # linear warmup from warmup_factor * lr
@@ -60,11 +63,12 @@ class TrainConfig:
     mixup: float = 0.0              # timm Mixup alpha (0 = off)
     cutmix: float = 0.0             # timm CutMix alpha (0 = off)
     ema_decay: float = 0.0          # 0 = no EMA; e.g. 0.9998 (timm ModelEmaV3)
-    amp: str = "auto"               # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
-    channels_last: str = "auto"     # auto (on with CUDA) | on | off
-    compile: str = "auto"           # auto (off: compile is opt-in) | on | off
+    # auto = what suits the device: see "Precision and speed switches" in docs/switches.md
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on the CPU
+    channels_last: Switch = "auto"  # auto: on with CUDA, off on the CPU
+    compile: Switch = "auto"        # auto: torch.compile on with CUDA, off on the CPU
     seed: int = 0
-    deterministic: bool = False     # cudnn deterministic algorithms
+    deterministic: bool = False     # deterministic algorithms (cuDNN, cuBLAS); off: cudnn.benchmark
 
 
 @dataclass
@@ -72,7 +76,7 @@ class EngineConfig:
     name: str = "ddp"               # ddp | deepspeed
     deepspeed_config: str = "launch/deepspeed/zero1.json"  # used by engine=deepspeed
     zero_stage: int | None = None   # overrides the JSON's stage when set
-    dist_backend: str = "auto"      # auto (nccl with CUDA, else gloo) | nccl | gloo
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
 
 
 @dataclass
@@ -114,6 +118,8 @@ def _suggest(key: str, valid) -> str:
 def _coerce(value: Any, tp, where: str):
     """Check (and gently convert) a YAML value to the field's annotated type."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return _coerce_choice(value, typing.get_args(tp), where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -147,6 +153,14 @@ def _coerce(value: Any, tp, where: str):
         if isinstance(value, origin or tp):
             return value
         raise ConfigError(f"{where}: expected a {(origin or tp).__name__}, got {value!r}")
+    return value
+
+
+def _coerce_choice(value: Any, choices: tuple, where: str) -> str:
+    if isinstance(value, bool):  # YAML's reading of a bare on/off
+        value = "on" if value else "off"
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
     return value
 
 
@@ -224,14 +238,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def validate(cfg: Config) -> None:
-    choices = {"schedule.name": (cfg.schedule.name, ("step", "cosine")),
-               "train.amp": (cfg.train.amp, ("auto", "off", "bf16", "fp16")),
-               "train.channels_last": (cfg.train.channels_last, ("auto", "on", "off")),
-               "train.compile": (cfg.train.compile, ("auto", "on", "off")),
-               "engine.dist_backend": (cfg.engine.dist_backend, ("auto", "nccl", "gloo"))}
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
     if cfg.train.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
 

@@ -87,3 +87,26 @@ def test_cli_reports_config_errors(capsys):
     assert "unknown key 'train.epoch'" in capsys.readouterr().err
     assert train_imagenet.main(["--list-keys"]) == 0
     assert "optim.lr=0.1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.amp=off", "amp", "off"), ("train.compile=off", "compile", "off"),
+    ("train.channels_last=on", "channels_last", "on"), ("train.channels_last=off", "channels_last", "off"),
+    ("train.compile=on", "compile", "on"), ("train.amp='off'", "amp", "off"),
+    ("train.amp=bf16", "amp", "bf16"),
+])
+def test_on_off_switches_from_the_command_line(override, key, value, tmp_path):
+    """YAML reads a bare on/off as a boolean; the switches take it as the word."""
+    cfg = load_config("configs/quickstart.yaml", [override])
+    assert getattr(cfg.train, key) == value
+    save_config(cfg, tmp_path / "config.yaml")           # and the saved file reads back the same
+    assert getattr(load_config(tmp_path / "config.yaml").train, key) == value
+
+
+def test_on_off_switches_in_a_yaml_file(tmp_path):
+    f = tmp_path / "switches.yaml"
+    f.write_text("train:\n  amp: off\n  compile: off\n  channels_last: on\n")
+    cfg = load_config(f)
+    assert (cfg.train.amp, cfg.train.compile, cfg.train.channels_last) == ("off", "off", "on")
+    with pytest.raises(ConfigError, match=r"train.amp: 'on' is not one of auto, off, bf16, fp16"):
+        load_config("configs/quickstart.yaml", ["train.amp=on"])
