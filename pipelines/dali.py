@@ -45,6 +45,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
+from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 
 from . import torch_resize
 from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
@@ -268,15 +269,23 @@ class ValGeometry:
 
 
 # ---------------------------------------------------------------- the Loader
-def to_torch(tensor_list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A DALI batch (CPU or GPU TensorList of uniform shape) as a torch tensor on ``device``."""
-    if hasattr(tensor_list, "as_cpu") and device.type == "cuda":  # GPU output: copy in place
+def to_torch(tensor_list, dtype: torch.dtype) -> torch.Tensor:
+    """A DALI batch (TensorList of uniform shape) as a torch tensor where DALI put it, as DALI's
+    own iterator does: a GPU TensorList is copied into a CUDA tensor on its device, a CPU one
+    (e.g. the labels of a "mixed" pipeline; it has ``as_cpu`` too) viewed as a CPU tensor."""
+    if isinstance(tensor_list, TensorListGPU):
         from nvidia.dali.plugin.pytorch import feed_ndarray
+        device = torch.device("cuda", tensor_list.device_id())
         tensor = tensor_list.as_tensor()
         out = torch.empty(tensor.shape(), dtype=dtype, device=device)
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    return torch.from_numpy(tensor_list.as_array()).to(device, non_blocking=True)
+    if not isinstance(tensor_list, TensorListCPU):
+        raise TypeError(f"expected a DALI TensorList, got {type(tensor_list).__name__}")
+    out = torch.from_numpy(tensor_list.as_array())
+    if out.dtype != dtype:
+        raise TypeError(f"DALI output of {out.dtype}, expected {dtype}")
+    return out
 
 
 class DaliLoader(EpochOrder):
@@ -323,9 +332,9 @@ class DaliLoader(EpochOrder):
     def batch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) as the trainer wants them from one run of the pipeline."""
         cfg, device = self.cfg, self.spec.device
-        labels = to_torch(outputs[1], device, torch.int64).view(-1)
+        labels = to_torch(outputs[1], torch.int64).view(-1).to(device, non_blocking=True)
         if self.resize_in_pipe:
-            x = to_torch(outputs[0], device, torch.float32)
+            x = to_torch(outputs[0], torch.float32).to(device, non_blocking=True)
             return (x.permute(0, 3, 1, 2) if cfg.channels_last else x), labels  # NHWC view
         images = torch_resize.image_views(outputs[0])
         with torch_resize.one_thread():

@@ -249,3 +249,43 @@ def test_synthetic_backend(folder):
     batches = list(loader)
     assert len(batches) == len(loader) == 6 and loader.num_classes == 7
     assert batches[0][0].shape == (8, 3, 32, 32) and batches[0][1].max() < 7
+
+
+def test_to_torch_keeps_cpu_outputs_on_the_cpu_whatever_the_loader_device():
+    """A "mixed" pipeline's labels are a TensorListCPU, which has ``as_cpu`` like a GPU one: it
+    must be read as host memory (DALI's own iterator does the same), never fed into a CUDA buffer
+    by a GPU copy. The loader then moves it to its device."""
+    from nvidia.dali import pipeline_def
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali.tensors import TensorListCPU, TensorListGPU
+
+    labels = [np.array([7], dtype=np.int64), np.array([3], dtype=np.int64)]
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        return fn.external_source(source=lambda: labels, dtype=types.INT64)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    assert isinstance(out, TensorListCPU) and hasattr(out, "as_cpu")   # the trap
+    tensor = dali.to_torch(out, torch.int64)
+    assert tensor.device.type == "cpu" and tensor.view(-1).tolist() == [7, 3]
+    with pytest.raises(TypeError, match="expected torch.float32"):
+        dali.to_torch(out, torch.float32)
+    assert not issubclass(TensorListCPU, TensorListGPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_pipeline_batches_land_on_the_gpu(folder):
+    for split in ("train", "val"):
+        loader = build_loader(cfg_for(folder, "dali", image_size=64, val_resize=72),
+                              LoaderSpec(split, batch_size=4, device=torch.device("cuda", 0)))
+        images, labels = next(iter(loader))
+        assert images.device.type == labels.device.type == "cuda"
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
+        cpu_labels = next(iter(build_loader(cfg_for(folder, "dali", image_size=64, val_resize=72),
+                                            LoaderSpec(split, batch_size=4))))[1]
+        assert labels.cpu().tolist() == cpu_labels.tolist()
