@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         import yaml
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    from engine.checkpoint import ResumeMismatch
     from engine.trainer import RunDirInUse, TrainingDiverged, train
 
     try:
@@ -60,6 +61,9 @@ def main(argv=None) -> int:
     except RunDirInUse as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except ResumeMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     return 0 if result["status"] in ("finished", "max_steps") else 143  # 143: preempted (SIGTERM)
 
 

@@ -21,7 +21,12 @@ COMPLETE_MARKER = "COMPLETE"       # written last into checkpoint directories
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be read: resume=auto falls back to the previous one."""
+
+
+class ResumeMismatch(RuntimeError):
+    """A readable checkpoint this run's settings cannot continue: an error, never a fallback
+    (older checkpoints of the same run would be skipped too, and the work lost)."""
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:

@@ -5,6 +5,12 @@ The recipe stays ours: batch sizes, accumulation and clipping are written into t
 config, so DeepSpeed's defaults (e.g. gradient_clipping=1.0) never change the recipe. Precision:
 an explicit ``train.amp`` wins; with ``train.amp=auto`` the JSON's bf16/fp16 section decides,
 and without one, auto means bf16 on CUDA and fp32 on the CPU.
+
+DeepSpeed casts the module itself to bf16/fp16 and keeps fp32 master weights in its optimizer:
+evaluation feeds the cast module inputs of its dtype (``Engine.eval_forward``), and the
+``weights.pt`` of each checkpoint holds the fp32 master weights. Its parameters stay contiguous
+(``deepspeed.initialize`` views each one as bytes to broadcast it, and ZeRO 1/2 replace them by
+views into a flat buffer): ``train.channels_last=on`` gives channels_last activations only.
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import COMPLETE_MARKER, CheckpointError, save_file_atomic
+from .checkpoint import COMPLETE_MARKER, CheckpointError, ResumeMismatch, save_file_atomic
 from .config import Config, find_config
 from .distributed import DistInfo, barrier
 from .engines import Engine, build_optimizer, register_engine, resolve_amp
 
 log = logging.getLogger(__name__)
+LAYOUT_FILE = "layout.json"         # precision and ZeRO stage of a checkpoint directory
 
 
 def deepspeed_json(cfg: Config, dist: DistInfo) -> dict:
@@ -69,10 +76,14 @@ class DeepSpeedEngine(Engine):
 
         self.module = model
         self.dist = dist
+        self.device = dist.device
         self.ds_config = deepspeed_json(cfg, dist)
         self.amp_dtype = json_precision(self.ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, model), config=self.ds_config)
+        if cfg.train.compile == "on":
+            self.engine.compile()
+            log.info("DeepSpeed engine: module compiled with torch.compile")
         self.model = self.engine
 
     def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
@@ -96,16 +107,54 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(tmp), tag="state", client_state=client_state,
                                     save_latest=False)
         barrier()
+        weights = self.fp32_state_dict()   # a collective under ZeRO: every rank takes part
         if self.dist.is_main:
             # plain weights too, readable by wrn_large.create_model(pretrained=...)
-            save_file_atomic({"model": self.module.state_dict()}, tmp / "weights.pt")
+            save_file_atomic({"model": weights}, tmp / "weights.pt")
+            (tmp / LAYOUT_FILE).write_text(json.dumps(self.layout()) + "\n")
             (tmp / COMPLETE_MARKER).write_text("ok\n")
             os.replace(tmp, final)
         barrier()
 
+    def fp32_state_dict(self) -> dict:
+        """The module's state dict with every parameter taken from the optimizer's fp32 master
+        copy (the module holds bf16/fp16 roundings of them); buffers upcast to fp32. BatchNorm
+        statistics are kept in the module's dtype by DeepSpeed (``buffer_dtype``): no fp32
+        copy of them exists."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = fp16_optimizer_masters(self.engine.optimizer)
+        full = {}
+        for name, p in self.module.named_parameters():
+            master = safe_get_full_fp32_param(p)   # ZeRO 1/2 and bf16: gathered over ranks
+            full[name] = master if master is not None else masters.get(id(p), p)
+        return {k: (full.get(k, v).detach().float().cpu() if v.is_floating_point() else v.cpu())
+                for k, v in self.module.state_dict().items()}
+
+    def layout(self) -> dict:
+        """What a DeepSpeed checkpoint can only be resumed with: its optimizer state is sharded
+        and typed by these."""
+        return {"precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32"),
+                "zero_stage": self.ds_config.get("zero_optimization", {}).get("stage", 0)}
+
+    def check_layout(self, path: Path) -> None:
+        """A checkpoint of another precision or ZeRO stage is refused with what to do, not
+        skipped: falling back to older ones (of the same layout) would lose work silently."""
+        saved_file = path / LAYOUT_FILE
+        if not saved_file.is_file():  # written before this file existed: let DeepSpeed try
+            return
+        saved, now = json.loads(saved_file.read_text()), self.layout()
+        if saved != now:
+            raise ResumeMismatch(
+                f"{path} was written by DeepSpeed with {saved}, this run has {now}: DeepSpeed "
+                f"resumes only with the same precision and ZeRO stage. Set train.amp / "
+                f"engine.zero_stage to match, or start afresh from its fp32 weights with "
+                f"model.pretrained={path / 'weights.pt'} and a new run.output_dir.")
+
     def load_checkpoint(self, path: str) -> dict:
         if not (Path(path) / COMPLETE_MARKER).is_file():
             raise CheckpointError(f"{path} is incomplete (no {COMPLETE_MARKER} marker)")
+        self.check_layout(Path(path))
         try:
             loaded, client = self.engine.load_checkpoint(path, tag="state")
         except Exception as e:
@@ -113,3 +162,18 @@ class DeepSpeedEngine(Engine):
         if loaded is None:
             raise CheckpointError(f"cannot read checkpoint {path}")
         return client
+
+
+def fp16_optimizer_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(param) -> fp32 master for DeepSpeed's optimizers without ZeRO (bf16 or fp16), which
+    have no per-parameter link to it: FP16_UnfusedOptimizer keeps one fp32 tensor per
+    parameter (``fp32_groups``), FP16_Optimizer one flat tensor per group (``fp32_groups_flat``)."""
+    from torch._utils import _unflatten_dense_tensors
+
+    low = getattr(optimizer, "fp16_groups", [])
+    if hasattr(optimizer, "fp32_groups_flat"):
+        high = [_unflatten_dense_tensors(flat, group)
+                for flat, group in zip(optimizer.fp32_groups_flat, low)]
+    else:
+        high = getattr(optimizer, "fp32_groups", [])
+    return {id(p): master for group, masters in zip(low, high) for p, master in zip(group, masters)}

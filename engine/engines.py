@@ -6,6 +6,7 @@ An engine is registered with ``@register_engine("name")``; the trainer only call
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Callable, Iterable
 
@@ -17,6 +18,7 @@ from .checkpoint import load_file, save_file_atomic
 from .config import Config
 from .distributed import DistInfo, barrier
 
+log = logging.getLogger(__name__)
 _engines: dict[str, Callable[..., "Engine"]] = {}
 
 
@@ -34,6 +36,17 @@ def build_engine(cfg: Config, model: nn.Module, dist: DistInfo) -> "Engine":
     if cfg.engine.name not in _engines:
         raise ValueError(f"unknown engine {cfg.engine.name!r}; valid: ddp, deepspeed")
     return _engines[cfg.engine.name](cfg, model, dist)
+
+
+def set_determinism(deterministic: bool) -> None:
+    """``train.deterministic``: deterministic kernels where they exist (cuDNN, cuBLAS, torch's
+    own; an op without one warns), or, when off, cuDNN's autotuner (``cudnn.benchmark``)."""
+    if deterministic:
+        # cuBLAS reads it when its first handle is made; set before any matmul (no-op on CPU)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -63,12 +76,37 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
                            nesterov=o.nesterov)
 
 
+def half_dtype(model: nn.Module) -> torch.dtype | None:
+    """bf16/fp16 when the module's own weights are (DeepSpeed casts them), else None."""
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
 class Engine:
-    """One optimizer step over ``grad_accum`` micro-batches, plus checkpoint I/O."""
+    """One optimizer step over ``grad_accum`` micro-batches, plus checkpoint I/O.
+
+    An engine owns precision and memory layout: it casts or converts the model it is given and
+    evaluates under the same policy it trains with (``eval_forward``)."""
 
     checkpoint_suffix = ".pt"       # a file; "" for engines that write a directory
 
     module: nn.Module               # the bare model (weights, EMA source, evaluation)
+    device: torch.device
+    amp_dtype: torch.dtype | None   # autocast dtype of fp32 weights; None: full precision
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def eval_forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Logits of ``model`` (the trained module or its fp32 EMA) in the training precision:
+        half weights get half inputs, fp32 weights run under the engine's autocast."""
+        dtype = half_dtype(model)
+        if dtype is not None:
+            return model(images.to(dtype))
+        with self.autocast():
+            return model(images)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -85,11 +123,23 @@ class Engine:
         raise NotImplementedError
 
 
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, path: str) -> None:
+    """A checkpoint saved without fp16 has an empty scaler state: an fp16 run resuming from it
+    starts its loss scale afresh (what a new fp16 run does) instead of failing."""
+    if scaler.is_enabled() and not state:
+        log.warning("%s was saved without fp16 loss scaling: starting the fp16 GradScaler afresh "
+                    "(scale %g)", path, scaler.get_scale())
+        return
+    scaler.load_state_dict(state)
+
+
 @register_engine("ddp")
 class DDPEngine(Engine):
     """DistributedDataParallel (NCCL on CUDA, gloo on the CPU); a plain model in one process."""
 
     def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo):
+        if cfg.train.channels_last == "on":
+            model = model.to(memory_format=torch.channels_last)
         self.module = model
         self.accum = cfg.train.grad_accum
         self.clip = cfg.optim.clip_grad_norm
@@ -105,11 +155,6 @@ class DDPEngine(Engine):
         wrapped = self.ddp or model
         self.model = torch.compile(wrapped) if cfg.train.compile == "on" else wrapped
         self.is_main = dist.is_main
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
@@ -143,5 +188,5 @@ class DDPEngine(Engine):
         state = load_file(path)
         self.module.load_state_dict(state.pop("model"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
-        self.scaler.load_state_dict(state.pop("scaler"))
+        load_scaler_state(self.scaler, state.pop("scaler"), path)
         return state

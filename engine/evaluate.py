@@ -10,17 +10,15 @@ from .distributed import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast=None) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, forward=None) -> dict:
+    """``forward(model, images)`` gives the logits (the engine's precision policy); default:
+    ``model(images)``."""
+    forward = forward or (lambda m, x: m(x))
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     for images, labels in loader:
-        if autocast is not None:
-            with autocast():
-                logits = model(images)
-        else:
-            logits = model(images)
-        logits = logits.float()
+        logits = forward(model, images).float()
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hits = topk == labels[:, None]

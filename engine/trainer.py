@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from .config import Config, save_config, to_dict
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup,
                           init_distributed)
-from .engines import Engine, build_engine
+from .engines import Engine, build_engine, set_determinism
 from .evaluate import evaluate
 from .metrics import MetricsWriter, fmt, plot_curves, summary_table
 from .schedule import lr_at, scaled_lr
@@ -58,12 +58,14 @@ def setup_logging(dist: DistInfo, output_dir: Path) -> None:
 
 
 def resolve_auto(cfg: Config, dist: DistInfo) -> None:
-    """Fill in the 'auto' switches: on with CUDA, off on the CPU (where they slow training)."""
+    """Fill in the 'auto' switches: on with CUDA, off on the CPU (where they slow training);
+    docs/switches.md. (train.amp=auto is resolved by the engine.)"""
     cuda = dist.device.type == "cuda"
     for key in ("channels_last", "compile"):
         if getattr(cfg.train, key) == "auto":
             setattr(cfg.train, key, "on" if cuda else "off")
-    cfg.data.channels_last = cfg.train.channels_last == "on"
+    cfg.data.channels_last = cfg.train.channels_last == "on"  # the engine decides the weights'
+    set_determinism(cfg.train.deterministic)
     if cfg.data.dataset == "imagenet" and cfg.data.root is None and cfg.data.backend != "synthetic":
         from pipelines.default_data import ensure_default_dataset
         if dist.is_main:
@@ -100,10 +102,7 @@ def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     except TypeError as e:
         raise TypeError(f"{e} (model.kwargs is {cfg.model.kwargs}; to drop it when changing "
                         f"model.name, add model.kwargs={{}})") from e
-    model = model.to(dist.device)
-    if cfg.train.channels_last == "on":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(dist.device)
 
 
 def reduce_step(loss: torch.Tensor, stop_flag: bool, world_size: int) -> tuple[float, bool]:
@@ -145,7 +144,9 @@ class Trainer:
         self.ema = None
         if t.ema_decay > 0:
             from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(self.model, decay=t.ema_decay)
+            # fp32 even where the engine casts the model to bf16/fp16 (DeepSpeed): tiny
+            # updates of a half-precision average round away
+            self.ema = ModelEmaV3(self.model, decay=t.ema_decay, dtype=torch.float32)
         self.loss_fn, self.batch_transform = build_loss(cfg, self.num_classes)
         self.steps_per_epoch = len(self.train_loader) // t.grad_accum
         if self.steps_per_epoch == 0:
@@ -294,7 +295,7 @@ class Trainer:
         where = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written yet"
         return (f"training loss is {value} at step {self.state.step} (epoch "
                 f"{self.state.epoch}); stopped without saving, so {where}. Lower optim.lr, "
-                f"check the data, or use train.amp=off / train.clip_grad_norm.")
+                f"check the data, or use train.amp=off / optim.clip_grad_norm=1.0.")
 
     def progress_bar(self, done: int):
         if not (self.dist.is_main and self.cfg.run.progress):
@@ -324,10 +325,10 @@ class Trainer:
         self.save()
 
     def run_eval(self) -> dict:
-        autocast = getattr(self.engine, "autocast", None)
-        result = evaluate(self.model, self.val_loader, self.dist.device, autocast)
+        forward = self.engine.eval_forward
+        result = evaluate(self.model, self.val_loader, self.dist.device, forward)
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.val_loader, self.dist.device, autocast)
+            ema = evaluate(self.ema.module, self.val_loader, self.dist.device, forward)
             result.update({f"{k}_ema": v for k, v in ema.items() if k in ("top1", "top5", "val_loss")})
         return result
 
