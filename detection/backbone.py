@@ -11,7 +11,7 @@ Three builders are registered in detectron2's ``BACKBONE_REGISTRY`` (``import de
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import copy
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,8 @@ import wrn_large
 
 from .config import NORMS
 
-# The modules before the first stage, per registry family, in forward order.
-_STEMS = {"imagenet": ("conv1", "bn1", "relu", "maxpool"), "cifar": ("conv1",)}
+# The modules before the first stage, in forward order (CIFAR WRNs: conv1 alone).
+_STEM = ("conv1", "bn1", "relu", "maxpool")
 _DROPPED = ("avgpool", "fc")  # the classifier head
 
 
@@ -73,15 +73,16 @@ class WRNBackbone(Backbone):
         self.family = family
         names = list(infos)
         last = max(names.index(f) for f in out_features)
-        self.stage_names = names[:last + 1]  # res2, res3, ...
-        for name in _STEMS[family]:
-            self.add_module(name, getattr(model, name))
+        # As detectron2's ResNet (scriptable): static names, modules under their own names
+        self.stage_names = tuple(names[:last + 1])  # res2, res3, ...
+        for name in _STEM:  # CIFAR WRNs have only conv1: Identity for the rest
+            self.add_module(name, getattr(model, name, nn.Identity()))
         for i in range(len(self.stage_names)):
             self.add_module(f"layer{i + 1}", getattr(model, f"layer{i + 1}"))
         # CIFAR WRNs are pre-activation: their last feature is taken after a final BN-ReLU.
         self.post_bn = family == "cifar" and self.stage_names[-1] == names[-1]
-        if self.post_bn:
-            self.bn = model.bn
+        self.bn = model.bn if self.post_bn else nn.Identity()  # Identity: no weights, no keys
+        self._rebuild_lists()
 
         self._out_features = out_features
         self._out_feature_channels = {f: infos[f].channels for f in out_features}
@@ -96,25 +97,37 @@ class WRNBackbone(Backbone):
             nn.SyncBatchNorm.convert_sync_batchnorm(self)  # FrozenBatchNorm2d is left alone
         elif norm == "naiveSyncBN":
             _convert_bn(self, NaiveSyncBatchNorm)
+        self._rebuild_lists()  # the conversions may have replaced a stage
         # Checkpoints may or may not hold BN's step counter (a FrozenBatchNorm2d has none, and
         # BatchNorm2d's momentum makes it unused): never report it as missing or unexpected.
         self.register_load_state_dict_post_hook(_ignore_num_batches_tracked)
 
-    def stages(self) -> list[nn.Module]:
-        return [getattr(self, f"layer{i + 1}") for i in range(len(self.stage_names))]
+    def _rebuild_lists(self) -> None:
+        """The stages in forward order, the list the (scriptable) forward iterates, as in
+        detectron2's ResNet; the modules stay registered under their torchvision names."""
+        self.stages = [getattr(self, f"layer{i + 1}") for i in range(len(self.stage_names))]
 
-    def stem(self) -> list[nn.Module]:
-        return [getattr(self, name) for name in _STEMS[self.family]]
+    def __prepare_scriptable__(self) -> "WRNBackbone":
+        """What ``torch.jit.script`` compiles: a copy whose stages are an ``nn.ModuleList``
+        (a Python list of modules is not scriptable), as detectron2 does for its ResNet
+        (``detectron2.export.torchscript_patch``). The copy's weights are named
+        ``stages.N.*``; the eager model is unchanged."""
+        ret = copy.deepcopy(self)
+        ret.stages = nn.ModuleList(ret.stages)
+        for i in range(len(self.stage_names)):
+            delattr(ret, f"layer{i + 1}")
+        return ret
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.dim() != 4:
-            raise ValueError(f"WRNBackbone takes (N, C, H, W) input, got shape {tuple(x.shape)}")
-        for module in self.stem():
-            x = module(x)
-        outputs = OrderedDict()
-        for i, (name, stage) in enumerate(zip(self.stage_names, self.stages())):
+            raise ValueError("WRNBackbone takes (N, C, H, W) input, got " + str(x.dim())
+                             + " dimensions")
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outputs: dict[str, torch.Tensor] = {}
+        last = len(self.stage_names) - 1
+        for i, (name, stage) in enumerate(zip(self.stage_names, self.stages)):
             x = stage(x)
-            if self.post_bn and i == len(self.stage_names) - 1:
+            if self.post_bn and i == last:
                 x = F.relu(self.bn(x))
             if name in self._out_features:
                 outputs[name] = x
@@ -132,7 +145,7 @@ class WRNBackbone(Backbone):
             raise ValueError(f"MODEL.BACKBONE.FREEZE_AT must be >= 0, got {freeze_at}")
         groups = []
         if freeze_at >= 1:
-            groups += list(_STEMS[self.family])
+            groups += list(_STEM)
         groups += [f"layer{i + 1}" for i in range(min(freeze_at - 1, len(self.stage_names)))]
         if self.post_bn and freeze_at - 1 >= len(self.stage_names):
             groups.append("bn")
@@ -141,6 +154,7 @@ class WRNBackbone(Backbone):
             for p in module.parameters():
                 p.requires_grad_(False)
             setattr(self, name, module)
+        self._rebuild_lists()
         return self
 
 

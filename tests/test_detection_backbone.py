@@ -178,3 +178,28 @@ def test_frozen_bn_keeps_statistics_in_train_mode_and_sync_bn_converts():
     mixed = build(wrn_cfg(norm="SyncBN", freeze_at=2))
     assert _bn_types(mixed.layer1) == {FrozenBatchNorm2d}
     assert _bn_types(mixed.layer2) == {torch.nn.SyncBatchNorm}
+
+
+@pytest.mark.parametrize("builder, name, depth, width, out, norm", [
+    ("build_wrn_backbone", "wrn_imagenet", 18, 0.5, ("res2", "res3", "res4", "res5"), "FrozenBN"),
+    ("build_wrn_backbone", "wrn_cifar", 10, 1, ("res2", "res3", "res4"), "BN"),
+    ("build_wrn_backbone", "wrn_imagenet", 50, 0.25, ("res4",), "FrozenBN"),   # the C4 trunk
+    ("build_wrn_fpn_backbone", "wrn_imagenet", 18, 0.5, ("res2", "res3", "res4", "res5"), "BN"),
+    ("build_wrn_retinanet_fpn_backbone", "wrn_imagenet", 18, 0.5, ("res3", "res4", "res5"), "FrozenBN"),
+])
+def test_backbones_script_like_detectron2s_resnet(builder, name, depth, width, out, norm):
+    """torch.jit.script, after detectron2's own scripting patches (detectron2.export), as its
+    ResNet needs; the scripted model gives the eager outputs exactly."""
+    import detectron2.export  # noqa: F401  (patches FPN/ResNet for scripting)
+
+    cfg = wrn_cfg(name, depth, width, out, norm=norm, freeze_at=2)
+    cfg.MODEL.FPN.IN_FEATURES = list(out)
+    backbone = build(cfg, builder).eval()
+    scripted = torch.jit.script(backbone)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        want, got = backbone(x), scripted(x)
+    assert list(got) == list(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert any("layer1.0." in k for k in backbone.state_dict())  # eager names unchanged

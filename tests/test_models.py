@@ -202,3 +202,14 @@ def test_registry_table_prints(capsys):
     assert main(["wrn_28_10"]) == 0
     out = capsys.readouterr().out
     assert "wrn_28_10" in out and "36.48" in out and "36.5" in out
+
+
+@pytest.mark.parametrize("name, kwargs", [("wrn_16_4", {"dropout": 0.3}), ("wrn_40_2_b131", {}),
+                                          ("wrn_40_2_l3", {}), ("wrn18_x1", {}),
+                                          ("wrn_imagenet", {"depth": 50, "width": 0.5})])
+def test_registry_models_script(name, kwargs):
+    model = wrn_large.create_model(name, num_classes=7, **kwargs).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)

@@ -70,10 +70,14 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = F.relu(self.bns[0](x))
-        y = self.convs[0](pre)
-        for bn, conv in zip(self.bns[1:], self.convs[1:]):
-            y = conv(self.dropout(F.relu(bn(y))))
+        y, pre = x, x
+        for i, (bn, conv) in enumerate(zip(self.bns, self.convs)):  # unrolled by TorchScript
+            a = F.relu(bn(y))
+            if i == 0:
+                pre = a
+            else:
+                a = self.dropout(a)
+            y = conv(a)
         # As in the official code, a projection shortcut reads the pre-activated input.
         return y + (x if self.shortcut is None else self.shortcut(pre))
 
@@ -124,7 +128,8 @@ class WideResNetCIFAR(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(next(reversed(self.forward_features(x).values())))
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.forward_head(F.relu(self.bn(x)))
 
 
 @register_model(family="cifar")

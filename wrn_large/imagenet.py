@@ -142,9 +142,7 @@ class WideResNetImageNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(features), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_stem(x)
-        for stage in self.stages():
-            x = stage(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.forward_stem(x)))))
         return self.forward_head(x)
 
 
