@@ -2,44 +2,97 @@
 
 detectron2 trusts its annotation files: a box outside its image, an unknown category or a
 missing image file shows up much later as a cryptic failure (or silently as bad training).
-``check_coco_json`` reads the file once and raises one ``CocoFormatError`` listing the problems
-(up to ``max_problems``), each naming the json file, the offending id and what is wrong.
+``check_coco_json`` reads the file once and tells two things apart:
 
-    python -m detection.coco_check annotations/instances_val.json --images val/
+- **problems** make the file unusable (not JSON, missing keys, unknown category or image ids,
+  duplicate ids, boxes far outside their image, negative sizes, missing image files): one
+  ``CocoFormatError`` lists them (up to ``max_problems``), each naming the file, the id and
+  what is wrong;
+- **quirks** are what real releases carry and detectron2 already handles (``QUIRKS``: zero or
+  sub-pixel boxes, area 0, crowd regions, images without annotations, boxes a pixel past the
+  border, annotations without ``iscrowd``): counted with their ids in the returned
+  ``CocoReport``, never fatal, and the data is passed on unchanged, so detectron2 trains on
+  exactly what it would train on by itself. ``strict=True`` turns them into problems.
+
+The official ``instances_train2017.json`` has 2 annotations of height 0 (area 0), ~1% crowd
+annotations and ~1,000 images without annotations: it passes with those counted.
+
+    python -m detection.coco_check annotations/instances_train2017.json --images train2017/
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import sys
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
 TOP_LEVEL_KEYS = ("images", "annotations", "categories")
 IMAGE_KEYS = ("id", "file_name", "width", "height")
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 CATEGORY_KEYS = ("id", "name")
+CHECK_VERSION = 2    # bump when the rules change: cached verdicts of older rules are not reused
+IN_PROCESS_BYTES = 32 << 20  # smaller files are checked without a child process
 BOX_TOLERANCE = 1.0  # pixels a box may extend past the image border (rounding in exports)
 
-
+# What real releases contain and detectron2 handles: kind -> what detectron2 does with it.
+QUIRKS = {
+    "zero_size_box": "bbox width or height 0: kept by load_coco_json, dropped by the training "
+                     "DatasetMapper (filter_empty_instances)",
+    "sub_pixel_box": "bbox width or height under 1 pixel: trained on, as detectron2 does",
+    "zero_area": "area 0: used only by COCO evaluation's area ranges",
+    "past_border": f"bbox up to {BOX_TOLERANCE:g} pixel past the image border: clipped to the "
+                   "image by detectron2's mapper",
+    "crowd": "iscrowd=1 region: ignored in training, an ignore region in COCO evaluation",
+    "no_iscrowd": "annotation without 'iscrowd': read as 0 (not crowd) in training",
+    "image_without_annotations": "dropped from training by DATALOADER.FILTER_EMPTY_ANNOTATIONS "
+                                 "(default True); evaluated as usual",
+}
 class CocoFormatError(ValueError):
     """A COCO json that detectron2 must not read; ``problems`` lists what is wrong."""
 
     def __init__(self, json_file: str, problems: list[str], total: int | None = None):
-        self.json_file, self.problems = json_file, problems
         total = len(problems) if total is None else total
+        self.json_file, self.problems, self.total = json_file, problems, total
         more = f"\n  ... and {total - len(problems)} more" if total > len(problems) else ""
         super().__init__(f"{json_file}: {total} problem{'s' * (total != 1)} in the COCO "
                          f"annotations:\n" + "\n".join(f"  - {p}" for p in problems) + more)
 
 
+    def __reduce__(self):  # raised in a child process by check_once
+        return type(self), (self.json_file, self.problems, self.total)
+
+
 @dataclass
-class CocoSummary:
+class CocoReport:
+    """What ``check_coco_json`` found in a usable file."""
+
     json_file: str
     num_images: int
     num_annotations: int
     categories: dict[int, str]
+    quirks: dict[str, list[int]] = field(default_factory=dict)  # kind -> annotation/image ids
+
+    def summary_line(self) -> str:
+        counts = ", ".join(f"{len(ids)} {kind.replace('_', ' ')}" for kind, ids in
+                           self.quirks.items() if ids)
+        tolerated = f"; tolerated as detectron2 does: {counts}" if counts else ""
+        return (f"{self.json_file}: OK, {self.num_images} images, {self.num_annotations} "
+                f"annotations, {len(self.categories)} categories{tolerated}")
+
+    def write_quirks(self, path: str) -> None:
+        """The quirks with their ids, as JSON: {kind: {"what": ..., "ids": [...]}}."""
+        listing = {kind: {"what": QUIRKS[kind], "ids": ids} for kind, ids in self.quirks.items()
+                   if ids}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"json_file": self.json_file, "quirks": listing}, f, indent=1)
 
 
 class _Problems:
@@ -76,15 +129,85 @@ def _record_name(kind: str, index: int, record, required: tuple, problems: _Prob
     return where
 
 
-def check_coco_json(json_file: str, image_root: str | None = None, *, require_area: bool = False,
-                    check_files: bool = True, max_problems: int = 20) -> CocoSummary:
-    """Raise ``CocoFormatError`` if ``json_file`` is not a usable COCO instances file.
+def check_coco_json(json_file: str, image_root: str | None = None, *, for_eval: bool = False,
+                    strict: bool = False, check_files: bool = True,
+                    max_problems: int = 20) -> CocoReport:
+    """Raise ``CocoFormatError`` if ``json_file`` is not a usable COCO instances file; else
+    return a ``CocoReport`` with the quirks it carries (module docstring).
 
     ``image_root``: folder the images' ``file_name`` are relative to (checked to exist unless
-    ``check_files`` is False). ``require_area``: COCO evaluation (pycocotools) needs each
-    annotation's ``area``; training does not.
+    ``check_files`` is False). ``for_eval``: COCO evaluation (pycocotools) also needs each
+    annotation's ``area`` and ``iscrowd``; training does not. ``strict``: quirks are problems.
     """
     json_file = os.fspath(json_file)
+    data = _load(json_file)
+    problems = _Problems(max_problems)
+    if image_root is not None and check_files and not os.path.isdir(image_root):
+        raise CocoFormatError(json_file, [f"image folder {image_root} does not exist"])
+    quirks: dict[str, list[int]] = {kind: [] for kind in QUIRKS}
+    categories = _check_categories(data["categories"], problems)
+    images = _check_images(data["images"], image_root if check_files else None, problems)
+    annotated = _check_annotations(data["annotations"], categories, images, for_eval, problems,
+                                   quirks)
+    quirks["image_without_annotations"] = [i for i in images if i not in annotated]
+    if strict:
+        for kind, ids in quirks.items():
+            for i in ids:
+                problems.add(f"{'image' if kind.startswith('image') else 'annotation'} id {i}: "
+                             f"{QUIRKS[kind].split(':')[0]} (--strict)")
+    if problems.total:
+        raise CocoFormatError(json_file, problems.items, problems.total)
+    return CocoReport(json_file, len(images), len(data["annotations"]), categories,
+                      {k: v for k, v in quirks.items() if v})
+
+
+def check_once(json_file: str, image_root: str | None = None, *, for_eval: bool = False,
+               strict: bool = False) -> CocoReport:
+    """``check_coco_json``'s verdict on a usable file, computed once per file version.
+
+    The verdict is cached under ``cache_dir()`` (never in the data folder), keyed on the file's
+    path, size and mtime and the options, so a restarted or second job does not pay for it
+    again. A new check of a large file runs in a child process: parsing train2017's
+    annotations takes ~4 GB, which a child returns to the OS when it exits instead of keeping
+    it for the whole training (files under ``IN_PROCESS_BYTES`` are checked here).
+    """
+    stat = os.stat(json_file) if os.path.isfile(json_file) else None
+    if stat is None:
+        raise CocoFormatError(os.fspath(json_file), ["annotation file does not exist"])
+    key = json.dumps([os.path.abspath(json_file), stat.st_size, stat.st_mtime_ns,
+                      image_root and os.path.abspath(image_root), for_eval, strict, CHECK_VERSION])
+    cached = cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.json"
+    if cached.is_file():
+        try:
+            saved = json.loads(cached.read_text())
+            saved["categories"] = {int(k): v for k, v in saved["categories"].items()}
+            return CocoReport(**saved)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass  # a damaged cache entry: check again
+    if stat.st_size < IN_PROCESS_BYTES:
+        report = check_coco_json(json_file, image_root, for_eval=for_eval, strict=strict)
+    else:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            report = pool.submit(check_coco_json, json_file, image_root, for_eval=for_eval,
+                                 strict=strict).result()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(dataclasses.asdict(report)))
+        os.replace(tmp, cached)
+    except OSError as e:  # an unwritable cache only costs the next job a check
+        print(f"coco_check: cannot cache the verdict in {cached.parent}: {e}", file=sys.stderr)
+    return report
+
+
+def cache_dir() -> Path:
+    """``$WRN_LARGE_CACHE/coco_check``, default ``~/.cache/wrn_large/coco_check``."""
+    root = os.environ.get("WRN_LARGE_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wrn_large"
+    return Path(root) / "coco_check"
+
+
+def _load(json_file: str) -> dict:
     if not os.path.isfile(json_file):
         raise CocoFormatError(json_file, ["annotation file does not exist"])
     try:
@@ -100,13 +223,18 @@ def check_coco_json(json_file: str, image_root: str | None = None, *, require_ar
                for k in TOP_LEVEL_KEYS if not isinstance(data.get(k), list)]
     if bad_top:
         raise CocoFormatError(json_file, bad_top)
+    images = data["images"]
+    if images and isinstance(images[0], dict) and "coco_url" in images[0] \
+            and "file_name" not in images[0]:
+        raise CocoFormatError(json_file, [
+            "images have 'coco_url' but no 'file_name': an LVIS file, which detectron2 reads "
+            "with load_lvis_json (its builtin lvis_v1_* data sets), not as COCO instances"])
+    return data
 
-    problems = _Problems(max_problems)
-    if image_root is not None and check_files and not os.path.isdir(image_root):
-        raise CocoFormatError(json_file, [f"image folder {image_root} does not exist"])
 
+def _check_categories(records: list, problems: _Problems) -> dict[int, str]:
     categories: dict[int, str] = {}
-    for i, cat in enumerate(data["categories"]):
+    for i, cat in enumerate(records):
         where = _record_name("category", i, cat, CATEGORY_KEYS, problems)
         if where is None:
             continue
@@ -116,11 +244,14 @@ def check_coco_json(json_file: str, image_root: str | None = None, *, require_ar
             problems.add(f"category id {cat['id']}: duplicate category id")
         else:
             categories[cat["id"]] = str(cat["name"])
-    if not data["categories"]:
+    if not records:
         problems.add("'categories' is empty: a detection data set needs at least one category")
+    return categories
 
+
+def _check_images(records: list, image_root: str | None, problems: _Problems) -> dict[int, tuple]:
     images: dict[int, tuple] = {}
-    for i, img in enumerate(data["images"]):
+    for i, img in enumerate(records):
         where = _record_name("image", i, img, IMAGE_KEYS, problems)
         if where is None:
             continue
@@ -137,15 +268,21 @@ def check_coco_json(json_file: str, image_root: str | None = None, *, require_ar
         if not isinstance(img["file_name"], str) or not img["file_name"]:
             problems.add(f"{where}: file_name must be a non-empty string")
             continue
-        images[img["id"]] = (img["file_name"], w, h)
-        if image_root is not None and check_files:
+        images[img["id"]] = (w, h)
+        if image_root is not None:
             path = os.path.join(image_root, img["file_name"])
             if not os.path.isfile(path):
                 problems.add(f"{where}: image file does not exist: {path}")
+    return images
 
+
+def _check_annotations(records: list, categories: dict, images: dict, for_eval: bool,
+                       problems: _Problems, quirks: dict[str, list[int]]) -> set[int]:
+    """Problems and quirks of every annotation; returns the ids of the annotated images."""
     ann_ids: set = set()
-    required = ANNOTATION_KEYS + (("area",) if require_area else ())
-    for i, ann in enumerate(data["annotations"]):
+    annotated: set = set()
+    required = ANNOTATION_KEYS + (("area", "iscrowd") if for_eval else ())
+    for i, ann in enumerate(records):
         where = _record_name("annotation", i, ann, required, problems)
         if where is None:
             continue
@@ -153,58 +290,82 @@ def check_coco_json(json_file: str, image_root: str | None = None, *, require_ar
         if not_int:
             problems.add(f"{where}: {', '.join(not_int)} must be integer(s)")
             continue
-        if ann["id"] in ann_ids:
+        aid = ann["id"]
+        if aid in ann_ids:
             problems.add(f"{where}: duplicate annotation id")
-        ann_ids.add(ann["id"])
+        ann_ids.add(aid)
+        annotated.add(ann["image_id"])
         if ann["category_id"] not in categories:
             problems.add(f"{where}: unknown category_id {ann['category_id']!r} (categories: "
                          f"{', '.join(map(str, sorted(categories)))})")
-        image = images.get(ann["image_id"])
-        if image is None:
+        size = images.get(ann["image_id"])
+        if size is None:
             problems.add(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-        box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
-            problems.add(f"{where}: bbox must be 4 finite numbers [x, y, width, height], "
-                         f"got {box!r}")
-            continue
-        x, y, bw, bh = box
-        if bw <= 0 or bh <= 0:
-            problems.add(f"{where}: bbox {box} has non-positive width or height")
-        elif image is not None:
-            _, w, h = image
-            if (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + bw > w + BOX_TOLERANCE
-                    or y + bh > h + BOX_TOLERANCE):
-                problems.add(f"{where}: bbox {box} (x, y, w, h) lies outside image "
-                             f"{ann['image_id']} of size {w}x{h}")
-        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
-            problems.add(f"{where}: area must be a non-negative number, got {ann['area']!r}")
-        if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+        _check_box(ann, where, size, problems, quirks)
+        if "area" in ann:
+            if not (_is_number(ann["area"]) and ann["area"] >= 0):
+                problems.add(f"{where}: area must be a non-negative number, got {ann['area']!r}")
+            elif ann["area"] == 0:
+                quirks["zero_area"].append(aid)
+        if "iscrowd" not in ann:
+            quirks["no_iscrowd"].append(aid)
+        elif ann["iscrowd"] not in (0, 1):
             problems.add(f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
+        elif ann["iscrowd"] == 1:
+            quirks["crowd"].append(aid)
         segm = ann.get("segmentation")
         if segm is not None and not isinstance(segm, (list, dict)):
             problems.add(f"{where}: segmentation must be a list of polygons or an RLE object")
+    return annotated
 
-    if problems.total:
-        raise CocoFormatError(json_file, problems.items, problems.total)
-    return CocoSummary(json_file, len(images), len(data["annotations"]), categories)
+
+def _check_box(ann: dict, where: str, image_size: tuple | None, problems: _Problems,
+               quirks: dict[str, list[int]]) -> None:
+    box = ann["bbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
+        problems.add(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {box!r}")
+        return
+    x, y, bw, bh = box
+    if bw < 0 or bh < 0:
+        problems.add(f"{where}: bbox {box} has a negative width or height")
+        return
+    if bw == 0 or bh == 0:
+        quirks["zero_size_box"].append(ann["id"])
+    elif bw < 1 or bh < 1:
+        quirks["sub_pixel_box"].append(ann["id"])
+    if image_size is None:
+        return
+    w, h = image_size
+    if (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + bw > w + BOX_TOLERANCE
+            or y + bh > h + BOX_TOLERANCE):
+        problems.add(f"{where}: bbox {box} (x, y, w, h) lies outside image "
+                     f"{ann['image_id']} of size {w}x{h}")
+    elif x < 0 or y < 0 or x + bw > w or y + bh > h:
+        quirks["past_border"].append(ann["id"])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json_file")
     parser.add_argument("--images", help="image folder (file_name is relative to it)")
-    parser.add_argument("--require-area", action="store_true",
-                        help="require 'area' on every annotation (COCO evaluation needs it)")
+    parser.add_argument("--for-eval", "--require-area", action="store_true",
+                        help="require 'area' and 'iscrowd' on every annotation (COCO "
+                             "evaluation with pycocotools reads both)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse the quirks of real releases too (zero-size boxes, crowd "
+                             "regions, images without annotations, ...)")
+    parser.add_argument("--quirks-file", help="write the quirks with their ids to this JSON file")
     parser.add_argument("--max-problems", type=int, default=20)
     args = parser.parse_args(argv)
     try:
-        s = check_coco_json(args.json_file, args.images, require_area=args.require_area,
-                            max_problems=args.max_problems)
+        report = check_coco_json(args.json_file, args.images, for_eval=args.for_eval,
+                                 strict=args.strict, max_problems=args.max_problems)
     except CocoFormatError as e:
         print(e, file=sys.stderr)
         return 1
-    print(f"{s.json_file}: OK, {s.num_images} images, {s.num_annotations} annotations, "
-          f"{len(s.categories)} categories")
+    print(report.summary_line())
+    if args.quirks_file:
+        report.write_quirks(args.quirks_file)
     return 0
 
 

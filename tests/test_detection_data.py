@@ -25,7 +25,7 @@ def test_generated_set_is_valid_coco(toy):
     from pycocotools.coco import COCO
 
     for split, (js, images) in splits.items():
-        summary = check_coco_json(js, images, require_area=True)
+        summary = check_coco_json(js, images, for_eval=True)
         assert summary.categories == {1: "rectangle", 2: "ellipse", 3: "triangle"}
         coco = COCO(js)
         assert len(coco.getImgIds()) == {"train": 6, "val": 3}[split]
@@ -84,7 +84,7 @@ def test_missing_annotation_and_image_keys(toy, tmp_path):
     del data["annotations"][0]["bbox"]
     del data["images"][1]["height"]
     data["annotations"][1].pop("area")
-    msg = problems_of(write(tmp_path, data), images, require_area=True)
+    msg = problems_of(write(tmp_path, data), images, for_eval=True)
     aid0, aid1, iid1 = data["annotations"][0]["id"], data["annotations"][1]["id"], data["images"][1]["id"]
     assert f"annotation id {aid0}: missing key(s) 'bbox'" in msg
     assert f"image id {iid1}: missing key(s) 'height'" in msg
@@ -92,24 +92,84 @@ def test_missing_annotation_and_image_keys(toy, tmp_path):
     # area is only required for evaluation
     data["annotations"][0]["bbox"] = [1, 1, 5, 5]
     data["images"][1]["height"] = 80
-    check_coco_json(write(tmp_path, data, "ok.json"), images, require_area=False)
+    check_coco_json(write(tmp_path, data, "ok.json"), images, for_eval=False)
 
 
-def test_box_outside_image_and_degenerate_box(toy, tmp_path):
+def test_box_outside_image_and_negative_box(toy, tmp_path):
     data, images = base(toy)
     a, b, c = data["annotations"][:3]
     a["bbox"] = [90, 10, 20, 20]         # image is 96 wide
     b["bbox"] = [-5, 0, 10, 10]
-    c["bbox"] = [10, 10, 0, 4]
+    c["bbox"] = [10, 10, -2, 4]
     msg = problems_of(write(tmp_path, data), images)
     assert f"annotation id {a['id']}: bbox [90, 10, 20, 20] (x, y, w, h) lies outside image " \
            f"{a['image_id']} of size 96x80" in msg
     assert f"annotation id {b['id']}: bbox [-5, 0, 10, 10] (x, y, w, h) lies outside" in msg
-    assert f"annotation id {c['id']}: bbox [10, 10, 0, 4] has non-positive width or height" in msg
+    assert f"annotation id {c['id']}: bbox [10, 10, -2, 4] has a negative width or height" in msg
     assert "3 problems" in msg
-    # within the 1-pixel tolerance is accepted
+    # within the 1-pixel tolerance: accepted, counted as past the border
     a["bbox"], b["bbox"], c["bbox"] = [76.5, 10, 20, 20], [-0.5, 0, 10, 10], [10, 10, 3, 4]
-    check_coco_json(write(tmp_path, data, "ok.json"), images)
+    report = check_coco_json(write(tmp_path, data, "ok.json"), images)
+    assert report.quirks == {"past_border": [a["id"], b["id"]]}
+
+
+def quirky(toy):
+    """The val split with one of each quirk of the real train2017 / val2017 / Objects365."""
+    data, images = base(toy)
+    anns = data["annotations"]
+    anns[0]["bbox"][3], anns[0]["area"] = 0.0, 0.0          # train2017: height 0, area 0
+    anns[1]["bbox"][2] = 0.6                                # sub-pixel width
+    anns[2]["iscrowd"] = 1                                  # crowd region
+    anns[2]["segmentation"] = {"counts": [0, 4, 92], "size": [80, 96]}
+    del anns[3]["iscrowd"]                                  # Objects365-like
+    emptied = data["images"][-1]["id"]
+    data["annotations"] = [a for a in anns if a["image_id"] != emptied]
+    return data, images, emptied
+
+
+def test_quirks_of_real_releases_are_counted_not_fatal(toy, tmp_path):
+    data, images, emptied = quirky(toy)
+    path = write(tmp_path, data, "quirky.json")
+    report = check_coco_json(path, images)
+    a = data["annotations"]
+    assert report.quirks == {"zero_size_box": [a[0]["id"]], "sub_pixel_box": [a[1]["id"]],
+                             "zero_area": [a[0]["id"]], "crowd": [a[2]["id"]],
+                             "no_iscrowd": [a[3]["id"]], "image_without_annotations": [emptied]}
+    line = report.summary_line()
+    assert line.startswith(f"{path}: OK, 3 images") and "1 zero size box" in line
+    report.write_quirks(str(tmp_path / "q" / "quirks.json"))
+    listing = json.load(open(tmp_path / "q" / "quirks.json"))["quirks"]
+    assert listing["crowd"]["ids"] == [a[2]["id"]] and "ignored in training" in listing["crowd"]["what"]
+    # evaluation with pycocotools reads iscrowd on every annotation: there it is a problem
+    msg = problems_of(path, images, for_eval=True)
+    assert f"annotation id {a[3]['id']}: missing key(s) 'iscrowd'" in msg
+    # --strict refuses every quirk, naming each id
+    msg = problems_of(path, images, strict=True)
+    assert f"annotation id {a[0]['id']}: bbox width or height 0 (--strict)" in msg
+    assert f"image id {emptied}: dropped from training" in msg and "6 problems" in msg
+
+
+def test_the_data_detectron2_trains_on_is_unchanged_by_the_check(toy, tmp_path):
+    """load_coco_json reads the quirky file in full; its training mapper drops the zero-height
+    box and the crowd region itself (what detectron2 does without us)."""
+    from detectron2.data import DatasetMapper
+    from detectron2.data.datasets import load_coco_json
+    from detection.config import get_wrn_cfg
+
+    data, images, emptied = quirky(toy)
+    path = write(tmp_path, data, "quirky.json")
+    check_coco_json(path, images)
+    before = json.load(open(path))
+    assert before == data                                   # the file is not rewritten
+    dicts = load_coco_json(path, images, "quirky_probe")
+    assert sum(len(d["annotations"]) for d in dicts) == len(data["annotations"])
+    cfg = get_wrn_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.RANDOM_FLIP = (80,), 96, "none"
+    mapper = DatasetMapper(cfg, is_train=True)
+    degenerate = data["annotations"][0]
+    record = next(d for d in dicts if d["image_id"] == degenerate["image_id"])
+    kept = len([a for a in record["annotations"] if a.get("iscrowd", 0) == 0]) - 1
+    assert len(mapper(record)["instances"]) == kept         # the zero-height box is gone
 
 
 def test_unknown_category_and_image_ids_and_duplicates(toy, tmp_path):
@@ -150,9 +210,48 @@ def test_not_json_not_a_file_and_capped_list(toy, tmp_path):
     assert msg.count("unknown category_id 42") == 2
 
 
+def test_lvis_style_file_is_named(toy, tmp_path):
+    data, images = base(toy)
+    for img in data["images"]:
+        img["coco_url"] = "http://images.cocodataset.org/val2017/" + img.pop("file_name")
+    assert "an LVIS file" in problems_of(write(tmp_path, data), images)
+
+
+def test_check_once_caches_the_verdict_by_size_and_mtime(toy, tmp_path, monkeypatch):
+    from detection import coco_check
+
+    monkeypatch.setenv("WRN_LARGE_CACHE", str(tmp_path / "cache"))
+    data, images, _ = quirky(toy)
+    path = write(tmp_path, data, "quirky.json")
+    first = coco_check.check_once(path, images)
+    (entry,) = (tmp_path / "cache" / "coco_check").glob("*.json")
+    marked = json.loads(entry.read_text())
+    marked["num_images"] = 999                      # mark the cached verdict
+    entry.write_text(json.dumps(marked))
+    again = coco_check.check_once(path, images)
+    assert again.num_images == 999 and again.quirks == first.quirks    # read from the cache
+    assert again.categories == first.categories
+    data["annotations"][0]["category_id"] = 77      # a new version of the file: checked again
+    with pytest.raises(CocoFormatError, match="unknown category_id 77"):
+        coco_check.check_once(write(tmp_path, data, "quirky.json"), images)
+
+
+def test_check_once_runs_large_files_in_a_child_process(toy, tmp_path, monkeypatch):
+    from detection import coco_check
+
+    monkeypatch.setenv("WRN_LARGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(coco_check, "IN_PROCESS_BYTES", 0)
+    data, images, _ = quirky(toy)
+    report = coco_check.check_once(write(tmp_path, data, "quirky.json"), images)
+    assert report.quirks["crowd"] and report.categories == {1: "rectangle", 2: "ellipse", 3: "triangle"}
+    data["annotations"][0]["category_id"] = 77
+    with pytest.raises(CocoFormatError, match="unknown category_id 77"):   # pickled back whole
+        coco_check.check_once(write(tmp_path, data, "bad.json"), images)
+
+
 def test_cli_exit_codes(toy, tmp_path, capsys):
     data, images = base(toy)
-    assert coco_check_main([toy[1]["val"][0], "--images", images, "--require-area"]) == 0
+    assert coco_check_main([toy[1]["val"][0], "--images", images, "--for-eval"]) == 0
     assert "OK, 3 images" in capsys.readouterr().out
     data["annotations"][0]["bbox"] = [0, 0, 500, 5]
     assert coco_check_main([write(tmp_path, data), "--images", images]) == 1
