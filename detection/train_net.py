@@ -10,11 +10,18 @@ plus COCO-format data sets registered from paths).
 
 Without --train-json/--val-json, DATASETS.TRAIN/TEST of the config are used (e.g. detectron2's
 builtin coco_2017_train with DETECTRON2_DATASETS set). Annotation files given by path are
-validated first (detection.coco_check) and the number of classes is taken from them.
+validated once per job, before the worker processes start (``detection.coco_check.check_once``:
+cached by file size and mtime, so a restart does not pay again); the quirks real releases carry
+(zero-height boxes, crowd regions, ...) are counted, listed in ``OUTPUT_DIR/coco_quirks_*.json``
+and passed to detectron2 unchanged (``--strict`` refuses them). The number of classes is taken
+from the files.
+
+``--num-gpus N`` starts N processes: one per GPU with CUDA, N CPU processes over gloo without.
 Multi-machine: --num-machines N --machine-rank R --dist-url tcp://HOST:PORT, as detectron2.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -25,11 +32,12 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
 import detection  # noqa: F401  (registers the WRN backbones: always imported here)
-from detection.coco_check import check_coco_json
+from detection.coco_check import CocoReport, check_once
 from detection.config import get_wrn_cfg
 
 log = logging.getLogger("detection.train_net")
@@ -37,8 +45,32 @@ log = logging.getLogger("detection.train_net")
 NUM_CLASSES_KEYS = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES")
 
 
+@contextlib.contextmanager
+def cpu_aware_ddp():
+    """DefaultTrainer wraps its model with ``create_ddp_model``, which passes
+    ``device_ids=[local rank]``: DistributedDataParallel refuses that for a CPU model. Within
+    this block a CPU model gets ``device_ids=None`` (gloo); CUDA models are untouched."""
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and not next(model.parameters()).is_cuda:
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer evaluating with COCOEvaluator (pycocotools)."""
+    """detectron2's DefaultTrainer evaluating with COCOEvaluator (pycocotools), on GPUs or, with
+    several processes, on CPUs over gloo."""
+
+    def __init__(self, cfg):
+        with cpu_aware_ddp():
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -46,6 +78,14 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True,
                              output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate the model that is saved: with several processes and plain BN, each rank's
+        running statistics have drifted apart (DefaultTrainer does not broadcast buffers), and
+        checkpoints hold rank 0's, so every rank first takes rank 0's buffers."""
+        broadcast_buffers(model)
+        return super().test(cfg, model, evaluators)
 
     def train(self):
         """Train; returns the final evaluation results, None without DATASETS.TEST
@@ -55,20 +95,47 @@ class Trainer(DefaultTrainer):
         return results if results is not None else getattr(self, "_last_eval_results", None)
 
 
-def register_dataset(name: str, json_file: str, image_root: str, for_eval: bool) -> int:
-    """Validate and register one COCO-format data set; returns its number of categories."""
-    summary = check_coco_json(json_file, image_root, require_area=for_eval)
+def check_datasets(args) -> dict[str, CocoReport]:
+    """Check --train-json/--val-json once, before any worker starts: split -> report."""
+    reports = {}
+    for split in ("train", "val"):
+        js, images = getattr(args, f"{split}_json"), getattr(args, f"{split}_images")
+        if bool(js) != bool(images):
+            raise SystemExit(f"--{split}-json and --{split}-images go together")
+        if js:
+            reports[split] = check_once(js, images, for_eval=split == "val", strict=args.strict)
+    return reports
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    if comm.get_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+def register_dataset(name: str, json_file: str, image_root: str, report: CocoReport,
+                     output_dir: str) -> int:
+    """Register one checked COCO-format data set; returns its number of categories."""
+    if comm.is_main_process():
+        log.info("%s", report.summary_line())
+        if report.quirks:
+            listing = os.path.join(output_dir, f"coco_quirks_{name}.json")
+            report.write_quirks(listing)
+            log.info("the quirks with their ids: %s", listing)
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if (getattr(meta, "json_file", None) != os.path.abspath(json_file)
                 or getattr(meta, "image_root", None) != os.path.abspath(image_root)):
             raise ValueError(f"data set name {name!r} is already registered for other files "
                              f"({getattr(meta, 'json_file', '?')}); choose another name")
-        return len(summary.categories)
+        return len(report.categories)
     register_coco_instances(name, {}, os.path.abspath(json_file), os.path.abspath(image_root))
-    log.info("registered %s: %s (%d images, %d annotations, categories %s)", name, json_file,
-             summary.num_images, summary.num_annotations, list(summary.categories.values()))
-    return len(summary.categories)
+    log.info("registered %s: %s (categories %s)", name, json_file,
+             list(report.categories.values()))
+    return len(report.categories)
 
 
 def add_dataset_arguments(parser):
@@ -79,22 +146,26 @@ def add_dataset_arguments(parser):
     g.add_argument("--val-images", help="image folder of the evaluation set")
     g.add_argument("--train-name", default="wrn_coco_train", help="name to register it under")
     g.add_argument("--val-name", default="wrn_coco_val", help="name to register it under")
+    g.add_argument("--strict", action="store_true",
+                   help="refuse annotation files with the quirks of real releases (zero-size "
+                        "boxes, crowd regions, images without annotations, ...), which are "
+                        "otherwise counted, listed and handled as detectron2 does")
     return parser
 
 
 def register_from_args(args, cfg: CfgNode) -> None:
     """Register --train-*/--val-* and point cfg.DATASETS at them (cfg not frozen)."""
-    for split in ("train", "val"):
-        js, images = getattr(args, f"{split}_json"), getattr(args, f"{split}_images")
-        if bool(js) != bool(images):
-            raise SystemExit(f"--{split}-json and --{split}-images go together")
+    reports = getattr(args, "coco_reports", None)
+    if reports is None:  # main() called directly rather than through cli()
+        reports = args.coco_reports = check_datasets(args)
     num_classes = None
     if args.train_json:
         num_classes = register_dataset(args.train_name, args.train_json, args.train_images,
-                                       for_eval=False)
+                                       reports["train"], cfg.OUTPUT_DIR)
         cfg.DATASETS.TRAIN = (args.train_name,)
     if args.val_json:
-        n_val = register_dataset(args.val_name, args.val_json, args.val_images, for_eval=True)
+        n_val = register_dataset(args.val_name, args.val_json, args.val_images, reports["val"],
+                                 cfg.OUTPUT_DIR)
         cfg.DATASETS.TEST = (args.val_name,)
         if num_classes is not None and n_val != num_classes:
             raise ValueError(f"{args.val_json} has {n_val} categories but {args.train_json} has "
@@ -128,10 +199,6 @@ def setup(args) -> CfgNode:
 
 def main(args):
     cfg = setup(args)
-    if comm.get_world_size() > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
-        # DefaultTrainer wraps the model in DDP with device_ids=[local rank]: GPUs only.
-        raise SystemExit("multi-process training (--num-gpus/--num-machines > 1) needs CUDA "
-                         f"GPUs; MODEL.DEVICE is {cfg.MODEL.DEVICE!r}")
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -154,6 +221,9 @@ def get_parser():
 def cli(argv=None):
     args = get_parser().parse_args(argv)
     print("Command Line Args:", args)
+    args.coco_reports = check_datasets(args)  # once per job, in this process, before workers
+    if not torch.cuda.is_available() and args.num_gpus > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_gpus)))
     return launch(main, args.num_gpus, num_machines=args.num_machines,
                   machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
 

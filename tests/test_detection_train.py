@@ -125,3 +125,42 @@ def test_num_classes_from_the_data_and_conflicts(data, tmp_path):
     d = dict(data, train=other)
     with pytest.raises(ValueError, match="already registered for other files"):
         train_net.setup(args_for(FRCNN, d, tmp_path / "o", "t5"))
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_and_evaluate_like_one(data, tmp_path):
+    """`--num-gpus 2` without a GPU: two gloo processes (distributed sampler, DDP, gathered
+    COCO evaluation, rank-0 checkpoints). The final evaluation of the 2-process run scores the
+    same predictions, and so the same AP, as a 1-process evaluation of its saved model."""
+    import subprocess
+    import sys
+
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "detection.train_net", "--num-gpus", "2",
+           "--config-file", FRCNN, "--train-json", data["train"][0], "--train-images",
+           data["train"][1], "--val-json", data["val"][0], "--val-images", data["val"][1],
+           "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2", "OUTPUT_DIR", str(two)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (two / "log.txt.rank1").is_file() and (two / "model_final.pth").is_file()
+    rows = metrics(two)
+    assert any("total_loss" in r for r in rows)
+    two_ap = next(r for r in rows if "bbox/AP" in r)
+    preds_two = json.load(open(two / "inference" / "wrn_coco_val" / "coco_instances_results.json"))
+
+    one = tmp_path / "one"
+    res = train_net.main(args_for(FRCNN, data, one, "t7", "--eval-only",
+                                  opts=["MODEL.WEIGHTS", str(two / "model_final.pth")]))
+    preds_one = json.load(open(one / "inference" / "t7_val" / "coco_instances_results.json"))
+    key = lambda p: (p["image_id"], p["category_id"], -p["score"])  # noqa: E731
+    assert len(preds_two) == len(preds_one) > 0
+    assert {p["image_id"] for p in preds_two} == {p["image_id"] for p in preds_one}
+    for a, b in zip(sorted(preds_two, key=key), sorted(preds_one, key=key)):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+    bbox = check_ap(res, "t7_val")
+    for k in AP_KEYS:
+        assert math.isnan(bbox[k]) == math.isnan(two_ap[f"bbox/{k}"])
+        if not math.isnan(bbox[k]):
+            assert two_ap[f"bbox/{k}"] == pytest.approx(bbox[k], abs=1e-6), k
