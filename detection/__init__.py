@@ -10,9 +10,9 @@ Entry points: ``python -m detection.train_net``, ``python -m detection.convert_w
 ``python -m detection.make_coco``, ``python -m detection.coco_check``. See detection/README.md.
 """
 from .config import MODEL_ZOO_URL, NORMS, add_wrn_config, config_file, get_wrn_cfg
-from .backbone import (WRNBackbone, build_wrn_backbone, build_wrn_fpn_backbone,
-                       build_wrn_retinanet_fpn_backbone, create_wrn)
+from .backbone import (WRNBackbone, WRNRes5ROIHeads, build_wrn_backbone, build_wrn_fpn_backbone,
+                       build_wrn_retinanet_fpn_backbone, create_wrn, wrn_backbone)
 
 __all__ = ["MODEL_ZOO_URL", "NORMS", "add_wrn_config", "config_file", "get_wrn_cfg",
-           "WRNBackbone", "build_wrn_backbone", "build_wrn_fpn_backbone",
-           "build_wrn_retinanet_fpn_backbone", "create_wrn"]
+           "WRNBackbone", "WRNRes5ROIHeads", "build_wrn_backbone", "build_wrn_fpn_backbone",
+           "build_wrn_retinanet_fpn_backbone", "create_wrn", "wrn_backbone"]

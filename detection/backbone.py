@@ -7,7 +7,10 @@ the classifier: a WRN checkpoint of our trainer maps onto a detectron2 model by 
 Three builders are registered in detectron2's ``BACKBONE_REGISTRY`` (``import detection``):
 ``build_wrn_backbone`` (res2..res5 at strides 4..32), ``build_wrn_fpn_backbone`` (P2..P6, as
 ``build_resnet_fpn_backbone``) and ``build_wrn_retinanet_fpn_backbone`` (P3..P7 with
-``LastLevelP6P7``, as ``build_retinanet_resnet_fpn_backbone``).
+``LastLevelP6P7``, as ``build_retinanet_resnet_fpn_backbone``). For C4 models,
+``WRNRes5ROIHeads`` (in ``ROI_HEADS_REGISTRY``) is detectron2's ``Res5ROIHeads`` whose per-region
+res5 is the same registry WRN's last stage, on top of ``build_wrn_backbone`` with
+``OUT_FEATURES: ["res4"]``.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, Backbone
+from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
 import wrn_large
@@ -68,8 +72,6 @@ class WRNBackbone(Backbone):
         if not out_features or unknown:
             raise ValueError(f"MODEL.WRN.OUT_FEATURES {out_features}: this WRN has only "
                              f"{', '.join(infos)}")
-        if norm not in NORMS:
-            raise ValueError(f"MODEL.WRN.NORM={norm!r}; valid: {', '.join(NORMS)}")
         self.family = family
         names = list(infos)
         last = max(names.index(f) for f in out_features)
@@ -91,12 +93,7 @@ class WRNBackbone(Backbone):
         self.width = getattr(model, "width", getattr(model, "widen_factor", None))
 
         self.freeze(freeze_at)
-        if norm == "FrozenBN":
-            FrozenBatchNorm2d.convert_frozen_batchnorm(self)
-        elif norm == "SyncBN":
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)  # FrozenBatchNorm2d is left alone
-        elif norm == "naiveSyncBN":
-            _convert_bn(self, NaiveSyncBatchNorm)
+        convert_norm(self, norm)
         self._rebuild_lists()  # the conversions may have replaced a stage
         # Checkpoints may or may not hold BN's step counter (a FrozenBatchNorm2d has none, and
         # BatchNorm2d's momentum makes it unused): never report it as missing or unexpected.
@@ -182,11 +179,33 @@ def _ignore_num_batches_tracked(module, incompatible_keys) -> None:
         keys[:] = [k for k in keys if not is_counter(k)]
 
 
+def convert_norm(module: nn.Module, norm: str) -> nn.Module:
+    """``MODEL.WRN.NORM`` applied to a module's BatchNorm2d layers."""
+    if norm not in NORMS:
+        raise ValueError(f"MODEL.WRN.NORM={norm!r}; valid: {', '.join(NORMS)}")
+    if norm == "FrozenBN":
+        return FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+    if norm == "SyncBN":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)  # FrozenBatchNorm2d is left alone
+    if norm == "naiveSyncBN":
+        return _convert_bn(module, NaiveSyncBatchNorm)
+    return module
+
+
+def wrn_backbone(name: str = "wrn34_x2", depth: int = 0, width: float = 0.0,
+                 out_features=("res2", "res3", "res4", "res5"), norm: str = "FrozenBN",
+                 freeze_at: int = 0, in_chans: int = 3) -> WRNBackbone:
+    """A ``WRNBackbone`` by keyword, for detectron2's LazyConfig files (FCOS, the ``.py``
+    configs): ``model.backbone.bottom_up = L(wrn_backbone)(name="wrn34_x2", ...)``."""
+    model = create_wrn(name, depth, width, in_chans=in_chans)
+    family = wrn_large.model_info(name).family
+    return WRNBackbone(model, family, out_features, norm, freeze_at)
+
+
 def build_wrn_from_cfg(cfg, input_shape: ShapeSpec) -> WRNBackbone:
     w = cfg.MODEL.WRN
-    model = create_wrn(w.NAME, w.DEPTH, w.WIDTH, in_chans=input_shape.channels)
-    family = wrn_large.model_info(w.NAME).family
-    return WRNBackbone(model, family, w.OUT_FEATURES, w.NORM, cfg.MODEL.BACKBONE.FREEZE_AT)
+    return wrn_backbone(w.NAME, w.DEPTH, w.WIDTH, w.OUT_FEATURES, w.NORM,
+                        cfg.MODEL.BACKBONE.FREEZE_AT, input_shape.channels)
 
 
 def _check_fpn_inputs(cfg, bottom_up: WRNBackbone) -> None:
@@ -233,3 +252,23 @@ def build_wrn_retinanet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
         top_block=LastLevelP6P7(bottom_up.output_shape()[last].channels, out_channels, last),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+@ROI_HEADS_REGISTRY.register()
+class WRNRes5ROIHeads(Res5ROIHeads):
+    """detectron2's C4 ROI heads (``Res5ROIHeads``) with the WRN's own last stage as the
+    per-region res5: the ``layer4`` of ``MODEL.WRN.NAME/DEPTH/WIDTH`` (first block stride 2, as
+    ResNet's res5), normalised by ``MODEL.WRN.NORM``. detectron2's own res5 is built from
+    ``MODEL.RESNETS`` for R-50's channel counts, which no WRN has. ImageNet weights: ``layer4.*``
+    go to ``roi_heads.res5.*`` (``python -m detection.convert_weights --c4``)."""
+
+    @classmethod
+    def _build_res5_block(cls, cfg):
+        w = cfg.MODEL.WRN
+        if wrn_large.model_info(w.NAME).family != "imagenet":
+            raise ValueError(f"MODEL.WRN.NAME={w.NAME!r}: C4 heads need an ImageNet WRN (four "
+                             f"stages); CIFAR WRNs have three")
+        model = create_wrn(w.NAME, w.DEPTH, w.WIDTH)
+        res5 = convert_norm(model.layer4, w.NORM)
+        res5.register_load_state_dict_post_hook(_ignore_num_batches_tracked)
+        return res5, model.feature_info[-1].channels

@@ -26,6 +26,8 @@ EXPECTED = {  # file: (meta architecture, backbone builder, WRN, FPN levels, res
                                            "wrn_imagenet", ["p2", "p3", "p4", "p5", "p6"], 32),
     "toy_retinanet_wrn18_0_5_fpn.yaml": ("RetinaNet", "build_wrn_retinanet_fpn_backbone",
                                          "wrn_imagenet", ["p3", "p4", "p5", "p6", "p7"], None),
+    "faster_rcnn_wrn34_2_c4_1x.yaml": ("GeneralizedRCNN", "build_wrn_backbone", "wrn34_x2",
+                                       None, None),  # C4: no FPN
 }
 
 
@@ -53,6 +55,8 @@ def test_config_builds_with_detectron2(name):
     assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.WEIGHTS == ""
     model = build_model(cfg)
     assert type(model).__name__ == arch
+    if levels is None:
+        return check_c4(cfg, model)
     shapes = model.backbone.output_shape()
     assert list(shapes) == levels
     assert [s.stride for s in shapes.values()] == [2 ** int(p[1]) for p in levels]
@@ -68,8 +72,26 @@ def test_config_builds_with_detectron2(name):
         assert all(p.requires_grad for p in bottom_up.layer2.parameters())
 
 
-def test_wrn34_2_faster_rcnn_runs_inference_on_a_small_image():
-    cfg = load("faster_rcnn_wrn34_2_fpn_1x.yaml")
+def check_c4(cfg, model):
+    """res2-res4 as the backbone (stride 16), the WRN's own layer4 as the per-region res5."""
+    import wrn_large
+
+    assert isinstance(model.backbone, detection.WRNBackbone)
+    assert {k: (s.channels, s.stride) for k, s in model.backbone.output_shape().items()} == \
+        {"res4": (512, 16)}
+    assert not hasattr(model.backbone, "layer4")
+    assert isinstance(model.roi_heads, detection.WRNRes5ROIHeads)
+    ref = wrn_large.create_model(cfg.MODEL.WRN.NAME).layer4
+    assert [tuple(v.shape) for k, v in model.roi_heads.res5.state_dict().items()
+            if not k.endswith("num_batches_tracked")] == \
+        [tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert model.roi_heads.box_predictor.cls_score.in_features == 1024
+    assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn_wrn34_2_fpn_1x.yaml", "faster_rcnn_wrn34_2_c4_1x.yaml"])
+def test_wrn34_2_faster_rcnn_runs_inference_on_a_small_image(name):
+    cfg = load(name)
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
     model = build_model(cfg).eval()
     with torch.no_grad():

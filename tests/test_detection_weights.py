@@ -149,3 +149,32 @@ def test_conversion_errors(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="without weights.pt"):
         convert_weights.convert(str(tmp_path / "empty_dir"), str(tmp_path / "x.pth"))
+
+
+@pytest.mark.parametrize("norm", ["FrozenBN", "BN"])
+def test_c4_round_trip_res5_head_is_the_wrns_last_stage(tmp_path, norm):
+    """--c4: the trunk under backbone., layer4 under roi_heads.res5. (WRNRes5ROIHeads)."""
+    model = trained_like_wrn(depth=18, width=0.5).eval()
+    src = tmp_path / "w.pt"
+    torch.save({"model": model.state_dict()}, src)
+    dst = tmp_path / "c4.pth"
+    convert_weights.main([str(src), str(dst), "--c4"])
+    cfg = cfg_for("faster_rcnn_wrn34_2_c4_1x.yaml", norm)
+    cfg.MODEL.WRN.NAME, cfg.MODEL.WRN.DEPTH, cfg.MODEL.WRN.WIDTH = "wrn_imagenet", 18, 0.5
+    det = build_model(cfg).eval()
+    ck = RecordingCheckpointer(det)
+    ck.resume_or_load(str(dst), resume=False)
+    inc = ck.incompatible
+    assert inc.unexpected_keys == [] and inc.incorrect_shapes == []
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in inc.missing_keys} <= \
+        {"proposal_generator.rpn_head", "roi_heads.box_predictor"}, inc.missing_keys
+    loaded = det.state_dict()
+    assert any(k.startswith("roi_heads.res5.") for k in loaded)
+    for k, v in model.state_dict().items():
+        if not (k.startswith("fc.") or k.endswith("num_batches_tracked")):
+            assert torch.equal(loaded[convert_weights._c4_name(k)], v), k
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        res4 = model.forward_features(x)["res4"]
+        torch.testing.assert_close(det.backbone(x)["res4"], res4)
+        torch.testing.assert_close(det.roi_heads.res5(res4), model.layer4(res4))
