@@ -106,27 +106,37 @@ class _Problems:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int  # not bool (a subclass of int); json gives no other int types
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return (type(v) is float or type(v) is int) and math.isfinite(v)
 
 
-def _record_name(kind: str, index: int, record, required: tuple, problems: _Problems) -> str | None:
-    """How to name ``record`` in a problem ("image id 7", else "image #3"), or None (after
-    logging the problem) if it is not an object with every ``required`` key."""
-    if not isinstance(record, dict):
+def _is_box(box) -> bool:
+    return (type(box) is list and len(box) == 4
+            and all(type(v) is float or type(v) is int for v in box)
+            and all(map(math.isfinite, box)))
+
+
+def _where(kind: str, index: int, record: dict) -> str:
+    """How a problem names a record: "image id 7", else "image #3"."""
+    return f"{kind} id {record['id']!r}" if "id" in record else f"{kind} #{index}"
+
+
+def _usable(kind: str, index: int, record, required: tuple, problems: _Problems) -> bool:
+    """Whether ``record`` is an object with every ``required`` key (else the problem is added)."""
+    if type(record) is not dict:
         problems.add(f"{kind} #{index}: is a {type(record).__name__}, expected an object")
-        return None
-    where = f"{kind} id {record['id']!r}" if "id" in record else f"{kind} #{index}"
+        return False
+    if all(k in record for k in required):
+        return True
     missing = [k for k in required if k not in record]
-    if missing:
-        note = (" (COCO evaluation needs it; box width*height is the usual value)"
-                if missing == ["area"] else "")
-        problems.add(f"{where}: missing key(s) {', '.join(map(repr, missing))}{note}")
-        return None
-    return where
+    note = (" (COCO evaluation needs it; box width*height is the usual value)"
+            if missing == ["area"] else "")
+    problems.add(f"{_where(kind, index, record)}: missing key(s) "
+                 f"{', '.join(map(repr, missing))}{note}")
+    return False
 
 
 def check_coco_json(json_file: str, image_root: str | None = None, *, for_eval: bool = False,
@@ -187,7 +197,9 @@ def check_once(json_file: str, image_root: str | None = None, *, for_eval: bool 
     if stat.st_size < IN_PROCESS_BYTES:
         report = check_coco_json(json_file, image_root, for_eval=for_eval, strict=strict)
     else:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # fork: no re-import of torch/detectron2 in the child (~6 s); train_net checks before
+        # CUDA is initialised, and the child only parses JSON
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
             report = pool.submit(check_coco_json, json_file, image_root, for_eval=for_eval,
                                  strict=strict).result()
     try:
@@ -211,8 +223,8 @@ def _load(json_file: str) -> dict:
     if not os.path.isfile(json_file):
         raise CocoFormatError(json_file, ["annotation file does not exist"])
     try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(json_file, "rb") as f:
+            data = _parse_json(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CocoFormatError(json_file, [f"not valid JSON: {e}"]) from e
     if not isinstance(data, dict):
@@ -232,14 +244,23 @@ def _load(json_file: str) -> dict:
     return data
 
 
+def _parse_json(raw: bytes):
+    """orjson where installed (train2017: ~11 s instead of ~19 s), else the standard library.
+    orjson's JSONDecodeError is a json.JSONDecodeError."""
+    try:
+        import orjson
+    except ImportError:
+        return json.loads(raw)
+    return orjson.loads(raw)
+
+
 def _check_categories(records: list, problems: _Problems) -> dict[int, str]:
     categories: dict[int, str] = {}
     for i, cat in enumerate(records):
-        where = _record_name("category", i, cat, CATEGORY_KEYS, problems)
-        if where is None:
+        if not _usable("category", i, cat, CATEGORY_KEYS, problems):
             continue
         if not _is_int(cat["id"]):
-            problems.add(f"{where}: id must be an integer")
+            problems.add(f"{_where('category', i, cat)}: id must be an integer")
         elif cat["id"] in categories:
             problems.add(f"category id {cat['id']}: duplicate category id")
         else:
@@ -252,9 +273,9 @@ def _check_categories(records: list, problems: _Problems) -> dict[int, str]:
 def _check_images(records: list, image_root: str | None, problems: _Problems) -> dict[int, tuple]:
     images: dict[int, tuple] = {}
     for i, img in enumerate(records):
-        where = _record_name("image", i, img, IMAGE_KEYS, problems)
-        if where is None:
+        if not _usable("image", i, img, IMAGE_KEYS, problems):
             continue
+        where = f"image id {img['id']!r}"
         if not _is_int(img["id"]):
             problems.add(f"{where}: id must be an integer")
             continue
@@ -278,70 +299,75 @@ def _check_images(records: list, image_root: str | None, problems: _Problems) ->
 
 def _check_annotations(records: list, categories: dict, images: dict, for_eval: bool,
                        problems: _Problems, quirks: dict[str, list[int]]) -> set[int]:
-    """Problems and quirks of every annotation; returns the ids of the annotated images."""
+    """Problems and quirks of every annotation; returns the ids of the annotated images.
+    (The hot loop of a check: 860,001 times for train2017.)"""
     ann_ids: set = set()
     annotated: set = set()
     required = ANNOTATION_KEYS + (("area", "iscrowd") if for_eval else ())
+    zero_area, crowd, no_iscrowd = quirks["zero_area"], quirks["crowd"], quirks["no_iscrowd"]
     for i, ann in enumerate(records):
-        where = _record_name("annotation", i, ann, required, problems)
-        if where is None:
+        if not _usable("annotation", i, ann, required, problems):
             continue
-        not_int = [k for k in ("id", "image_id", "category_id") if not _is_int(ann[k])]
-        if not_int:
-            problems.add(f"{where}: {', '.join(not_int)} must be integer(s)")
+        aid, image_id, category_id = ann["id"], ann["image_id"], ann["category_id"]
+        if not (type(aid) is int and type(image_id) is int and type(category_id) is int):
+            not_int = [k for k in ("id", "image_id", "category_id") if not _is_int(ann[k])]
+            problems.add(f"annotation id {aid!r}: {', '.join(not_int)} must be integer(s)")
             continue
-        aid = ann["id"]
         if aid in ann_ids:
-            problems.add(f"{where}: duplicate annotation id")
+            problems.add(f"annotation id {aid}: duplicate annotation id")
         ann_ids.add(aid)
-        annotated.add(ann["image_id"])
-        if ann["category_id"] not in categories:
-            problems.add(f"{where}: unknown category_id {ann['category_id']!r} (categories: "
-                         f"{', '.join(map(str, sorted(categories)))})")
-        size = images.get(ann["image_id"])
+        annotated.add(image_id)
+        if category_id not in categories:
+            problems.add(f"annotation id {aid}: unknown category_id {category_id!r} "
+                         f"(categories: {', '.join(map(str, sorted(categories)))})")
+        size = images.get(image_id)
         if size is None:
-            problems.add(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-        _check_box(ann, where, size, problems, quirks)
-        if "area" in ann:
-            if not (_is_number(ann["area"]) and ann["area"] >= 0):
-                problems.add(f"{where}: area must be a non-negative number, got {ann['area']!r}")
-            elif ann["area"] == 0:
-                quirks["zero_area"].append(aid)
-        if "iscrowd" not in ann:
-            quirks["no_iscrowd"].append(aid)
-        elif ann["iscrowd"] not in (0, 1):
-            problems.add(f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
-        elif ann["iscrowd"] == 1:
-            quirks["crowd"].append(aid)
+            problems.add(f"annotation id {aid}: image_id {image_id!r} is not in 'images'")
+        _check_box(aid, ann["bbox"], image_id, size, problems, quirks)
+        area = ann.get("area", 1)
+        if area == 0 and _is_number(area):
+            zero_area.append(aid)
+        elif not (_is_number(area) and area > 0):
+            problems.add(f"annotation id {aid}: area must be a non-negative number, got {area!r}")
+        iscrowd = ann.get("iscrowd", -1)
+        if iscrowd == 1:
+            crowd.append(aid)
+        elif iscrowd == -1:
+            no_iscrowd.append(aid)
+        elif iscrowd != 0:
+            problems.add(f"annotation id {aid}: iscrowd must be 0 or 1, got {iscrowd!r}")
         segm = ann.get("segmentation")
-        if segm is not None and not isinstance(segm, (list, dict)):
-            problems.add(f"{where}: segmentation must be a list of polygons or an RLE object")
+        if segm is not None and type(segm) is not list and type(segm) is not dict:
+            problems.add(f"annotation id {aid}: segmentation must be a list of polygons or an "
+                         "RLE object")
     return annotated
 
 
-def _check_box(ann: dict, where: str, image_size: tuple | None, problems: _Problems,
+def _check_box(aid: int, box, image_id: int, image_size: tuple | None, problems: _Problems,
                quirks: dict[str, list[int]]) -> None:
-    box = ann["bbox"]
-    if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
-        problems.add(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {box!r}")
+    if not _is_box(box):
+        problems.add(f"annotation id {aid}: bbox must be 4 finite numbers [x, y, width, height], "
+                     f"got {box!r}")
         return
     x, y, bw, bh = box
     if bw < 0 or bh < 0:
-        problems.add(f"{where}: bbox {box} has a negative width or height")
+        problems.add(f"annotation id {aid}: bbox {box} has a negative width or height")
         return
     if bw == 0 or bh == 0:
-        quirks["zero_size_box"].append(ann["id"])
+        quirks["zero_size_box"].append(aid)
     elif bw < 1 or bh < 1:
-        quirks["sub_pixel_box"].append(ann["id"])
+        quirks["sub_pixel_box"].append(aid)
     if image_size is None:
         return
     w, h = image_size
+    if x >= 0 and y >= 0 and x + bw <= w and y + bh <= h:
+        return
     if (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + bw > w + BOX_TOLERANCE
             or y + bh > h + BOX_TOLERANCE):
-        problems.add(f"{where}: bbox {box} (x, y, w, h) lies outside image "
-                     f"{ann['image_id']} of size {w}x{h}")
-    elif x < 0 or y < 0 or x + bw > w or y + bh > h:
-        quirks["past_border"].append(ann["id"])
+        problems.add(f"annotation id {aid}: bbox {box} (x, y, w, h) lies outside image "
+                     f"{image_id} of size {w}x{h}")
+    else:
+        quirks["past_border"].append(aid)
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
 import detection  # noqa: F401  (registers the WRN backbones: always imported here)
-from detection.coco_check import CocoReport, check_once
+from detection.coco_check import CocoFormatError, CocoReport, check_once
 from detection.config import get_wrn_cfg
 
 log = logging.getLogger("detection.train_net")
@@ -119,12 +119,12 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
 def register_dataset(name: str, json_file: str, image_root: str, report: CocoReport,
                      output_dir: str) -> int:
     """Register one checked COCO-format data set; returns its number of categories."""
-    if comm.is_main_process():
-        log.info("%s", report.summary_line())
+    if comm.is_main_process():  # printed: detectron2's logger is set up after registration
+        print(report.summary_line(), flush=True)
         if report.quirks:
             listing = os.path.join(output_dir, f"coco_quirks_{name}.json")
             report.write_quirks(listing)
-            log.info("the quirks with their ids: %s", listing)
+            print(f"{name}: the quirks with their ids are listed in {listing}", flush=True)
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if (getattr(meta, "json_file", None) != os.path.abspath(json_file)
@@ -221,7 +221,11 @@ def get_parser():
 def cli(argv=None):
     args = get_parser().parse_args(argv)
     print("Command Line Args:", args)
-    args.coco_reports = check_datasets(args)  # once per job, in this process, before workers
+    try:
+        args.coco_reports = check_datasets(args)  # once per job, here, before any worker
+    except CocoFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     if not torch.cuda.is_available() and args.num_gpus > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_gpus)))
     return launch(main, args.num_gpus, num_machines=args.num_machines,
