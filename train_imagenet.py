@@ -31,7 +31,8 @@ def parse_args(argv=None):
                         help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return parser.parse_args(argv)
+    # overrides may come before and after --config (launch scripts put run.output_dir first)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         import yaml
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from engine.checkpoint import ResumeMismatch
+    from engine.checkpoint import CheckpointError, ResumeMismatch
     from engine.trainer import RunDirInUse, TrainingDiverged, train
 
     try:
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     except RunDirInUse as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
-    except ResumeMismatch as e:
+    except (ResumeMismatch, CheckpointError) as e:  # an explicit run.resume=PATH, unusable
         print(f"error: {e}", file=sys.stderr)
         return 5
     return 0 if result["status"] in ("finished", "max_steps") else 143  # 143: preempted (SIGTERM)

@@ -69,6 +69,10 @@ class TrainConfig:
     compile: Switch = "auto"        # auto: torch.compile on with CUDA, off on the CPU
     seed: int = 0
     deterministic: bool = False     # deterministic algorithms (cuDNN, cuBLAS); off: cudnn.benchmark
+    # BatchNorm statistics (model and EMA) made equal on all ranks before every evaluation and
+    # checkpoint: reduce = mean over ranks (timm's default: every rank's batches count),
+    # broadcast = rank 0's
+    dist_bn: Literal["reduce", "broadcast"] = "reduce"
 
 
 @dataclass

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import COMPLETE_MARKER, CheckpointError, ResumeMismatch, save_file_atomic
+from .checkpoint import (COMPLETE_MARKER, CheckpointError, ResumeMismatch, save_file_atomic,
+                         write_manifest)
 from .config import Config, find_config
 from .distributed import DistInfo, barrier
 from .engines import Engine, build_optimizer, register_engine, resolve_amp
@@ -112,6 +113,7 @@ class DeepSpeedEngine(Engine):
             # plain weights too, readable by wrn_large.create_model(pretrained=...)
             save_file_atomic({"model": weights}, tmp / "weights.pt")
             (tmp / LAYOUT_FILE).write_text(json.dumps(self.layout()) + "\n")
+            write_manifest(tmp)
             (tmp / COMPLETE_MARKER).write_text("ok\n")
             os.replace(tmp, final)
         barrier()

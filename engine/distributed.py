@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -45,6 +47,24 @@ def _attempt_store(rank: int, world_size: int) -> dist.Store:
                                world_size, timedelta(minutes=10))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"wrn_large/attempt_{attempt}", store)
+
+
+def stop_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``). Under torchrun the parent is the elastic agent, and its workers run
+    in sessions of their own: if the agent is SIGKILLed (OOM killer, a node agent's crash) they
+    would go on training unsupervised, holding the run directory's lock. SIGTERM makes them
+    checkpoint after the current step and exit (``StopRequested``), like a preemption."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        return
+    if os.getppid() != parent:  # the parent died before prctl: the signal will not come
+        os.kill(os.getpid(), sig)
 
 
 def init_distributed(backend: str = "auto", need_process_group: bool = False) -> DistInfo:
@@ -100,6 +120,24 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
+
+
+def sync_buffers(module: torch.nn.Module, mode: str) -> None:
+    """Make the floating-point buffers (BatchNorm running statistics) equal on every rank, so
+    the model each rank evaluates is the one rank 0 saves. Each rank updates them from its own
+    batches (DDP broadcasts rank 0's only at the next forward, DeepSpeed never): ``reduce``
+    takes the mean over ranks (timm's ``distribute_bn`` default), ``broadcast`` rank 0's."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for buffer in module.buffers():
+        if not buffer.is_floating_point():
+            continue  # num_batches_tracked: the same count on every rank
+        if mode == "broadcast":
+            dist.broadcast(buffer.data, src=0)
+        else:
+            dist.all_reduce(buffer.data)
+            buffer.data.div_(world)
 
 
 def cleanup() -> None:

@@ -181,7 +181,7 @@ class DDPEngine(Engine):
         if self.is_main:
             state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict(), **client_state}
-            save_file_atomic(state, path)
+            save_file_atomic(state, path, checksum=True)
         barrier()
 
     def load_checkpoint(self, path: str) -> dict:

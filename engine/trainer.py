@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from pipelines import LoaderSpec, build_loader
 from . import checkpoint as ckpt
 from .config import Config, save_config, to_dict
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup,
-                          init_distributed)
+                          init_distributed, stop_with_parent, sync_buffers)
 from .engines import Engine, build_engine, set_determinism
 from .evaluate import evaluate
 from .metrics import MetricsWriter, fmt, plot_curves, summary_table
@@ -154,8 +155,11 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         self.base_lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_batch, t.batch_size)
         self.state = TrainState()
+        self._buffers_synced_at = -1
         self.metrics = MetricsWriter(self.out, enabled=d.is_main)
         self.stop = StopRequested()
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive the agent
+            stop_with_parent(signal.SIGTERM)
         if d.is_main:
             save_config(cfg, self.out / "config.yaml")
             log.info("model %s: %.2fM parameters, %d classes; %s engine, %d process(es) on %s; "
@@ -171,10 +175,21 @@ class Trainer:
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "config": to_dict(self.cfg)}
 
+    def sync_buffers(self) -> None:
+        """Equal BatchNorm statistics on every rank (``train.dist_bn``), once per step: the
+        model that is evaluated is the model that is saved."""
+        if self._buffers_synced_at == self.state.step:
+            return
+        sync_buffers(self.model, self.cfg.train.dist_bn)
+        if self.ema is not None:
+            sync_buffers(self.ema.module, self.cfg.train.dist_bn)
+        self._buffers_synced_at = self.state.step
+
     def save(self) -> Path:
         path = ckpt.checkpoint_path(self.out, self.state.step, self.engine.checkpoint_suffix)
         if path.exists():  # already saved at this step (e.g. epoch end == every-N-steps)
             return path
+        self.sync_buffers()
         if not all(torch.isfinite(t).all() for t in self.model.state_dict().values()
                    if t.is_floating_point()):
             # the last step produced inf/NaN weights: never let them replace a good checkpoint
@@ -198,6 +213,7 @@ class Trainer:
                 log.warning("skipping incomplete checkpoint %s", path)
                 continue
             try:
+                ckpt.verify(path)
                 client = self.engine.load_checkpoint(str(path))
             except ckpt.CheckpointError as e:
                 if choice != "auto":
@@ -311,6 +327,7 @@ class Trainer:
                               cfg.schedule)}
         last = st.epoch + 1 == cfg.train.epochs
         if last or (st.epoch + 1) % cfg.run.eval_every_epochs == 0:
+            self.sync_buffers()
             record.update(self.run_eval())
         st.history.append(record)
         st.epoch += 1

@@ -148,6 +148,21 @@ def test_our_checkpoint_with_ddp_prefix_loads(tmp_path):
         assert torch.equal(model(x), src(x))
 
 
+def test_ema_weights_of_our_trainer_checkpoint(tmp_path):
+    """Our trainer saves the EMA under "ema": use_ema reads it (it used to look for timm's
+    "model_ema" only and fall back to the plain weights without a word)."""
+    from wrn_large.weights import read_state_dict
+
+    plain, ema = (wrn_large.create_model("wrn_16_4").state_dict() for _ in range(2))
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in ema.items()}
+    torch.save({"model": plain, "ema": ema, "step": 5}, tmp_path / "ckpt.pt")
+    got = read_state_dict(tmp_path / "ckpt.pt", use_ema=True)
+    assert all(torch.equal(got[k], ema[k]) for k in ema)
+    torch.save({"model": plain}, tmp_path / "no_ema.pt")
+    with pytest.raises(ValueError, match="no EMA weights in this checkpoint"):
+        read_state_dict(tmp_path / "no_ema.pt", use_ema=True)
+
+
 def test_pretrained_with_other_num_classes_keeps_the_backbone(tmp_path):
     tv = torchvision.models.resnet18(weights=None)
     torch.save(tv.state_dict(), tmp_path / "r18.pth")

@@ -3,7 +3,7 @@
 Our ImageNet models use torchvision's module names, so a torchvision ``resnet18``/``resnet34``/
 ``wide_resnet50_2`` state dict loads as it is. Our checkpoints store the model under ``"model"``
 (possibly with DDP's ``module.`` or torch.compile's ``_orig_mod.`` prefixes) and an EMA copy
-under ``"model_ema"``.
+under ``"ema"`` (``"model_ema"`` in timm's training scripts; both are read).
 """
 from __future__ import annotations
 
@@ -35,8 +35,14 @@ def extract_state_dict(obj: Mapping, source: str = "<state dict>",
                        use_ema: bool = False) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
-    key = "model_ema" if use_ema else "model"
-    for container in (key, "state_dict", "model"):
+    if use_ema:  # our trainer saves the EMA weights under "ema" ("model_ema": timm's scripts)
+        found = next((k for k in ("ema", "model_ema") if isinstance(obj.get(k), Mapping)), None)
+        if found is None:
+            raise ValueError(f"{source}: no EMA weights in this checkpoint (keys: "
+                             f"{', '.join(map(str, list(obj)[:8]))}); was it trained with "
+                             f"train.ema_decay > 0?")
+        obj = obj[found]
+    for container in ("state_dict", "model"):
         if container in obj and isinstance(obj[container], Mapping):
             obj = obj[container]
             break
