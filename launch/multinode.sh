@@ -18,10 +18,10 @@ if [ $# -lt 2 ]; then
 fi
 NNODES=$1; ENDPOINT=$2; shift 2
 cd "$(dirname "$0")/.."
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-    NPROC_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+    NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" ${NODE_RANK:+--node-rank="$NODE_RANK"} \
     --nproc-per-node="$NPROC_PER_NODE" \

@@ -110,3 +110,16 @@ def test_on_off_switches_in_a_yaml_file(tmp_path):
     assert (cfg.train.amp, cfg.train.compile, cfg.train.channels_last) == ("off", "off", "on")
     with pytest.raises(ConfigError, match=r"train.amp: 'on' is not one of auto, off, bf16, fp16"):
         load_config("configs/quickstart.yaml", ["train.amp=on"])
+
+
+def test_overrides_before_and_after_config(capsys):
+    """What launch/slurm.sbatch passes: its own run.output_dir, then the user's --config and
+    overrides (argparse used to reject KEY=VALUE after --config: 'unrecognized arguments')."""
+    import yaml
+
+    import train_imagenet
+    assert train_imagenet.main(["run.output_dir=/tmp/run_x", "--config", "configs/cifar/recipe.yaml",
+                                "train.epochs=3", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["run"]["output_dir"] == "/tmp/run_x" and printed["train"]["epochs"] == 3
+    assert printed["data"]["dataset"] == "cifar10"

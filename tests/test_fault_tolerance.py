@@ -34,8 +34,8 @@ def torchrun(args, overrides, env_extra=None, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", *args, str(REPO / "train_imagenet.py"),
            "--config", "configs/quickstart.yaml", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True, **popen)
     _started.append(proc)
     return proc
 
@@ -135,3 +135,37 @@ def test_second_job_on_the_same_run_directory_refuses(data, tmp_path):
     assert second.returncode == 4
     assert "in use by another training job" in second.stderr
     assert first.poll() is None            # the first job is unharmed
+
+
+def test_workers_never_outlive_a_sigkilled_agent(data, reference, tmp_path):
+    """SIGKILL the torchrun agent (the OOM killer, a crashed node agent): its workers, in
+    sessions of their own, get SIGTERM from the kernel (parent-death signal), checkpoint after
+    the current step and exit within seconds; the same command then resumes."""
+    out = tmp_path / "orphans"
+    overrides = base_overrides(data, out, **{"train.epochs": 3})
+    with open(tmp_path / "torchrun.log", "w") as log:  # a file: a pipe would wait for orphans
+        proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
+                         f"--master_port={free_port()}"], overrides, stdout=log, stderr=log)
+    wait_for_step(out, 4, proc)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = time.time()
+    while time.time() < killed_at + 20 and any(os.path.exists(f"/proc/{w}") for w in workers):
+        time.sleep(0.05)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}")]
+    for w in alive:  # do not leave them behind if the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "workers outlived their agent by 20 s"
+    saved = list_checkpoints(out)
+    assert saved, "the workers stopped without a checkpoint"
+    saved_step = int(saved[0].name[5:13])
+    assert 4 <= saved_step < STEPS, saved_step          # stopped early, after the current step
+    proc = run_training(overrides, nproc=2)             # not refused: the lock died with them
+    assert "resumed from" in proc.stdout
+    got = step_losses(out)
+    assert max(got) == STEPS
+    for s in range(saved_step + 1, STEPS + 1):
+        assert got[s] == reference[s], s
