@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# --with-slurm: also Debian's slurm-wlm and munge (the SLURM launcher tests start a throwaway
+# cluster from them; without them those tests skip with the reason). Needs root and apt-get.
+if [ "${1:-}" = "--with-slurm" ] && ! command -v slurmctld >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge
+    else
+        echo "install.sh: --with-slurm needs root and apt-get; the SLURM tests will skip" >&2
+    fi
+fi
+
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 # detectron2 is not on PyPI under its own name: sal-detectron2 0.7.2 is a wheel of upstream

@@ -1,0 +1,147 @@
+"""A throwaway SLURM cluster on 127.0.0.1 for the launcher tests: munged, slurmctld and two
+slurmd (node1, node2: Debian's build allows several slurmd on one host), every file in a temp
+folder, daemons started in the foreground and stopped by PID. ``SlurmCluster.skip_reason()``
+says why one cannot start (no binaries, not root)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class SlurmCluster:
+    NODES = ("node1", "node2")
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    @staticmethod
+    def skip_reason() -> str | None:
+        missing = [d for d in DAEMONS if shutil.which(d) is None]
+        if missing:
+            return f"SLURM/munge not installed ({', '.join(missing)}: apt-get install slurm-wlm munge)"
+        if os.geteuid() != 0:
+            return "the throwaway SLURM cluster runs its daemons as root"
+        return None
+
+    def start(self) -> "SlurmCluster":
+        r = self.root
+        for d in ("state", "munge", *(f"spool_{n}" for n in self.NODES)):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        sock = r / "munge" / "munge.sock"
+        self._spawn(["munged", "--foreground", "--force", f"--key-file={key}",
+                     f"--socket={sock}", f"--pid-file={r / 'munge' / 'munged.pid'}",
+                     f"--log-file={r / 'munge' / 'munged.log'}",
+                     f"--seed-file={r / 'munge' / 'munge.seed'}"], "munged")
+        self._wait(lambda: sock.exists(), "munged socket")
+        ctld, slurmd, *node_ports = _free_ports(2 + len(self.NODES))
+        host = socket.gethostname()
+        nodes = "\n".join(
+            f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={p} CPUs={os.cpu_count()} "
+            f"RealMemory=4000 State=UNKNOWN" for n, p in zip(self.NODES, node_ports))
+        self.conf.write_text(f"""ClusterName=wrntest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld}
+SlurmdPort={slurmd}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock}
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={r / 'state'}
+SlurmdSpoolDir={r}/spool_%n
+SlurmctldPidFile={r / 'slurmctld.pid'}
+SlurmdPidFile={r}/slurmd_%n.pid
+SlurmctldLogFile={r / 'slurmctld.log'}
+SlurmdLogFile={r}/slurmd_%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+KillWait=60
+{nodes}
+PartitionName=debug Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
+""")
+        self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
+        time.sleep(1)
+        for n in self.NODES:
+            self._spawn(["slurmd", "-D", "-N", n, "-f", str(self.conf)], f"slurmd_{n}")
+        self._wait(self._nodes_idle, "both nodes idle in sinfo", timeout=60)
+        return self
+
+    def _spawn(self, cmd: list[str], name: str) -> None:
+        log = open(self.root / f"{name}.out", "w")
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log,
+                                           start_new_session=True))
+
+    def _nodes_idle(self) -> bool:
+        out = self.run(["sinfo", "-h", "-o", "%t %D"], check=False).stdout.split()
+        return out[:2] == ["idle", str(len(self.NODES))]
+
+    def _wait(self, ready, what: str, timeout: float = 30) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                return
+            dead = [p.args[0] for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead} exited while waiting for {what}: see {self.root}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{what}: not ready after {timeout} s (logs in {self.root})")
+
+    def run(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env={**self.env, **kw.pop("env", {})}, capture_output=True,
+                              text=True, check=check, timeout=kw.pop("timeout", 60), **kw)
+
+    def job_state(self, job_id: str) -> str:
+        out = self.run(["scontrol", "show", "job", job_id], check=False).stdout
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "UNKNOWN"
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float = 600) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.job_state(job_id)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} never reached {states} (now {self.job_state(job_id)})")
+
+    def stop(self) -> None:
+        subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True)
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()

@@ -1,0 +1,133 @@
+"""launch/slurm.sbatch under a real SLURM (tests/slurm_cluster.py: munged, slurmctld and two
+slurmd on 127.0.0.1), submitted from a fresh clone as the README says: training over 2 nodes,
+and the stop cases of the script's header, each with its checkpoint and (for a requeue) the
+resumed run. Skips with the reason where the daemons cannot run (not installed, not root)."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slurm_cluster import SlurmCluster
+from trainer_utils import REPO, base_overrides, free_port, make_folder
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+_reason = SlurmCluster.skip_reason()
+if _reason:
+    pytestmark.append(pytest.mark.skip(reason=_reason))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A fresh clone, as a cluster user has it (no .venv: PYTHON names the test's interpreter),
+    with the working tree's version of every tracked file (the code under test)."""
+    dest = tmp_path_factory.mktemp("clone") / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout
+    pack = subprocess.run(["tar", "--null", "-T", "-", "-cf", "-"], cwd=REPO, input=files,
+                          capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-xf", "-", "-C", str(dest)], input=pack, check=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("folder"))
+
+
+def submit(cluster, clone, overrides, name):
+    cmd = ["sbatch", "--parsable", f"--job-name={name}",
+           f"--export=ALL,PYTHON={sys.executable},MASTER_PORT={free_port()},PYTHONPATH={clone}",
+           "launch/slurm.sbatch", "--config", "configs/quickstart.yaml", *overrides]
+    return cluster.run(cmd, cwd=clone).stdout.strip().split(";")[0]
+
+
+def steps_done(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max((r["step"] for r in rows if r["type"] == "train"), default=0)
+
+
+def wait_for_step(cluster, job, run_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if steps_done(run_dir) >= step:
+            return
+        state = cluster.job_state(job)
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, log_of(run_dir))
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def log_of(run_dir):
+    path = run_dir / "train.log"
+    return path.read_text()[-3000:] if path.exists() else "(no train.log)"
+
+
+def checkpoints(run_dir):
+    return sorted(int(p.name[5:13]) for p in (run_dir / "checkpoints").glob("step_*.pt"))
+
+
+def test_two_nodes_train_from_a_fresh_clone_in_the_readme_order(cluster, clone, data):
+    out = clone / "runs" / "two_nodes"
+    job = submit(cluster, clone, base_overrides(data, out, **{"train.epochs": 2}), "two")
+    state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    slurm_log = (clone / "logs" / f"two-{job}.out").read_text()
+    assert state == "COMPLETED", slurm_log[-3000:]
+    assert "2 process(es)" in (out / "train.log").read_text()      # one rank on each node
+    assert steps_done(out) == 12                                   # 48 images / global batch 8, 2 epochs
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, clone, data):
+    """The time-limit path (--signal=B:USR1@180), by hand: scancel --batch --signal=USR1."""
+    out = clone / "runs" / "requeue"
+    job = submit(cluster, clone, base_overrides(data, out, **{"train.epochs": 40}), "requeue")
+    wait_for_step(cluster, job, out, 3)
+    cluster.run(["scancel", "--batch", "--signal=USR1", job])
+    deadline = time.time() + 300
+    while time.time() < deadline:  # requeued jobs are held ~2 min: release once steps ended
+        state = cluster.job_state(job)
+        if state == "PENDING" and cluster.run(["scontrol", "update", f"JobId={job}",
+                                               "StartTime=now"], check=False).returncode == 0:
+            break
+        time.sleep(1)
+    saved = checkpoints(out)
+    assert saved and 3 <= saved[-1] < 240 and saved[-1] % 6, (saved, log_of(out))  # mid-epoch
+    wait_for_step(cluster, job, out, saved[-1] + 1)
+    assert f"resumed from {out}/checkpoints/step_{saved[-1]:08d}.pt" in (out / "train.log").read_text()
+    cluster.run(["scancel", job])
+    cluster.wait_state(job, {"CANCELLED"})
+
+
+def test_batch_term_checkpoints_and_ends(cluster, clone, data):
+    out = clone / "runs" / "stop"
+    job = submit(cluster, clone, base_overrides(data, out, **{"train.epochs": 40}), "stop")
+    wait_for_step(cluster, job, out, 3)
+    cluster.run(["scancel", "--batch", "--signal=TERM", job])
+    state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "PENDING"})
+    assert state != "PENDING", "requeued"
+    time.sleep(3)
+    assert cluster.job_state(job) == state                          # and not requeued later
+    saved = checkpoints(out)
+    assert saved and saved[-1] >= 3 and saved[-1] % 6, (saved, log_of(out))   # mid-epoch
+
+
+def test_plain_scancel_ends_without_requeue(cluster, clone, data):
+    out = clone / "runs" / "cancel"
+    job = submit(cluster, clone, base_overrides(data, out, **{"train.epochs": 40}), "cancel")
+    wait_for_step(cluster, job, out, 3)
+    cluster.run(["scancel", job])
+    assert cluster.wait_state(job, {"CANCELLED", "PENDING"}) == "CANCELLED"
+    time.sleep(5)
+    assert cluster.job_state(job) == "CANCELLED"                   # the trap did not requeue it
