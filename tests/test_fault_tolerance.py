@@ -169,3 +169,21 @@ def test_workers_never_outlive_a_sigkilled_agent(data, reference, tmp_path):
     assert max(got) == STEPS
     for s in range(saved_step + 1, STEPS + 1):
         assert got[s] == reference[s], s
+
+
+def test_multinode_script_with_two_simulated_nodes(data, reference, tmp_path):
+    """launch/multinode.sh run twice on 127.0.0.1, as on two nodes (c10d assigns the ranks)."""
+    out = tmp_path / "multinode"
+    # NPROC_PER_NODE unset: the script asks $PYTHON for the GPU count (0 here: one process)
+    env = {k: v for k, v in os.environ.items() if k != "NPROC_PER_NODE"}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = ["bash", "launch/multinode.sh", "2", f"127.0.0.1:{free_port()}",
+            "--config", "configs/quickstart.yaml", *base_overrides(data, out, **{"train.epochs": 3})]
+    nodes = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), logs[0][-3000:] + logs[1][-3000:]
+    got = step_losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in got:
+        assert got[s] == pytest.approx(reference[s], rel=1e-6), s

@@ -89,6 +89,17 @@ def test_two_nodes_train_from_a_fresh_clone_in_the_readme_order(cluster, clone, 
     assert steps_done(out) == 12                                   # 48 images / global batch 8, 2 epochs
 
 
+def test_deepspeed_engine_over_two_nodes(cluster, clone, data):
+    """The DeepSpeed engine under srun + torchrun (what replaces `deepspeed --hostfile`)."""
+    out = clone / "runs" / "deepspeed"
+    job = submit(cluster, clone, base_overrides(data, out, **{"train.epochs": 1,
+                                                               "engine.name": "deepspeed"}), "ds")
+    state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    assert state == "COMPLETED", (clone / "logs" / f"ds-{job}.out").read_text()[-3000:]
+    assert "deepspeed engine, 2 process(es)" in (out / "train.log").read_text()
+    assert (out / "checkpoints" / "step_00000006" / "weights.pt").is_file()
+
+
 def test_usr1_checkpoints_requeues_and_resumes(cluster, clone, data):
     """The time-limit path (--signal=B:USR1@180), by hand: scancel --batch --signal=USR1."""
     out = clone / "runs" / "requeue"
