@@ -135,7 +135,16 @@ PartitionName=debug Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE St
         raise TimeoutError(f"job {job_id} never reached {states} (now {self.job_state(job_id)})")
 
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True)
+        """Cancel every job and let its steps end (a slurmstepd outlives a stopped slurmd and
+        would keep a job's processes), then stop the daemons by PID."""
+        subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True,
+                       timeout=30)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            jobs = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+            if not jobs:
+                break
+            time.sleep(0.5)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
