@@ -42,6 +42,9 @@ class OptimConfig:
     weight_decay: float = 1e-4
     no_weight_decay_on_bn: bool = False  # modern recipes skip wd on BN and biases
     clip_grad_norm: float = 0.0     # 0 = off (the paper's recipes do not clip)
+    # a fresh optimizer (empty momentum buffers) at every lr drop of the step schedule, as the
+    # official WRN code (train.lua L182-183, pytorch/main.py L162-164); off: keep the momentum
+    fresh_at_lr_drops: bool = False
 
 
 @dataclass
@@ -49,6 +52,10 @@ class ScheduleConfig:
     name: Literal["step", "cosine"] = "step"
     milestones: list = field(default_factory=lambda: [30, 60, 80])  # epochs (step)
     gamma: float = 0.1              # lr factor at each milestone (step)
+    # when milestone m takes effect: after_epochs = after m full epochs (fb.resnet.torch's
+    # floor((epoch-1)/30), torch's MultiStepLR); start_of_epoch = when 1-based epoch m starts,
+    # so m-1 epochs at the old lr (the official WRN CIFAR/SVHN code: train.lua L174-181)
+    milestone_rule: Literal["after_epochs", "start_of_epoch"] = "after_epochs"
     warmup_epochs: float = 0.0      # linear warmup from warmup_factor * lr
     warmup_factor: float = 0.0
     min_lr: float = 0.0             # floor of the cosine schedule

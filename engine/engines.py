@@ -112,6 +112,15 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def clear_optimizer_state(self) -> None:
+        """Empty the optimizer's per-parameter state (SGD's momentum buffers): from here it
+        steps as a freshly built optimizer would. Wrappers (DeepSpeed's) hold the torch
+        optimizer that owns the state as ``.optimizer``."""
+        optimizer = self.optimizer
+        while not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        optimizer.state.clear()
+
     def train_step(self, micro_batches: Iterable, loss_fn) -> torch.Tensor:
         """Forward/backward every micro-batch and step; returns the mean loss (0-dim, detached)."""
         raise NotImplementedError

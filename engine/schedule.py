@@ -16,9 +16,22 @@ def lr_at(step: int, base_lr: float, steps_per_epoch: int, epochs: int,
     epoch = step / steps_per_epoch
     if epoch < cfg.warmup_epochs:
         return base_lr * (cfg.warmup_factor + (1 - cfg.warmup_factor) * epoch / cfg.warmup_epochs)
-    if cfg.name == "step":  # drops at epoch boundaries, as fb.resnet.torch and the paper
-        drops = sum(1 for m in cfg.milestones if step // steps_per_epoch >= m)
-        return base_lr * cfg.gamma ** drops
+    if cfg.name == "step":
+        return base_lr * cfg.gamma ** drops_before(step, steps_per_epoch, cfg)
     # cosine from the end of warmup to the last step
     t = (epoch - cfg.warmup_epochs) / max(epochs - cfg.warmup_epochs, 1e-8)
     return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def drops_before(step: int, steps_per_epoch: int, cfg: ScheduleConfig) -> int:
+    """How many milestones of the step schedule have taken effect at ``step`` (0-based)."""
+    epoch = step // steps_per_epoch            # 0-based epoch; its 1-based number is epoch + 1
+    if cfg.milestone_rule == "start_of_epoch":
+        epoch += 1
+    return sum(1 for m in cfg.milestones if epoch >= m)
+
+
+def is_lr_drop(step: int, steps_per_epoch: int, cfg: ScheduleConfig) -> bool:
+    """Whether ``step`` is the first step at a new lr of the step schedule."""
+    return (cfg.name == "step" and step > 0 and
+            drops_before(step, steps_per_epoch, cfg) > drops_before(step - 1, steps_per_epoch, cfg))

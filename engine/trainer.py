@@ -23,7 +23,7 @@ from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, c
 from .engines import Engine, build_engine, set_determinism
 from .evaluate import evaluate
 from .metrics import MetricsWriter, fmt, plot_curves, summary_table
-from .schedule import lr_at, scaled_lr
+from .schedule import is_lr_drop, lr_at, scaled_lr
 from .state import TrainState, gather_rng_states, seed_process, set_rng_state
 
 log = logging.getLogger("wrn_large.train")
@@ -274,6 +274,9 @@ class Trainer:
         for _ in range(done, spe):
             lr = lr_at(st.step, self.base_lr, spe, cfg.train.epochs, cfg.schedule)
             self.engine.set_lr(lr)
+            if cfg.optim.fresh_at_lr_drops and is_lr_drop(st.step, spe, cfg.schedule):
+                self.engine.clear_optimizer_state()
+                log.info("lr drop to %g at step %d: fresh optimizer state", lr, st.step)
             loss = self.engine.train_step(self.micro_batches(iterator), self.loss_fn)
             loss_value, stop = reduce_step(loss, self.stop.flag, self.dist.world_size)
             st.step += 1

@@ -25,6 +25,8 @@ class DataConfig:
     min_crop_area: float = 0.08    # random-resized-crop scale range lower bound (ImageNet)
     augment: bool = True           # CIFAR: pad-4 random crop + flip; ImageNet: RRC + flip
     normalization: str = "meanstd"  # meanstd | zca (CIFAR) | scale (divide by 255: SVHN)
+    mean: list | None = None       # cifar/svhn meanstd: per-channel mean, 0-255 (None: fitted)
+    std: list | None = None        # cifar/svhn meanstd: per-channel std, 0-255 (None: fitted)
     workers: int = 2               # DALI threads / DataLoader workers per process
     resize_with: str = "auto"      # dali: auto (DALI's resize on the GPU, torch's uint8 kernel on the CPU) | dali | torch
     channels_last: bool = False    # NHWC memory format for the produced images
@@ -149,4 +151,7 @@ def resolve_backend(name: str) -> str:
 
 
 def build_loader(cfg: DataConfig, spec: LoaderSpec) -> Loader:
+    if (cfg.mean is not None or cfg.std is not None) and cfg.dataset == "imagenet":
+        raise ValueError("data.mean/data.std set the CIFAR/SVHN normalisation; ImageNet "
+                         "pipelines use ImageNet's constants")
     return _backends[resolve_backend(cfg.backend)](cfg, spec)

@@ -14,9 +14,11 @@ loader serves every backend (``torch`` and ``dali``): for 32x32 images already i
 graph has nothing to decode and would only add a host round trip.
 
 Normalisation (``data.normalization``), fitted on the training split:
-``meanstd`` per-channel mean/std; ``zca`` ZCA whitening of the [0, 1]-scaled images
-(epsilon ``ZCA_EPSILON``; fitted once and cached next to the data, or under
-``~/.cache/wrn_large`` when ``root`` is read-only); ``scale`` divides by 255 (SVHN).
+``meanstd`` per-channel mean/std on the 0-255 scale (``data.mean``/``data.std``, else fitted);
+``zca`` as pylearn2's ``make_cifar10_gcn_whitened.py``, the paper's ZCA inputs: global contrast
+normalisation of each image (L2 norm ``GCN_SCALE``), then ZCA whitening with ``filter_bias``
+``ZCA_FILTER_BIAS`` (fitted once and cached next to the data, or under ``~/.cache/wrn_large``
+when ``root`` is read-only); ``scale`` divides by 255 (SVHN).
 Augmentation (``data.augment``, the paper's): reflect-pad 4, random 32x32 crop, horizontal flip,
 applied after normalisation, with each sample's crop and flip a function of
 (seed, epoch, sample index) (``sample_rng``), so resumes and any process count replay exactly.
@@ -37,7 +39,11 @@ from .base import DataConfig, EpochOrder, LoaderSpec
 from .sample_rng import sample_uniforms
 
 PAD = 4
-ZCA_EPSILON = 1e-2
+# pylearn2's make_cifar10_gcn_whitened.py, which made the paper's ZCA inputs (the official
+# README, "CIFAR-10 whitened (using pylearn2)"): CIFAR10(gcn=55.), then ZCA() with its default
+# filter_bias 0.1
+GCN_SCALE = 55.0
+ZCA_FILTER_BIAS = 0.1
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 
 
@@ -102,35 +108,53 @@ def _zca_cache_path(dataset: str, root: Path, key: str) -> Path:
     return cache / name
 
 
-def fit_zca(images: np.ndarray, epsilon: float = ZCA_EPSILON) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean (D,), W (D, D)) with D = C*H*W in CHW order: whitened = (x/255 - mean) @ W, where
-    W = U diag(1/sqrt(s + epsilon)) U^T for the eigen-decomposition U diag(s) U^T of the
-    covariance. With fewer images than dimensions the same W comes from the N x N Gram matrix
-    (W = I/sqrt(eps) + V diag(1/sqrt(s + eps) - 1/sqrt(eps)) V^T over its non-null space)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).reshape(len(images), -1).double() / 255
+def global_contrast_normalize(x: torch.Tensor, scale: float = GCN_SCALE,
+                              min_divisor: float = 1e-8) -> torch.Tensor:
+    """pylearn2's ``global_contrast_normalize`` with its defaults (subtract_mean, L2 norm,
+    sqrt_bias 0): each row minus its mean, scaled to L2 norm ``scale``; a constant row stays 0."""
+    x = x - x.mean(1, keepdim=True)
+    norm = torch.sqrt((x * x).sum(1, keepdim=True)) / scale
+    return x / torch.where(norm < min_divisor, torch.ones_like(norm), norm)
+
+
+def fit_zca(x: torch.Tensor, filter_bias: float = ZCA_FILTER_BIAS
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """pylearn2's ``ZCA.fit`` for rows ``x`` (N, D): (mean (D,), P (D, D)) with
+    whitened = (x - mean) @ P and P = U diag(1/sqrt(s)) U^T for the eigen-decomposition
+    U diag(s) U^T of ``cov + filter_bias * I`` (cov divided by N). With fewer rows than columns
+    the same P comes from the N x N Gram matrix (P = I/sqrt(b) + V diag(1/sqrt(s + b) -
+    1/sqrt(b)) V^T over the covariance's non-null space)."""
+    x = x.double()
     n, d = x.shape
     mean = x.mean(0)
-    x -= mean
+    x = x - mean
     if n >= d:
         s, u = torch.linalg.eigh(x.T @ x / n)
-        w = (u * (1.0 / torch.sqrt(s.clamp(min=0) + epsilon))) @ u.T
+        w = (u * (1.0 / torch.sqrt(s.clamp(min=0) + filter_bias))) @ u.T
         return mean.float(), w.float()
     g, v = torch.linalg.eigh(x @ x.T)          # X X^T = V diag(g) V^T, g = n * cov eigenvalues
     keep = g > g.max() * 1e-10
     u = x.T @ (v[:, keep] / torch.sqrt(g[keep]))  # orthonormal eigenvectors of the covariance
-    scale = 1.0 / torch.sqrt(g[keep] / n + epsilon) - 1.0 / np.sqrt(epsilon)
-    w = (u * scale) @ u.T + torch.eye(d, dtype=x.dtype) / np.sqrt(epsilon)
+    scale = 1.0 / torch.sqrt(g[keep] / n + filter_bias) - 1.0 / np.sqrt(filter_bias)
+    w = (u * scale) @ u.T + torch.eye(d, dtype=x.dtype) / np.sqrt(filter_bias)
     return mean.float(), w.float()
 
 
+def as_rows(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC images -> float rows in CHW order (the CIFAR pickles' layout)."""
+    return images.permute(0, 3, 1, 2).reshape(len(images), -1).float()
+
+
 def zca_cached(dataset: str, root: str, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ZCA of the GCN'd training images, fitted once and kept next to the data."""
     key = hashlib.sha1(images[:: max(1, len(images) // 64)].tobytes()
-                       + str((images.shape, ZCA_EPSILON)).encode()).hexdigest()[:12]
+                       + str((images.shape, GCN_SCALE, ZCA_FILTER_BIAS)).encode()).hexdigest()[:12]
     path = _zca_cache_path(dataset, Path(root), key)
     if path.is_file():
         saved = torch.load(path)
         return saved["mean"], saved["w"]
-    mean, w = fit_zca(images)
+    rows = global_contrast_normalize(as_rows(torch.from_numpy(images)).double())
+    mean, w = fit_zca(rows)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save({"mean": mean, "w": w}, tmp)
     os.replace(tmp, path)  # atomic: concurrent ranks write the same content
@@ -144,12 +168,17 @@ class Normalizer:
         self.kind = cfg.normalization
         if self.kind == "scale":
             return
-        train, _ = _train_arrays(cfg.dataset, str(cfg.root), cfg.svhn_extra)
         if self.kind == "meanstd":
-            x = torch.from_numpy(train).reshape(-1, 3).double()
-            self.mean = x.mean(0).float().to(device)
-            self.std = x.std(0).float().to(device)
+            mean, std = cfg.mean, cfg.std
+            if mean is None or std is None:
+                train, _ = _train_arrays(cfg.dataset, str(cfg.root), cfg.svhn_extra)
+                x = torch.from_numpy(train).reshape(-1, 3).double()
+                mean = x.mean(0).tolist() if mean is None else mean
+                std = x.std(0).tolist() if std is None else std
+            self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
+            self.std = torch.tensor(std, dtype=torch.float32, device=device)
         elif self.kind == "zca":
+            train, _ = _train_arrays(cfg.dataset, str(cfg.root), cfg.svhn_extra)
             mean, w = zca_cached(cfg.dataset, str(cfg.root), train)
             self.mean, self.w = mean.to(device), w.to(device)
         else:
@@ -163,8 +192,8 @@ class Normalizer:
             x = (x - self.mean) / self.std
         else:
             n, h, w, c = x.shape
-            flat = x.permute(0, 3, 1, 2).reshape(n, -1) / 255
-            x = ((flat - self.mean) @ self.w).view(n, c, h, w).permute(0, 2, 3, 1)
+            rows = global_contrast_normalize(as_rows(x))
+            x = ((rows - self.mean) @ self.w).view(n, c, h, w).permute(0, 2, 3, 1)
         return x.permute(0, 3, 1, 2)
 
 

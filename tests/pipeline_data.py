@@ -32,19 +32,19 @@ def write_cifar(root: Path, classes: int = 10, per_batch: int = 20, test: int = 
             test_x, test_y)
 
 
-def write_svhn(root: Path, train: int = 50, test: int = 20, seed: int = 0):
-    """train_32x32.mat / test_32x32.mat (X 32x32x3xN uint8, y Nx1 in 1..10, 10 = digit 0).
-    Returns (train NHWC, train digits, test NHWC, test digits)."""
+def write_svhn(root: Path, train: int = 50, test: int = 20, seed: int = 0, extra: int = 0):
+    """train_32x32.mat / test_32x32.mat, and extra_32x32.mat if ``extra`` (X 32x32x3xN uint8,
+    y Nx1 in 1..10, 10 = digit 0). Returns (train NHWC, train digits, test NHWC, test digits)."""
     from scipy.io import savemat
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, n in (("train", train), ("test", test)):
+    for name, n in (("train", train), ("test", test), ("extra", extra))[:3 if extra else 2]:
         x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
         y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
         savemat(root / f"{name}_32x32.mat", {"X": x, "y": y})
         out += [x.transpose(3, 0, 1, 2), np.where(y[:, 0] == 10, 0, y[:, 0]).astype(np.int64)]
-    return tuple(out)
+    return tuple(out[:4])
 
 
 def write_jpeg_folder(root: Path, classes=("b_cls", "a_cls", "c_cls"), per_class: int = 6,

@@ -119,13 +119,6 @@ def test_block_types(name):
         "-")[-1].split(" ")[0]
 
 
-def test_he_init_fan_out():
-    model = wrn_large.create_model("wrn_28_10")
-    w = model.layer3[0].convs[1].weight  # 640 -> 640, 3x3
-    expected_std = (2.0 / (9 * 640)) ** 0.5
-    assert abs(w.std().item() / expected_std - 1) < 0.02
-
-
 @pytest.mark.parametrize("tv_name, ours", [("resnet18", "wrn18_x1"), ("resnet34", "wrn34_x1"),
                                           ("wide_resnet50_2", "wrn50_2_bottleneck")])
 def test_torchvision_weights_load_with_identical_outputs(tv_name, ours, tmp_path):

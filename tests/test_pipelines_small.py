@@ -128,10 +128,10 @@ def test_pad_crop_flip_identity_offsets():
 
 def test_zca_gram_path_equals_covariance_path():
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)  # D = 48
-    mean_cov, w_cov = fit_zca(images)           # N >= D: covariance eigh
-    mean_gram, w_gram = fit_zca(images[:30])    # N < D: Gram path ...
-    mean_ref, w_ref = fit_zca(np.concatenate([images[:30]] * 2))  # ... vs covariance of a copy
+    rows = torch.from_numpy(rng.integers(0, 256, (40, 48)).astype(np.float64))  # D = 48
+    mean_cov, w_cov = fit_zca(rows)             # N >= D: covariance eigh
+    mean_gram, w_gram = fit_zca(rows[:30])      # N < D: Gram path ...
+    mean_ref, w_ref = fit_zca(torch.cat([rows[:30]] * 2))  # ... vs covariance of a copy
     torch.testing.assert_close(w_gram, w_ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(mean_gram, mean_ref)
     assert mean_cov.shape == (48,) and w_cov.shape == (48, 48)

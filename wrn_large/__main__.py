@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no model matches {args.pattern!r}; try `python -m wrn_large` for all")
     print(format_table([describe(n) for n in names]))
     print("\nGFLOPs are multiply-adds of one forward pass at 32x32 (cifar) or 224x224 (imagenet).")
+    print("Init: cifar = the authors' code (conv fan-in, BatchNorm weight U(0, 1)), or\n"
+          "init=torchvision; imagenet = torchvision's (conv fan-out, BatchNorm weight 1).")
     return 0
 
 

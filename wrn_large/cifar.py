@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._features import FeatureInfo
-from ._init import he_init
+from ._init import InitScheme, init_weights
 from ._registry import register_model
 
 # The block types studied in the paper (Tables 2 and 3); any sequence of 1s and 3s is accepted.
@@ -85,7 +85,8 @@ class PreActBlock(nn.Module):
 class WideResNetCIFAR(nn.Module):
     def __init__(self, depth: int = 28, widen_factor: float = 10, dropout: float = 0.0,
                  block_type: str | Sequence[int] = "B(3,3)", num_classes: int = 10,
-                 in_chans: int = 3, blocks_per_group: int | None = None):
+                 in_chans: int = 3, blocks_per_group: int | None = None,
+                 init: InitScheme = "official"):
         super().__init__()
         kernels = parse_block_type(block_type)
         n = blocks_per_group or blocks_per_group_for(depth)
@@ -109,7 +110,7 @@ class WideResNetCIFAR(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
         self.feature_info = [FeatureInfo(f"res{i + 2}", w, s)
                              for i, (w, s) in enumerate(zip(widths, (1, 2, 4)))]
-        he_init(self, zero_linear_bias=True)
+        init_weights(self, init, zero_linear_bias=True)  # see _init.py
 
     def forward_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Outputs of the three groups, keyed res2..res4 (strides 1, 2, 4).
@@ -135,17 +136,18 @@ class WideResNetCIFAR(nn.Module):
 @register_model(family="cifar")
 def wrn_cifar(depth: int = 28, widen_factor: float = 10, dropout: float = 0.0,
               block_type: str = "B(3,3)", num_classes: int = 10, in_chans: int = 3,
-              blocks_per_group: int | None = None):
+              blocks_per_group: int | None = None, init: InitScheme = "official"):
     """WRN-n-k for 32x32 inputs (CIFAR-10/100, SVHN), any depth, width and block type."""
     return WideResNetCIFAR(depth, widen_factor, dropout, block_type, num_classes, in_chans,
-                           blocks_per_group)
+                           blocks_per_group, init)
 
 
 def _preset(name: str, depth: int, k: int, params_m: str | None, table: str,
             block_type: str = "B(3,3)", blocks_per_group: int | None = None):
-    def builder(dropout: float = 0.0, num_classes: int = 10, in_chans: int = 3):
+    def builder(dropout: float = 0.0, num_classes: int = 10, in_chans: int = 3,
+                init: InitScheme = "official"):
         return WideResNetCIFAR(depth, k, dropout, block_type, num_classes, in_chans,
-                               blocks_per_group)
+                               blocks_per_group, init)
 
     builder.__name__ = name
     count = f": {params_m}M parameters" if params_m else ""

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ._features import FeatureInfo
-from ._init import he_init
+from ._init import init_weights
 from ._registry import register_model
 
 
@@ -117,7 +117,7 @@ class WideResNetImageNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes)
-        he_init(self, zero_linear_bias=False)
+        init_weights(self, "torchvision", zero_linear_bias=False)  # see _init.py
         if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
