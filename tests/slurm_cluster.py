@@ -27,6 +27,13 @@ def _free_ports(n: int) -> list[int]:
 
 class SlurmCluster:
     NODES = ("node1", "node2")
+    # how long a requeued job is held before it may start again (SLURM's default: 120 s). The
+    # hold is what lets the nodes revoke the previous run's credential: releasing a requeued
+    # job early (scontrol update StartTime=now) can fail it with "Job credential revoked".
+    CRED_EXPIRE_S = 10
+    # a job of partition "urgent" preempts those of "debug" (PreemptMode=REQUEUE): they get
+    # SIGTERM, then SIGKILL after GraceTime
+    GRACE_TIME_S = 60
 
     def __init__(self, root: Path):
         self.root = root
@@ -67,7 +74,7 @@ SlurmctldPort={ctld}
 SlurmdPort={slurmd}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={sock}
+AuthInfo=socket={sock},cred_expire={self.CRED_EXPIRE_S}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r / 'state'}
@@ -84,8 +91,11 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=60
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 {nodes}
-PartitionName=debug Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
+PartitionName=debug Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE PriorityTier=1 PreemptMode=REQUEUE GraceTime={self.GRACE_TIME_S}
+PartitionName=urgent Nodes={','.join(self.NODES)} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """)
         self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
         time.sleep(1)

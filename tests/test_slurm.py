@@ -44,8 +44,8 @@ def data(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("folder"))
 
 
-def submit(cluster, clone, overrides, name):
-    cmd = ["sbatch", "--parsable", f"--job-name={name}",
+def submit(cluster, clone, overrides, name, sbatch_options=()):
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", *sbatch_options,
            f"--export=ALL,PYTHON={sys.executable},MASTER_PORT={free_port()},PYTHONPATH={clone}",
            "launch/slurm.sbatch", "--config", "configs/quickstart.yaml", *overrides]
     return cluster.run(cmd, cwd=clone).stdout.strip().split(";")[0]
@@ -65,24 +65,22 @@ def wait_for_step(cluster, job, run_dir, step, timeout=300):
         if steps_done(run_dir) >= step:
             return
         state = cluster.job_state(job)
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, log_of(run_dir))
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, log_of(run_dir, job))
         time.sleep(0.2)
     raise TimeoutError(f"step {step} not reached")
 
 
-def requeued_then_released(cluster, job, run_dir, timeout=300):
-    """Wait until the requeued job is PENDING (its steps have ended: a requeued job is held ~2
-    min), note the last step done, release it; returns that step."""
+def requeued(cluster, job, run_dir, timeout=300):
+    """Wait until the requeued job is PENDING (its steps have ended); returns the last step
+    done. It starts again by itself after SlurmCluster.CRED_EXPIRE_S."""
     deadline = time.time() + timeout
-    while time.time() < deadline and cluster.job_state(job) != "PENDING":
+    while (state := cluster.job_state(job)) != "PENDING":
+        assert state in ("RUNNING", "COMPLETING"), (f"job {job} was not requeued: {state}",
+                                                     log_of(run_dir, job))
+        if time.time() > deadline:
+            raise TimeoutError(f"job {job} was not requeued (state {state})")
         time.sleep(0.5)
-    last = steps_done(run_dir)
-    while time.time() < deadline:
-        if cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
-                       check=False).returncode == 0:
-            return last
-        time.sleep(1)
-    raise TimeoutError(f"job {job} was not requeued (state {cluster.job_state(job)})")
+    return steps_done(run_dir)
 
 
 def assert_no_work_lost(run_dir, last_step):
@@ -94,9 +92,14 @@ def assert_no_work_lost(run_dir, last_step):
     return last_step
 
 
-def log_of(run_dir):
+def log_of(run_dir, job=None):
+    """The ends of the run's train.log and of the job's SLURM output (logs/<name>-<job>.out)."""
     path = run_dir / "train.log"
-    return path.read_text()[-3000:] if path.exists() else "(no train.log)"
+    text = path.read_text()[-3000:] if path.exists() else "(no train.log)"
+    if job is not None:
+        for out in (run_dir.parent.parent / "logs").glob(f"*-{job}.out"):
+            text += f"\n--- {out.name}:\n" + out.read_text()[-3000:]
+    return text
 
 
 def checkpoints(run_dir):
@@ -124,25 +127,29 @@ def test_deepspeed_engine_over_two_nodes(cluster, clone, data):
     assert (out / "checkpoints" / "step_00000006" / "weights.pt").is_file()
 
 
-def test_usr1_checkpoints_requeues_and_resumes(cluster, clone, data):
-    """The time-limit path (--signal=B:USR1@180), by hand: scancel --batch --signal=USR1."""
-    out = clone / "runs" / "requeue"
-    job = submit(cluster, clone, base_overrides(data, out, **{"train.epochs": 40}), "requeue")
-    wait_for_step(cluster, job, out, 3)
-    cluster.run(["scancel", "--batch", "--signal=USR1", job])
-    saved = assert_no_work_lost(out, requeued_then_released(cluster, job, out))
-    wait_for_step(cluster, job, out, saved + 1)
-    assert f"resumed from {out}/checkpoints/step_{saved:08d}" in (out / "train.log").read_text()
-    cluster.run(["scancel", job])
-    cluster.wait_state(job, {"CANCELLED"})
+REQUEUE_CASES = {  # sbatch options, and the command that stops the job (None: it stops itself)
+    # a real time limit: USR1 to the batch shell 30 s before it (SLURM sends it up to 60 s
+    # early), the script's --signal=B:USR1@180 with a limit a test can wait for
+    "time_limit": (["--time=2", "--signal=B:USR1@30"], None),
+    # the same path by hand
+    "usr1": ([], lambda job: ["scancel", "--batch", "--signal=USR1", job]),
+    "scontrol": ([], lambda job: ["scontrol", "requeue", job]),
+    # PreemptMode=REQUEUE: a job of a higher-priority partition needs both nodes
+    "preemption": ([], lambda job: ["sbatch", "--partition=urgent", "--nodes=2", "--exclusive",
+                                    "--output=/dev/null", "--wrap", "sleep 5"]),
+}
 
 
-def test_scontrol_requeue_checkpoints_and_resumes(cluster, clone, data):
-    out = clone / "runs" / "scontrol_requeue"
-    job = submit(cluster, clone, base_overrides(data, out, **{"train.epochs": 40}), "rq")
+@pytest.mark.parametrize("how", sorted(REQUEUE_CASES))
+def test_requeue_checkpoints_and_resumes(cluster, clone, data, how):
+    options, stop = REQUEUE_CASES[how]
+    out = clone / "runs" / f"requeue_{how}"
+    job = submit(cluster, clone, base_overrides(data, out, **{"train.epochs": 1000}),
+                 f"rq_{how}", options)
     wait_for_step(cluster, job, out, 3)
-    cluster.run(["scontrol", "requeue", job])
-    saved = assert_no_work_lost(out, requeued_then_released(cluster, job, out))
+    if stop is not None:
+        cluster.run(stop(job))
+    saved = assert_no_work_lost(out, requeued(cluster, job, out, timeout=200))
     wait_for_step(cluster, job, out, saved + 1)
     assert f"resumed from {out}/checkpoints/step_{saved:08d}" in (out / "train.log").read_text()
     cluster.run(["scancel", job])
