@@ -50,7 +50,7 @@ def test_imagenet_wrn_shapes_strides_channels(name, depth, width, channels):
         assert tuple(feat.shape) == (1, c, h // stride, w // stride), fname
 
 
-def test_outputs_equal_the_registry_models_forward_features():
+def test_outputs_equal_the_registry_models_feature_maps():
     """Same weights, same features: the backbone is the registry WRN minus its classifier."""
     for name, kw, out in [("wrn_imagenet", dict(depth=18, width=0.5), ("res2", "res3", "res4", "res5")),
                           ("wrn_cifar", dict(depth=10, widen_factor=1), ("res2", "res3", "res4"))]:
@@ -61,7 +61,7 @@ def test_outputs_equal_the_registry_models_forward_features():
         assert not unexpected and all(k.startswith("fc.") for k in missing), (missing, unexpected)
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
-            got, want = backbone(x), ref.forward_features(x)
+            got, want = backbone(x), ref.feature_maps(x)
         assert list(got) == list(want)
         for k in got:
             torch.testing.assert_close(got[k], want[k])

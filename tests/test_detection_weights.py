@@ -88,7 +88,7 @@ def test_trainer_checkpoint_round_trip_faster_rcnn(tmp_path, norm):
     model.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        want = model.forward_features(x)
+        want = model.feature_maps(x)
         got = det.backbone.bottom_up(x)
     for k in got:
         torch.testing.assert_close(got[k], want[k])
@@ -175,6 +175,6 @@ def test_c4_round_trip_res5_head_is_the_wrns_last_stage(tmp_path, norm):
             assert torch.equal(loaded[convert_weights._c4_name(k)], v), k
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        res4 = model.forward_features(x)["res4"]
+        res4 = model.feature_maps(x)["res4"]
         torch.testing.assert_close(det.backbone(x)["res4"], res4)
         torch.testing.assert_close(det.roi_heads.res5(res4), model.layer4(res4))

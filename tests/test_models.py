@@ -61,7 +61,7 @@ def test_features_strides_and_channels(name):
     model = build_on_meta(name)
     family = wrn_large.model_info(name).family
     size = 32 if family == "cifar" else 64
-    feats = model.forward_features(torch.empty(1, 3, size, size, device="meta"))
+    feats = model.feature_maps(torch.empty(1, 3, size, size, device="meta"))
     assert list(feats) == [f.name for f in model.feature_info]
     expected_strides = [1, 2, 4] if family == "cifar" else [4, 8, 16, 32]
     assert [f.stride for f in model.feature_info] == expected_strides

@@ -14,6 +14,9 @@ from typing import Callable
 import torch.nn as nn
 
 _builders: dict[str, Callable[..., nn.Module]] = {}
+# what every builder takes besides its model's arguments (timm's build_model_with_cfg)
+TIMM_OPTIONS = ("features_only", "out_indices", "feature_cls", "global_pool", "device", "dtype",
+                "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _model_info: dict[str, "ModelInfo"] = {}
 
 
@@ -27,10 +30,12 @@ class ModelInfo:
     paper_table: str | None = None   # where it is printed, e.g. "Table 4"
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    pretrained_cfg: dict = field(default_factory=dict)  # what timm reads: input size, mean/std
 
 
 def register_model(fn: Callable | None = None, *, family: str, paper_params_m: str | None = None,
-                   paper_table: str | None = None, description: str = ""):
+                   paper_table: str | None = None, description: str = "",
+                   pretrained_cfg: dict | None = None):
     """Decorator registering a builder under its function name."""
 
     def wrap(builder):
@@ -39,10 +44,10 @@ def register_model(fn: Callable | None = None, *, family: str, paper_params_m: s
             raise ValueError(f"model {name!r} is registered twice")
         _builders[name] = builder
         defaults = {k: p.default for k, p in inspect.signature(builder).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
+                    if p.default is not inspect.Parameter.empty and k != "pretrained"}
         _model_info[name] = ModelInfo(name, family, paper_params_m, paper_table,
                                       description or (builder.__doc__ or "").strip().split("\n")[0],
-                                      defaults)
+                                      defaults, dict(pretrained_cfg or {}))
         return builder
 
     return wrap(fn) if fn is not None else wrap
@@ -75,11 +80,13 @@ def create_model(name: str, pretrained: str | None = None, **kwargs) -> nn.Modul
     torchvision state dict (see ``wrn_large.weights``)."""
     _check_name(name)
     builder = _builders[name]
-    params = inspect.signature(builder).parameters
-    unknown = [k for k in kwargs if k not in params]
+    params = [p for p, v in inspect.signature(builder).parameters.items()
+              if v.kind is not inspect.Parameter.VAR_KEYWORD and p != "pretrained"]
+    valid = params + list(TIMM_OPTIONS)
+    unknown = [k for k in kwargs if k not in valid]
     if unknown:
         raise TypeError(f"{name}() got unknown argument(s) {', '.join(map(repr, unknown))}; "
-                        f"valid arguments: {', '.join(params)}")
+                        f"valid arguments: {', '.join(valid)}")
     model = builder(**kwargs)
     if pretrained:
         from .weights import load_pretrained

@@ -13,15 +13,17 @@ networks set ``blocks_per_group`` explicitly (12, 6, 4, 3 for l = 1..4).
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models._manipulate import checkpoint_seq
 
+from ._builder import build_model
 from ._features import FeatureInfo
 from ._init import InitScheme, init_weights
+from ._model_api import WRNBase
 from ._registry import register_model
 
 # The block types studied in the paper (Tables 2 and 3); any sequence of 1s and 3s is accepted.
@@ -82,11 +84,13 @@ class PreActBlock(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(pre))
 
 
-class WideResNetCIFAR(nn.Module):
+class WideResNetCIFAR(WRNBase):
+    stage_names = ("layer1", "layer2", "layer3")
+
     def __init__(self, depth: int = 28, widen_factor: float = 10, dropout: float = 0.0,
                  block_type: str | Sequence[int] = "B(3,3)", num_classes: int = 10,
                  in_chans: int = 3, blocks_per_group: int | None = None,
-                 init: InitScheme = "official"):
+                 init: InitScheme = "official", global_pool: str = "avg"):
         super().__init__()
         kernels = parse_block_type(block_type)
         n = blocks_per_group or blocks_per_group_for(depth)
@@ -105,54 +109,66 @@ class WideResNetCIFAR(nn.Module):
             groups.append(nn.Sequential(*blocks))
             channels = width
         self.layer1, self.layer2, self.layer3 = groups
+        # pre-activation blocks leave their output un-normalised: a last BN-ReLU
         self.bn = nn.BatchNorm2d(channels)
-        self.num_features = channels
-        self.fc = nn.Linear(channels, num_classes)
-        self.feature_info = [FeatureInfo(f"res{i + 2}", w, s)
-                             for i, (w, s) in enumerate(zip(widths, (1, 2, 4)))]
+        self.act = nn.ReLU()
+        # the last level is taken after that BN-ReLU
+        self.feature_info = [FeatureInfo(f"res{i + 2}", w, s, m) for i, (w, s, m) in
+                             enumerate(zip(widths, (1, 2, 4), ("layer1", "layer2", "act")))]
+        self.init_head(channels, num_classes, global_pool, in_chans)
         init_weights(self, init, zero_linear_bias=True)  # see _init.py
 
-    def forward_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        """Outputs of the three groups, keyed res2..res4 (strides 1, 2, 4).
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
 
-        The last one is taken after the final BN-ReLU, since pre-activation blocks leave
-        their output un-normalised."""
+    def forward_post(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (N, 64k, H/4, W/4), after the final BN-ReLU."""
         x = self.conv1(x)
-        feats = OrderedDict()
-        for info, group in zip(self.feature_info, (self.layer1, self.layer2, self.layer3)):
-            x = group(x)
-            feats[info.name] = x
-        feats[self.feature_info[-1].name] = F.relu(self.bn(x))
-        return feats
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        return self.forward_head(F.relu(self.bn(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
+        else:
+            x = self.layer3(self.layer2(self.layer1(x)))
+        return self.forward_post(x)
 
 
-@register_model(family="cifar")
+# What timm reads (timm.data.resolve_data_config): the CIFAR recipe's inputs, CIFAR-10's
+# mean/std as the official code uses them (configs/cifar/recipe.yaml), no resize or crop.
+CIFAR_MEAN = tuple(m / 255 for m in (125.3, 123.0, 113.9))
+CIFAR_STD = tuple(s / 255 for s in (63.0, 62.1, 66.7))
+PRETRAINED_CFG = dict(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
+                      interpolation="bilinear", mean=CIFAR_MEAN, std=CIFAR_STD,
+                      first_conv="conv1", classifier="fc")
+
+
+@register_model(family="cifar", pretrained_cfg=PRETRAINED_CFG)
 def wrn_cifar(depth: int = 28, widen_factor: float = 10, dropout: float = 0.0,
               block_type: str = "B(3,3)", num_classes: int = 10, in_chans: int = 3,
-              blocks_per_group: int | None = None, init: InitScheme = "official"):
+              blocks_per_group: int | None = None, init: InitScheme = "official",
+              pretrained: bool = False, **options):
     """WRN-n-k for 32x32 inputs (CIFAR-10/100, SVHN), any depth, width and block type."""
-    return WideResNetCIFAR(depth, widen_factor, dropout, block_type, num_classes, in_chans,
-                           blocks_per_group, init)
+    return build_model(WideResNetCIFAR, "wrn_cifar", pretrained, depth=depth,
+                       widen_factor=widen_factor, dropout=dropout, block_type=block_type,
+                       num_classes=num_classes, in_chans=in_chans,
+                       blocks_per_group=blocks_per_group, init=init, **options)
 
 
 def _preset(name: str, depth: int, k: int, params_m: str | None, table: str,
             block_type: str = "B(3,3)", blocks_per_group: int | None = None):
     def builder(dropout: float = 0.0, num_classes: int = 10, in_chans: int = 3,
-                init: InitScheme = "official"):
-        return WideResNetCIFAR(depth, k, dropout, block_type, num_classes, in_chans,
-                               blocks_per_group, init)
+                init: InitScheme = "official", pretrained: bool = False, **options):
+        return build_model(WideResNetCIFAR, name, pretrained, depth=depth, widen_factor=k,
+                           dropout=dropout, block_type=block_type, num_classes=num_classes,
+                           in_chans=in_chans, blocks_per_group=blocks_per_group, init=init,
+                           **options)
 
     builder.__name__ = name
     count = f": {params_m}M parameters" if params_m else ""
     builder.__doc__ = f"WRN-{depth}-{k}-{block_type} ({table}{count})"
-    register_model(builder, family="cifar", paper_params_m=params_m, paper_table=table)
+    register_model(builder, family="cifar", paper_params_m=params_m, paper_table=table,
+                   pretrained_cfg=PRETRAINED_CFG)
 
 
 # Parameter counts as printed in the paper (None where it prints none).

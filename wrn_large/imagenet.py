@@ -9,13 +9,15 @@ Module names follow torchvision, so its state dicts load without conversion.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._manipulate import checkpoint_seq
 
+from ._builder import build_model
 from ._features import FeatureInfo
 from ._init import init_weights
+from ._model_api import WRNBase
 from ._registry import register_model
 
 
@@ -88,9 +90,11 @@ ARCHS = {  # depth -> (block, blocks per stage)
 }
 
 
-class WideResNetImageNet(nn.Module):
+class WideResNetImageNet(WRNBase):
+    stage_names = ("layer1", "layer2", "layer3", "layer4")
+
     def __init__(self, depth: int = 34, width: float = 2.0, num_classes: int = 1000,
-                 in_chans: int = 3, zero_init_residual: bool = False):
+                 in_chans: int = 3, zero_init_residual: bool = False, global_pool: str = "avg"):
         super().__init__()
         if depth not in ARCHS:
             raise ValueError(f"invalid depth {depth} for an ImageNet WRN; "
@@ -113,55 +117,60 @@ class WideResNetImageNet(nn.Module):
                 blocks.append(block(inplanes, planes, 2 if (i > 0 and j == 0) else 1, width))
                 inplanes = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"res{i + 2}", inplanes, 4 * 2 ** i))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = inplanes
-        self.fc = nn.Linear(inplanes, num_classes)
-        init_weights(self, "torchvision", zero_linear_bias=False)  # see _init.py
+            self.feature_info.append(FeatureInfo(f"res{i + 2}", inplanes, 4 * 2 ** i,
+                                                 f"layer{i + 1}"))
+        self.init_head(inplanes, num_classes, global_pool, in_chans)
+        # torchvision's init: these networks came from fb.resnet.torch, as torchvision's
+        # weights did (_init.py)
+        init_weights(self, "torchvision", zero_linear_bias=False)
         if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(m.last_bn().weight)
 
-    def stages(self) -> list[nn.Sequential]:
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
-
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
-    def forward_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        """Outputs of the four stages, keyed res2..res5 (strides 4, 8, 16, 32)."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (N, C, H/32, W/32)."""
         x = self.forward_stem(x)
-        feats = OrderedDict()
-        for info, stage in zip(self.feature_info, self.stages()):
-            x = stage(x)
-            feats[info.name] = x
-        return feats
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(features), 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.forward_stem(x)))))
-        return self.forward_head(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x,
+                               flatten=True)
+        else:
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x
 
 
-@register_model(family="imagenet")
+# What timm reads (timm.data.resolve_data_config): the ImageNet recipe's evaluation,
+# resize 256 + center crop 224 (configs/imagenet/recipe.yaml), bilinear, ImageNet mean/std.
+PRETRAINED_CFG = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+                      crop_pct=0.875, interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN,
+                      std=IMAGENET_DEFAULT_STD, first_conv="conv1", classifier="fc")
+
+
+@register_model(family="imagenet", pretrained_cfg=PRETRAINED_CFG)
 def wrn_imagenet(depth: int = 34, width: float = 2.0, num_classes: int = 1000, in_chans: int = 3,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, pretrained: bool = False, **options):
     """ImageNet WRN of any depth in 18/34 (basic) or 50/101/152 (bottleneck) and any width."""
-    return WideResNetImageNet(depth, width, num_classes, in_chans, zero_init_residual)
+    return build_model(WideResNetImageNet, "wrn_imagenet", pretrained, depth=depth, width=width,
+                       num_classes=num_classes, in_chans=in_chans,
+                       zero_init_residual=zero_init_residual, **options)
 
 
 def _preset(name: str, depth: int, width: float, params_m: str | None, table: str):
-    def builder(num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False):
-        return WideResNetImageNet(depth, width, num_classes, in_chans, zero_init_residual)
+    def builder(num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False,
+                pretrained: bool = False, **options):
+        return build_model(WideResNetImageNet, name, pretrained, depth=depth, width=width,
+                           num_classes=num_classes, in_chans=in_chans,
+                           zero_init_residual=zero_init_residual, **options)
 
     builder.__name__ = name
     kind = "-bottleneck" if depth >= 50 else f" width {width}"
     count = f": {params_m}M parameters" if params_m else ""
     builder.__doc__ = f"WRN-{depth}{kind} for ImageNet ({table}{count})"
-    register_model(builder, family="imagenet", paper_params_m=params_m, paper_table=table)
+    register_model(builder, family="imagenet", paper_params_m=params_m, paper_table=table,
+                   pretrained_cfg=PRETRAINED_CFG)
 
 
 for _depth, _width, _p in [(18, 1.0, "11.7"), (18, 1.5, "25.9"), (18, 2.0, "45.6"),

@@ -1,45 +1,38 @@
-"""Mirror of our registry into timm's, so ``timm.create_model("wrn_28_10")`` works after
-``import wrn_large``. Our names never shadow timm's own: a clash is an error at import."""
+"""Our registry in timm's: after ``import wrn_large``, ``timm.create_model("wrn_28_10")`` calls the
+same builder as ``wrn_large.create_model`` (timm's ``build_model_with_cfg``, _builder.py), and
+``timm.list_models("wrn*")``, ``get_pretrained_cfg`` and ``resolve_data_config`` know every
+name. Our names never shadow timm's own: a clash is an error at import."""
 from __future__ import annotations
 
-import functools
+import sys
 
-from ._registry import _builders, create_model
+from ._registry import _builders, _model_info
 
 try:
     from timm.models import _registry as timm_registry
+    from timm.models import generate_default_cfgs
     from timm.models import register_model as timm_register_model
 except ImportError:  # timm is a dependency, but the registry itself does not need it
     timm_registry = None
-
-
-def _timm_entrypoint(name: str):
-    def entrypoint(pretrained: bool = False, **kwargs):
-        # timm passes pretrained=bool and its own options; ours takes a checkpoint path.
-        for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(timm_only, None)
-        if pretrained:
-            raise ValueError(f"{name}: no downloadable weights; use "
-                             f"wrn_large.create_model({name!r}, pretrained='path/to/checkpoint')")
-        return create_model(name, **kwargs)
-
-    entrypoint.__name__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = _builders[name].__doc__
-    return entrypoint
 
 
 def register_all() -> list[str]:
     if timm_registry is None:
         return []
     done = []
-    for name in _builders:
+    for name, builder in _builders.items():
         existing = timm_registry._model_entrypoints.get(name)
+        if existing is builder:
+            continue
         if existing is not None:
-            if getattr(existing, "__module__", None) == __name__:
-                continue
             raise RuntimeError(f"model name {name!r} already exists in timm's registry")
-        timm_register_model(_timm_entrypoint(name))
+        # timm's register_model reads the pretrained cfg from the builder's module, as in
+        # timm's own model files (``default_cfgs`` next to the models)
+        module = sys.modules[builder.__module__]
+        if not hasattr(module, "default_cfgs"):
+            module.default_cfgs = {}
+        module.default_cfgs.update(generate_default_cfgs({name: _model_info[name].pretrained_cfg}))
+        timm_register_model(builder)
         done.append(name)
     return done
 

@@ -1,0 +1,184 @@
+"""Our registry as first-class timm models: timm's own tests/test_models.py (from the sdist of the
+installed timm, downloaded at test time) over every name we register, and our checks of what a
+timm user relies on: features_only, resolve_data_config, local weights, activation
+checkpointing."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from timm.data import create_transform, resolve_data_config
+
+import wrn_large
+from trainer_utils import REPO
+
+OURS = wrn_large.list_models()
+
+
+# ----------------------------------------------------------------- timm's own test-suite
+@pytest.fixture(scope="module")
+def timm_tests(tmp_path_factory) -> Path:
+    """tests/ of the installed timm's sdist, without its timm/ sources (the installed timm is
+    the one under test), in a folder of their own."""
+    cache = Path(os.environ.get("WRN_LARGE_CACHE", tmp_path_factory.mktemp("cache"))) / "timm_sdist"
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"timm-{timm.__version__}.tar.gz"
+    if not sdist.exists():
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                              "--no-binary", ":all:", "-d", str(cache), f"timm=={timm.__version__}"],
+                             capture_output=True, text=True)
+        if got.returncode != 0 or not sdist.exists():
+            pytest.skip(f"cannot download the timm {timm.__version__} sdist: {got.stderr[-500:]}")
+    dest = tmp_path_factory.mktemp("timm_tests")
+    top = f"timm-{timm.__version__}"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers()
+                   if m.name.startswith((f"{top}/tests/", f"{top}/pyproject.toml"))]
+        tar.extractall(dest, members=members, filter="data")
+    return dest / top
+
+
+@pytest.mark.slow
+def test_timm_model_suite_passes_on_every_registered_name(timm_tests):
+    """timm's test_models.py unchanged: forward (+ grad checkpointing), backward, default cfgs
+    (the model API contract, meta device, dtype), features_only, torch.fx forward/backward,
+    TorchScript and fx + TorchScript, for each of our names (all of them contain "wrn", no
+    timm model does)."""
+    assert not [n for n in timm.list_models() if "wrn" in n and n not in OURS]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_models.py", "-p", "wrn_large", "-k", "wrn",
+         "-q", "-p", "no:cacheprovider", "-c", "pyproject.toml", "--rootdir", "."],
+        cwd=timm_tests, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=1500)
+    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    passed = int(re.search(r"(\d+) passed", proc.stdout).group(1))
+    tests = ("test_model_forward[", "test_model_backward[", "test_model_default_cfgs[",
+             "test_model_forward_features[", "test_model_forward_fx[", "test_model_backward_fx[",
+             "test_model_forward_torchscript[", "test_model_forward_fx_torchscript[")
+    assert passed >= len(OURS) * len(tests), tail
+    assert "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+# ----------------------------------------------------------------- what timm users rely on
+@pytest.mark.parametrize("name, size", [("wrn_16_4", 32), ("wrn34_x2", 64),
+                                        ("wrn50_2_bottleneck", 64)])
+def test_features_only_matches_feature_info(name, size):
+    reference = wrn_large.create_model(name)
+    model = timm.create_model(name, features_only=True).eval()
+    assert model.feature_info.channels() == [f.channels for f in reference.feature_info]
+    assert model.feature_info.reduction() == [f.stride for f in reference.feature_info]
+    outputs = model(torch.randn(1, 3, size, size))
+    for out, info in zip(outputs, reference.feature_info):
+        assert out.shape[1:] == (info.channels, size // info.stride, size // info.stride)
+    picked = timm.create_model(name, features_only=True, out_indices=(1, 2))
+    assert picked.feature_info.channels() == [f.channels for f in reference.feature_info[1:3]]
+
+
+def test_features_only_outputs_are_the_models_levels():
+    torch.manual_seed(0)
+    model = wrn_large.create_model("wrn_16_4").eval()
+    features = timm.create_model("wrn_16_4", features_only=True).eval()
+    features.load_state_dict({k: v for k, v in model.state_dict().items()
+                              if not k.startswith("fc.")})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for got, want in zip(features(x), model.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(model.forward_features(x), features(x)[-1])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("wrn_28_10", dict(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear",
+                       mean=tuple(m / 255 for m in (125.3, 123.0, 113.9)),
+                       std=tuple(s / 255 for s in (63.0, 62.1, 66.7)))),
+    ("wrn50_2_bottleneck", dict(input_size=(3, 224, 224), crop_pct=0.875,
+                                interpolation="bilinear", mean=(0.485, 0.456, 0.406),
+                                std=(0.229, 0.224, 0.225))),
+])
+def test_resolve_data_config_gives_our_preprocessing(name, expected):
+    config = resolve_data_config({}, model=timm.create_model(name))
+    for key, value in expected.items():
+        assert config[key] == pytest.approx(value) if key in ("mean", "std", "crop_pct") \
+            else config[key] == value, key
+    transform = create_transform(**config)
+    from PIL import Image
+    image = Image.new("RGB", (300, 260), (125, 123, 114))
+    assert transform(image).shape == expected["input_size"]
+
+
+def test_local_weights_load_the_timm_way(tmp_path):
+    """pretrained=True + pretrained_cfg_overlay=dict(file=...): one of our checkpoints (the
+    trainer's {"model": ...} with DDP prefixes) and a torchvision state dict, with the outputs
+    of wrn_large.create_model(pretrained=path)."""
+    torch.manual_seed(0)
+    ours = wrn_large.create_model("wrn_16_4", num_classes=100).eval()
+    ckpt = tmp_path / "step_00000010.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in ours.state_dict().items()}, "step": 10},
+               ckpt)
+    tv = torchvision.models.resnet18(weights=None).eval()
+    tv_path = tmp_path / "resnet18.pth"
+    torch.save(tv.state_dict(), tv_path)
+    x32, x64 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 64, 64)
+    # the overlay's num_classes is the checkpoint's (else timm leaves the classifier out)
+    for name, path, x, want, kwargs in [("wrn_16_4", ckpt, x32, ours(x32), dict(num_classes=100)),
+                                        ("wrn18_x1", tv_path, x64, tv(x64), {})]:
+        overlay = dict(file=str(path), **kwargs)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay,
+                                  **kwargs).eval()
+        same = wrn_large.create_model(name, pretrained=str(path), **kwargs).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+            torch.testing.assert_close(same(x), want, rtol=0, atol=0)
+
+
+def saved_activation_bytes(model, x) -> tuple[int, dict]:
+    """Bytes of the tensors autograd keeps for backward, and the gradients of a backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).square().mean()
+    loss.backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name, size", [("wrn_16_4", 32), ("wrn18_x1", 64)])
+def test_grad_checkpointing_keeps_gradients_and_saves_memory(name, size):
+    torch.manual_seed(0)
+    model = wrn_large.create_model(name, **({"dropout": 0.3} if "_16_" in name else {})).train()
+    x = torch.randn(4, 3, size, size)
+    state = torch.get_rng_state()
+    plain_bytes, plain = saved_activation_bytes(model, x)
+    model.set_grad_checkpointing(True)
+    torch.set_rng_state(state)                       # the same dropout masks
+    ckpt_bytes, ckpt = saved_activation_bytes(model, x)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert ckpt_bytes < plain_bytes / 3, (ckpt_bytes, plain_bytes)
+
+
+def test_timm_options_and_errors():
+    model = timm.create_model("wrn_16_4", num_classes=0, global_pool="")
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 256, 8, 8)
+    model.reset_classifier(7, "avg")
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    meta = wrn_large.create_model("wrn50_2_bottleneck", device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in meta.parameters()} == {("meta", torch.bfloat16)}
+    with pytest.raises(TypeError, match="unknown argument.*'widen'"):
+        wrn_large.create_model("wrn_16_4", widen=3)
+    with pytest.raises(TypeError):
+        timm.create_model("wrn_16_4", widen=3)
