@@ -2,6 +2,8 @@
 
     python -m pipelines verify DATA_DIR [--out FILE] [--workers N]   scan, report, clean list
     python -m pipelines make-default-data [DIR]                      the built-in demo data set
+    python -m pipelines prepare-imagenet --train T --val V --devkit D --out DIR
+                                     the ILSVRC2012 release -> our layout (links, no copies)
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ def make_default_data(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"verify": lambda rest: __import__("pipelines.verify", fromlist=["main"]).main(rest),
-                "make-default-data": make_default_data}
+                "make-default-data": make_default_data,
+                "prepare-imagenet": lambda rest: __import__(
+                    "pipelines.prepare_imagenet", fromlist=["main"]).main(rest)}
     if not argv or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
         return 2
