@@ -4,8 +4,11 @@
   python train_imagenet.py                                  # built-in demo data, a few CPU minutes
   torchrun --nproc_per_node=8 train_imagenet.py --config configs/imagenet/wrn50_2_bottleneck.yaml \\
       data.root=/data/imagenet
-  python train_imagenet.py --config configs/cifar/wrn_28_10.yaml data.root=/data/cifar-10-batches-py \\
+  python train_imagenet.py --config configs/cifar/table4/wrn_28_10.yaml data.root=/data/cifar-10-batches-py \\
       train.epochs=10 model.kwargs.dropout=0.3
+
+  python train_imagenet.py --eval-only --config configs/imagenet/wrn34_x2.yaml \\
+      data.root=/data/imagenet model.pretrained=runs/imagenet/checkpoints/step_00450000.pt
 
 Any config key can be overridden as KEY=VALUE (see --list-keys). The resolved config, metrics.jsonl,
 TensorBoard events, checkpoints and training_curves.png go to run.output_dir; rerunning the same
@@ -29,6 +32,13 @@ def parse_args(argv=None):
     parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate model.pretrained (our checkpoint, model.pretrained_ema="
+                             "true for its EMA, or a torchvision state dict) on the config's "
+                             "validation split and write eval.json; torchrun splits the images")
+    parser.add_argument("--per-class", action="store_true",
+                        help="with --eval-only: per-class top-1 in eval.json and confusion.png "
+                             "(up to 100 classes)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     # overrides may come before and after --config (launch scripts put run.output_dir first)
@@ -50,6 +60,14 @@ def main(argv=None) -> int:
     if args.print_config:
         import yaml
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    if args.eval_only:
+        from engine.evaluate import run_evaluation
+        try:
+            run_evaluation(cfg, per_class=args.per_class)
+        except (FileNotFoundError, ValueError) as e:   # no such checkpoint, wrong model
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     from engine.checkpoint import CheckpointError, ResumeMismatch
     from engine.trainer import RunDirInUse, TrainingDiverged, train

@@ -30,6 +30,7 @@ class ModelConfig:
     name: str = "wrn18_x1"          # any name of `python -m wrn_large`
     kwargs: dict = field(default_factory=dict)  # builder arguments, e.g. {dropout: 0.3}
     pretrained: str | None = None   # checkpoint of ours or a torchvision state dict
+    pretrained_ema: bool = False    # load the checkpoint's EMA weights instead of the model's
 
 
 @dataclass

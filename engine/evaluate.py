@@ -32,3 +32,95 @@ def evaluate(model: nn.Module, loader, device: torch.device, forward=None) -> di
     count = max(count, 1.0)
     return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
             "test_error": 100 - 100 * top1 / count, "val_samples": int(count)}
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, loader, device: torch.device, num_classes: int,
+                     forward=None) -> torch.Tensor:
+    """(num_classes, num_classes) counts, row = true class, column = top-1 prediction,
+    summed over ranks."""
+    forward = forward or (lambda m, x: m(x))
+    model.eval()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    for images, labels in loader:
+        predicted = forward(model, images).float().argmax(1)
+        counts += torch.bincount(labels * num_classes + predicted,
+                                 minlength=num_classes * num_classes).double()
+    all_reduce_sum(counts)
+    return counts.view(num_classes, num_classes)
+
+
+def plot_confusion(matrix: torch.Tensor, class_names: list[str], path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(class_names)
+    rates = (matrix / matrix.sum(1, keepdim=True).clamp(min=1)).cpu().numpy()
+    fig, ax = plt.subplots(figsize=(max(4, n * 0.18 + 2), max(4, n * 0.18 + 2)))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_evaluation(cfg, per_class: bool = False) -> dict:
+    """``train_imagenet.py --eval-only``: the config's model with ``model.pretrained`` weights
+    (``model.pretrained_ema`` for a checkpoint's EMA) on its validation split, one process or
+    under torchrun (every image counted once); writes ``eval.json`` (and with ``per_class``
+    the per-class accuracy, plus ``confusion.png`` up to 100 classes) to run.output_dir."""
+    import json
+    from pathlib import Path
+
+    from pipelines import LoaderSpec, build_loader, resolve_backend
+
+    from .distributed import cleanup, init_distributed
+    from .engines import resolve_amp
+    from .metrics import fmt, summary_table
+    from .trainer import build_model, micro_batch_size, resolve_auto
+
+    dist = init_distributed(cfg.engine.dist_backend)
+    resolve_auto(cfg, dist)
+    loader = build_loader(cfg.data, LoaderSpec("val", batch_size=micro_batch_size(cfg, dist),
+                                               rank=dist.rank, world_size=dist.world_size,
+                                               seed=cfg.train.seed, device=dist.device))
+    model = build_model(cfg, loader.num_classes, dist)
+    amp = resolve_amp(cfg.train.amp, dist.device)
+
+    def forward(m, x):
+        if amp is None:
+            return m(x)
+        with torch.autocast(dist.device.type, dtype=amp):
+            return m(x)
+
+    result = {"model": cfg.model.name, "weights": cfg.model.pretrained,
+              "ema": cfg.model.pretrained_ema, "data": f"{cfg.data.dataset} ({cfg.data.root})",
+              "backend": resolve_backend(cfg.data.backend), "processes": dist.world_size,
+              **evaluate(model, loader, dist.device, forward)}
+    classes = getattr(loader, "classes", None) or [str(i) for i in range(loader.num_classes)]
+    out = Path(cfg.run.output_dir)
+    if per_class:
+        matrix = confusion_matrix(model, loader, dist.device, loader.num_classes, forward)
+        totals = matrix.sum(1)
+        result["per_class_top1"] = {name: (100 * matrix[i, i] / totals[i]).item()
+                                    if totals[i] else None for i, name in enumerate(classes)}
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        if per_class and loader.num_classes <= 100:
+            plot_confusion(matrix, classes, out / "confusion.png")
+        rows = [("model", f"{cfg.model.name} <- {cfg.model.pretrained or 'random init'}"
+                          + (" (EMA)" if cfg.model.pretrained_ema else "")),
+                ("data", f"{result['data']}, {result['val_samples']} images, "
+                         f"{dist.world_size} process(es)"),
+                ("top-1 / top-5 (%)", f"{fmt(result['top1'])} / {fmt(result['top5'])}"),
+                ("loss", fmt(result["val_loss"], 4)),
+                ("written", f"{out / 'eval.json'}" + (", confusion.png" if per_class and
+                                                      loader.num_classes <= 100 else ""))]
+        print(summary_table(rows), flush=True)
+    cleanup()
+    return result

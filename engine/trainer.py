@@ -99,7 +99,8 @@ def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     kwargs = {"num_classes": num_classes, **cfg.model.kwargs}
     try:
-        model = wrn_large.create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+        model = wrn_large.create_model(cfg.model.name, pretrained=cfg.model.pretrained,
+                                       use_ema=cfg.model.pretrained_ema, **kwargs)
     except TypeError as e:
         raise TypeError(f"{e} (model.kwargs is {cfg.model.kwargs}; to drop it when changing "
                         f"model.name, add model.kwargs={{}})") from e

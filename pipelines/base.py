@@ -66,6 +66,7 @@ class Loader(Protocol):
 
     num_classes: int
     num_samples: int               # samples this rank yields per epoch
+    # (folder data sets also have ``classes``: the class folder names, in label order)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 

@@ -296,6 +296,7 @@ class DaliLoader(EpochOrder):
         self.samples = load_samples(cfg.root, spec.split, cfg.file_list)
         self.dataset_size = len(self.samples)
         self.num_classes = cfg.num_classes or len(self.samples.classes)
+        self.classes = self.samples.classes
         cuda = spec.device.type == "cuda"
         self.device_id = (spec.device.index if spec.device.index is not None
                           else torch.cuda.current_device()) if cuda else None

@@ -88,5 +88,7 @@ def torch_loader(cfg: DataConfig, spec: LoaderSpec) -> IndexedLoader:
         return small_dataset_loader(cfg, spec)
     samples = load_samples(cfg.root, spec.split, cfg.file_list)
     dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed)
-    return IndexedLoader(dataset, spec, cfg.num_classes or len(samples.classes), cfg.workers,
-                         cfg.channels_last)
+    loader = IndexedLoader(dataset, spec, cfg.num_classes or len(samples.classes), cfg.workers,
+                           cfg.channels_last)
+    loader.classes = samples.classes
+    return loader

@@ -75,9 +75,10 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}.{hint} Valid models: {', '.join(list_models())}")
 
 
-def create_model(name: str, pretrained: str | None = None, **kwargs) -> nn.Module:
-    """Build a registered model; ``pretrained`` is a path to one of our checkpoints or a
-    torchvision state dict (see ``wrn_large.weights``)."""
+def create_model(name: str, pretrained: str | None = None, use_ema: bool = False,
+                 **kwargs) -> nn.Module:
+    """Build a registered model; ``pretrained`` is a path to one of our checkpoints (its EMA
+    weights with ``use_ema``) or a torchvision state dict (see ``wrn_large.weights``)."""
     _check_name(name)
     builder = _builders[name]
     params = [p for p, v in inspect.signature(builder).parameters.items()
@@ -90,5 +91,5 @@ def create_model(name: str, pretrained: str | None = None, **kwargs) -> nn.Modul
     model = builder(**kwargs)
     if pretrained:
         from .weights import load_pretrained
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, use_ema=use_ema)
     return model
