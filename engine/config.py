@@ -249,6 +249,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return cfg
 
 
+def config_from_dict(values: dict, where: str) -> Config:
+    """The config a run saved (``config.yaml``, a checkpoint's ``config``), checked as a file."""
+    cfg = Config()
+    _apply(cfg, values, where)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     if cfg.train.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")

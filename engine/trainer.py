@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import pipelines
+from pipelines.class_names import class_names
 import wrn_large
 from pipelines import LoaderSpec, build_loader
 
@@ -141,6 +142,7 @@ class Trainer:
         self.train_loader = build_loader(cfg.data, LoaderSpec("train", **spec))
         self.val_loader = build_loader(cfg.data, LoaderSpec("val", **spec))
         self.num_classes = self.train_loader.num_classes
+        self.classes, self.class_names = class_names(cfg.data, self.train_loader)
         self.model = build_model(cfg, self.num_classes, d)
         self.engine: Engine = build_engine(cfg, self.model, d)
         self.ema = None
@@ -174,7 +176,8 @@ class Trainer:
     def client_state(self) -> dict:
         return {**self.state.as_dict(), "rng": gather_rng_states(),
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
-                "config": to_dict(self.cfg)}
+                "config": to_dict(self.cfg), "num_classes": self.num_classes,
+                "classes": self.classes, "class_names": self.class_names}
 
     def sync_buffers(self) -> None:
         """Equal BatchNorm statistics on every rank (``train.dist_bn``), once per step: the

@@ -1,0 +1,137 @@
+"""Using a trained checkpoint: the model, its preprocessing and its class names, all read from
+the checkpoint itself (the trainer saves the resolved config, ``num_classes``, ``classes`` and
+``class_names`` in every checkpoint), and ``python -m wrn_large predict``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import wrn_large
+from pipelines.folder import IMAGE_EXTENSIONS
+
+from .config import Config, config_from_dict
+
+
+@dataclass
+class Trained:
+    model: nn.Module
+    cfg: Config
+    classes: list[str]
+    names: list[str]
+
+
+def load_trained(path: str | os.PathLike, use_ema: bool = False) -> Trained:
+    """A checkpoint of ``train_imagenet.py`` (a ``step_N.pt`` file) as a ready eval-mode model."""
+    from wrn_large.weights import load_pretrained
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a DeepSpeed checkpoint folder: give its weights.pt's run "
+                         "a DDP checkpoint, or load weights.pt with wrn_large.create_model")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "config" not in state:
+        raise ValueError(f"{path} is not a checkpoint of train_imagenet.py (no config in it); "
+                         "a bare state dict loads with wrn_large.create_model(name, pretrained=...)")
+    cfg = config_from_dict(state["config"], f"{path} (its config)")
+    num_classes = state.get("num_classes") or state["model"]["fc.weight"].shape[0]
+    model = wrn_large.create_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
+    load_pretrained(model, state, use_ema=use_ema)
+    classes = state.get("classes") or [str(i) for i in range(num_classes)]
+    names = state.get("class_names") or classes
+    return Trained(model.eval(), cfg, classes, names)
+
+
+def preprocess(cfg: Config):
+    """PIL image -> normalised (C, H, W) tensor, as the run's validation pipeline."""
+    from torchvision.transforms import v2
+    d = cfg.data
+    if d.dataset == "imagenet":
+        from pipelines.torch_backend import imagenet_transform
+        return imagenet_transform(d, "val")
+    if d.normalization == "zca":
+        raise ValueError("predict takes meanstd or scale inputs: ZCA whitening is fitted on the "
+                         "training set, which the checkpoint does not hold")
+    steps = [v2.PILToTensor(), v2.Resize((d.image_size, d.image_size), antialias=True),
+             v2.ToDtype(torch.float32, scale=True)]
+    if d.normalization == "meanstd":
+        if d.mean is None or d.std is None:
+            raise ValueError("this run fitted its mean/std on the training set (data.mean/std "
+                             "null): predict needs them in the config")
+        steps.append(v2.Normalize([m / 255 for m in d.mean], [s / 255 for s in d.std]))
+    return v2.Compose(steps)
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.name.lower().endswith(IMAGE_EXTENSIONS))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p}")
+    if not files:
+        raise FileNotFoundError(f"no images in {', '.join(paths)}")
+    return files
+
+
+def load_images(files: list[Path], transform) -> torch.Tensor:
+    from PIL import Image
+    batch = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                batch.append(transform(im.convert("RGB")))
+        except OSError as e:
+            raise ValueError(f"cannot read image {f}: {e}") from e
+    return torch.stack(batch)
+
+
+@torch.no_grad()
+def predict(trained: Trained, files: list[Path], topk: int = 5, batch_size: int = 32) -> list[dict]:
+    transform = preprocess(trained.cfg)
+    results = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        probs = trained.model(load_images(chunk, transform)).softmax(1)
+        top = probs.topk(min(topk, probs.shape[1]), dim=1)
+        for f, p, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append({"image": str(f), "top": [
+                {"class": trained.classes[k], "name": trained.names[k], "probability": q}
+                for q, k in zip(p, idx)]})
+    return results
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m wrn_large predict",
+        description="Classify images with a checkpoint of train_imagenet.py: its own model, "
+                    "validation preprocessing (resize, crop, mean/std) and class names.")
+    p.add_argument("checkpoint", help="a step_N.pt of a run")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
+    p.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    a = p.parse_args(argv)
+    try:
+        results = predict(load_trained(a.checkpoint, a.ema), image_files(a.images), a.topk)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for r in results:
+        print(r["image"])
+        for t in r["top"]:
+            label = t["name"] if t["name"] == t["class"] else f"{t['name']} ({t['class']})"
+            print(f"  {100 * t['probability']:6.2f}%  {label}")
+    return 0

@@ -1,0 +1,84 @@
+"""python -m wrn_large predict / export on a checkpoint of a real (tiny) run: the checkpoint
+holds the class names (and the data set's readable names), predict uses the run's validation
+preprocessing, and each export format is checked against the eager model on real images."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.checkpoint import list_checkpoints, load_file
+from engine.inference import load_trained
+from trainer_utils import REPO, base_overrides, make_folder, run_training
+
+pytestmark = pytest.mark.slow
+NAMES = {"class_0": "red things", "class_1": "green things", "class_2": "blue things"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    data = make_folder(tmp_path_factory.mktemp("folder"))
+    (data / "classes.tsv").write_text("index\twnid\tname\n" + "".join(
+        f"{i}\t{c}\t{n}\n" for i, (c, n) in enumerate(NAMES.items())))
+    out = tmp_path_factory.mktemp("run")
+    run_training(base_overrides(data, out, **{"train.epochs": 1}))
+    return data, list_checkpoints(out)[0]
+
+
+def wrn_large_cli(*args):
+    return subprocess.run([sys.executable, "-m", "wrn_large", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_checkpoint_holds_the_class_names(checkpoint):
+    state = load_file(checkpoint[1])
+    assert state["classes"] == list(NAMES) and state["class_names"] == list(NAMES.values())
+    assert state["num_classes"] == 3
+
+
+def test_predict_uses_the_runs_preprocessing_and_names(checkpoint):
+    from pipelines import LoaderSpec, build_loader
+    data, path = checkpoint
+    trained = load_trained(path)
+    loader = build_loader(trained.cfg.data, LoaderSpec("val", batch_size=21))
+    images, labels = next(iter(loader))
+    with torch.no_grad():
+        want = trained.model(images).softmax(1)
+    proc = wrn_large_cli("predict", path, data / "val", "--json", "--topk", "3")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    # both in path order: class folders, then file names
+    assert [r["image"] for r in got] == sorted(r["image"] for r in got) and len(got) == 21
+    for row, probs in zip(got, want):
+        top = row["top"][0]
+        k = trained.classes.index(top["class"])
+        assert top["probability"] == pytest.approx(probs[k].item(), abs=1e-5)
+        assert k == probs.argmax().item() and top["name"] == NAMES[top["class"]]
+    text = wrn_large_cli("predict", path, data / "val" / "class_0" / "000.jpg")
+    assert "(class_" in text.stdout and "%" in text.stdout
+    missing = wrn_large_cli("predict", path, data / "nope.jpg")
+    assert missing.returncode == 2 and "no such image or folder" in missing.stderr
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "exported"])
+def test_export_is_checked_against_the_model(checkpoint, tmp_path, fmt):
+    _, path = checkpoint
+    out = tmp_path / f"model.{fmt}"
+    proc = wrn_large_cli("export", path, "--format", fmt, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checked on 4 real images at batch sizes 1 and 4" in proc.stdout
+    if fmt == "torchscript":
+        extra = {"meta.json": ""}
+        torch.jit.load(str(out), _extra_files=extra)
+        meta = json.loads(extra["meta.json"])
+    elif fmt == "onnx":
+        import onnx
+        meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["meta.json"])
+    else:
+        extra = {"meta.json": ""}
+        torch.export.load(str(out), extra_files=extra)
+        meta = json.loads(extra["meta.json"])
+    assert meta["class_names"] == list(NAMES.values())
+    assert meta["preprocessing"]["image_size"] == 32
