@@ -77,6 +77,7 @@ def run_evaluation(cfg, per_class: bool = False) -> dict:
     from pathlib import Path
 
     from pipelines import LoaderSpec, build_loader, resolve_backend
+    from pipelines.class_names import class_names
 
     from .distributed import cleanup, init_distributed
     from .engines import resolve_amp
@@ -101,7 +102,7 @@ def run_evaluation(cfg, per_class: bool = False) -> dict:
               "ema": cfg.model.pretrained_ema, "data": f"{cfg.data.dataset} ({cfg.data.root})",
               "backend": resolve_backend(cfg.data.backend), "processes": dist.world_size,
               **evaluate(model, loader, dist.device, forward)}
-    classes = getattr(loader, "classes", None) or [str(i) for i in range(loader.num_classes)]
+    classes = class_names(cfg.data, loader)[1]
     out = Path(cfg.run.output_dir)
     if per_class:
         matrix = confusion_matrix(model, loader, dist.device, loader.num_classes, forward)
