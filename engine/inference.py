@@ -32,8 +32,9 @@ def load_trained(path: str | os.PathLike, use_ema: bool = False) -> Trained:
     from wrn_large.weights import load_pretrained
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a DeepSpeed checkpoint folder: give its weights.pt's run "
-                         "a DDP checkpoint, or load weights.pt with wrn_large.create_model")
+        raise ValueError(f"{path} is a DeepSpeed checkpoint folder: predict and export read "
+                         "a step_N.pt file (engine.name=ddp); its fp32 weights load with "
+                         f"wrn_large.create_model(name, pretrained='{path}/weights.pt')")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
