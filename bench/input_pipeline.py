@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def make_set(root: Path, count: int) -> Path:
+def make_set(root: Path, count: int, quality: int = 85) -> Path:
     if (root / "train").is_dir() and len(list((root / "train").rglob("*.JPEG"))) == count:
         return root
     import numpy as np
@@ -55,7 +55,7 @@ def make_set(root: Path, count: int) -> Path:
         img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
         noise = rng.normal(0, 6, (h, w, 3))
         img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
-        img.save(folder / f"{i:05d}.JPEG", quality=85)
+        img.save(folder / f"{i:05d}.JPEG", quality=quality)
     return root
 
 

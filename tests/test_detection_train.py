@@ -164,3 +164,15 @@ def test_two_cpu_processes_train_and_evaluate_like_one(data, tmp_path):
         assert math.isnan(bbox[k]) == math.isnan(two_ap[f"bbox/{k}"])
         if not math.isnan(bbox[k]):
             assert two_ap[f"bbox/{k}"] == pytest.approx(bbox[k], abs=1e-6), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", [FRCNN, RETINA], ids=["faster_rcnn", "retinanet"])
+def test_trains_and_evaluates_on_the_gpu(data, tmp_path, config):
+    out = tmp_path / "gpu"
+    opts = ["MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2"]
+    name = "gpu_" + os.path.basename(config).split("_")[1]
+    results = train_net.main(args_for(config, data, out, name, opts=opts))
+    check_ap(results, f"{name}_val")
+    assert all(math.isfinite(r["total_loss"]) for r in metrics(out) if "total_loss" in r)

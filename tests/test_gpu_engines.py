@@ -32,3 +32,22 @@ def test_auto_defaults_train_evaluate_and_resume_on_cuda(data, tmp_path, engine)
     if engine["engine.name"] == "deepspeed":
         weights = torch.load(list_checkpoints(out)[0] / "weights.pt", weights_only=True)["model"]
         assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+
+
+def test_nccl_backend_through_the_trainers_set_up(data, tmp_path):
+    """A one-process torchrun job with engine.dist_backend=nccl: the process group the trainer
+    builds on a GPU machine (gloo replaces it on the CPU)."""
+    import os
+    import subprocess
+    import sys
+    from trainer_utils import REPO, free_port
+    out = tmp_path / "nccl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(REPO / "train_imagenet.py"), "--config", "configs/quickstart.yaml",
+           *base_overrides(data, out, **{"train.epochs": 1, "engine.dist_backend": "nccl"})]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 process(es) on cuda" in proc.stdout
+    assert epochs(out)[-1]["val_samples"] == 21

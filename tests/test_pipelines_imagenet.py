@@ -289,3 +289,21 @@ def test_mixed_pipeline_batches_land_on_the_gpu(folder):
         cpu_labels = next(iter(build_loader(cfg_for(folder, "dali", image_size=64, val_resize=72),
                                             LoaderSpec(split, batch_size=4))))[1]
         assert labels.cpu().tolist() == cpu_labels.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_val_images_are_within_half_a_level_of_torchvision(folder):
+    """The README's claim: on the GPU (nvJPEG + DALI's resize) the validation images are within
+    half an 8-bit level of torchvision's Resize(256)+CenterCrop(224), on average."""
+    from pipelines.torch_backend import IMAGENET_STD
+    kw = dict(image_size=224, val_resize=256)
+    gpu = build_loader(cfg_for(folder, "dali", **kw),
+                       LoaderSpec("val", batch_size=6, device=torch.device("cuda", 0)))
+    cpu = build_loader(cfg_for(folder, "torch", **kw), LoaderSpec("val", batch_size=6))
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    levels = []
+    for (a, la), (b, lb) in zip(gpu, cpu):
+        assert la.cpu().tolist() == lb.tolist()
+        levels.append(((a.cpu().float() - b) * std).abs().mean().item())
+    assert levels and sum(levels) / len(levels) <= 0.5, levels

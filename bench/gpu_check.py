@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""One command for a GPU machine: run the GPU tests, then measure side by side on the local GPU.
+
+    python bench/gpu_check.py            # tests + WRN-50-2, WRN-34-2, WRN-18-2, compile off/on
+    python bench/gpu_check.py --quick    # tests + WRN-18-2, compile off
+
+1. ``pytest -m gpu`` (DALI mixed decoding, the trainer with bf16/channels_last/compile, fp16,
+   DeepSpeed, Detectron2 and NCCL on CUDA).
+2. For each model: training images/s of the trainer's engine (bf16 autocast, channels_last, SGD)
+   at batch ``--batch`` (halved until it fits), fed by synthetic batches already on the GPU and
+   by the DALI "mixed" train pipeline on a generated ImageNet-like JPEG set (500x375, ~120 KB);
+   the ratio DALI/synthetic (target >= 0.97: the input pipeline is never the bottleneck); peak
+   GPU memory. Then the DALI pipeline alone (img/s, GPU memory).
+3. ``gpu_report.json`` and ``gpu_report.md`` (the table for docs/benchmarks.md).
+
+Exit status: 0 when every GPU test passed, 1 when one failed, 3 without a CUDA device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODELS = ("wrn50_2_bottleneck", "wrn34_x2", "wrn18_x2")
+DALI_TARGET = 0.97
+COLUMNS = ("model", "batch", "compile", "synthetic img/s", "DALI img/s", "DALI/synthetic",
+           "peak GPU memory (GB)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="WRN-18-2 only, compile off (<= 3 min)")
+    p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
+    p.add_argument("--batch", type=int, default=256, help="per step (halved on out-of-memory)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--images", type=int, default=3000, help="generated JPEGs for DALI")
+    p.add_argument("--workers", type=int, default=6, help="DALI threads")
+    p.add_argument("--skip-tests", action="store_true", help="measure only")
+    p.add_argument("--out", type=Path, default=Path("gpu_report.json"))
+    a = p.parse_args(argv)
+    a.models = a.models or (["wrn18_x2"] if a.quick else list(MODELS))
+    a.compile = ["off"] if a.quick else ["off", "on"]
+    return a
+
+
+def run_gpu_tests() -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p",
+                           "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True)
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
+    return {"returncode": proc.returncode, "summary": last}
+
+
+def make_jpegs(root: Path, count: int) -> Path:
+    """ImageNet-like JPEGs: 500x375 (a third portrait), detail at several scales, ~110 KB."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from input_pipeline import make_set
+    return make_set(root, count, quality=95)
+
+
+def engine_step(model_name: str, compile_: str, batch: int):
+    """The trainer's DDPEngine step (bf16, channels_last) on a new model; returns step(x, y)."""
+    import torch
+    import torch.nn as nn
+    import wrn_large
+    from engine.config import Config
+    from engine.distributed import DistInfo
+    from engine.engines import DDPEngine
+    cfg = Config()
+    cfg.train.amp, cfg.train.channels_last, cfg.train.compile = "bf16", "on", compile_
+    device = torch.device("cuda", 0)
+    engine = DDPEngine(cfg, wrn_large.create_model(model_name).to(device), DistInfo(device=device))
+    engine.set_lr(0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    return lambda x, y: engine.train_step([(x, y)], loss_fn)
+
+
+def images_per_s(step, batches, steps: int) -> float:
+    import torch
+    warmup = 5
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        step(x, y)
+        if i == warmup + steps - 1:
+            break
+    torch.cuda.synchronize()
+    return steps * x.shape[0] / (time.perf_counter() - t0)
+
+
+def synthetic_batches(batch: int):
+    import torch
+    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    while True:
+        yield x, y
+
+
+def dali_batches(root: Path, batch: int, workers: int):
+    import torch
+    from pipelines import DataConfig, LoaderSpec, build_loader
+    cfg = DataConfig(root=str(root), backend="dali", workers=workers, image_size=224,
+                     channels_last=True, num_classes=1000)
+    loader = build_loader(cfg, LoaderSpec("train", batch_size=batch, device=torch.device("cuda", 0)))
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def measure_model(name: str, compile_: str, batch: int, root: Path, a) -> dict:
+    import torch
+    while batch >= 8:
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            step = engine_step(name, compile_, batch)
+            synthetic = images_per_s(step, synthetic_batches(batch), a.steps)
+            dali = images_per_s(step, dali_batches(root, batch, a.workers), a.steps)
+            return {"model": name, "batch": batch, "compile": compile_,
+                    "synthetic_img_s": synthetic, "dali_img_s": dali,
+                    "dali_over_synthetic": dali / synthetic,
+                    "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30}
+        except torch.OutOfMemoryError:
+            batch //= 2
+    raise RuntimeError(f"{name} does not fit even at batch 8")
+
+
+def measure_dali_alone(root: Path, batch: int, workers: int, steps: int) -> dict:
+    import torch
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    rate = images_per_s(lambda x, y: None, dali_batches(root, batch, workers), steps)
+    return {"batch": batch, "img_s": rate,
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"GPU: {report['gpu']}; tests: {report['tests'].get('summary', 'skipped')}", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in report["models"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['compile']} | "
+                     f"{r['synthetic_img_s']:.0f} | {r['dali_img_s']:.0f} | "
+                     f"{r['dali_over_synthetic']:.3f} | {r['peak_memory_gb']:.1f} |")
+    d = report.get("dali_alone")
+    if d:
+        lines += ["", f"DALI mixed pipeline alone: {d['img_s']:.0f} img/s at batch {d['batch']}, "
+                      f"peak GPU memory {d['peak_memory_gb']:.2f} GB"]
+    slow = [r for r in report["models"] if r["dali_over_synthetic"] < DALI_TARGET]
+    if slow:
+        lines.append(f"DALI/synthetic below {DALI_TARGET}: "
+                     + ", ".join(f"{r['model']} (compile {r['compile']})" for r in slow))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check here (the CPU suite covers the rest)",
+              file=sys.stderr)
+        return 3
+    t0 = time.time()
+    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "command": " ".join(["python bench/gpu_check.py", *(argv or sys.argv[1:])]),
+              "tests": {} if a.skip_tests else run_gpu_tests(), "models": []}
+    root = make_jpegs(REPO / "data" / "bench_jpegs_110k", a.images)
+    for name in a.models:
+        for compile_ in a.compile:
+            report["models"].append(measure_model(name, compile_, a.batch, root, a))
+            print(report["models"][-1], flush=True)
+    report["dali_alone"] = measure_dali_alone(root, a.batch, a.workers, a.steps)
+    report["seconds"] = time.time() - t0
+    write_report(report, a.out)
+    print(markdown(report))
+    return 1 if report["tests"].get("returncode", 0) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
