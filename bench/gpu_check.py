@@ -59,7 +59,7 @@ def run_gpu_tests() -> dict:
 
 
 def make_jpegs(root: Path, count: int) -> Path:
-    """ImageNet-like JPEGs: 500x375 (a third portrait), detail at several scales, ~110 KB."""
+    """ImageNet-like JPEGs: 500x375 (a third portrait), detail at several scales, ~120 KB."""
     sys.path.insert(0, str(REPO / "bench"))
     from input_pipeline import make_set
     return make_set(root, count, quality=95)
