@@ -10,9 +10,12 @@ from .distributed import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, forward=None) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, forward=None,
+             confusion: torch.Tensor | None = None) -> dict:
     """``forward(model, images)`` gives the logits (the engine's precision policy); default:
-    ``model(images)``."""
+    ``model(images)``. ``confusion``, a (num_classes, num_classes) float64 tensor on ``device``,
+    receives the counts of the same pass (row = true class, column = top-1 prediction),
+    summed over ranks."""
     forward = forward or (lambda m, x: m(x))
     was_training = model.training
     model.eval()
@@ -26,28 +29,18 @@ def evaluate(model: nn.Module, loader, device: torch.device, forward=None) -> di
                              hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
                              torch.tensor(float(labels.numel()), dtype=torch.float64,
                                           device=device)])
+        if confusion is not None:
+            n = confusion.shape[0]
+            confusion += torch.bincount(labels * n + topk[:, 0],
+                                        minlength=n * n).view(n, n).double()
     all_reduce_sum(sums)
+    if confusion is not None:
+        all_reduce_sum(confusion)
     model.train(was_training)
     loss, top1, top5, count = sums.tolist()
     count = max(count, 1.0)
     return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
             "test_error": 100 - 100 * top1 / count, "val_samples": int(count)}
-
-
-@torch.no_grad()
-def confusion_matrix(model: nn.Module, loader, device: torch.device, num_classes: int,
-                     forward=None) -> torch.Tensor:
-    """(num_classes, num_classes) counts, row = true class, column = top-1 prediction,
-    summed over ranks."""
-    forward = forward or (lambda m, x: m(x))
-    model.eval()
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
-    for images, labels in loader:
-        predicted = forward(model, images).float().argmax(1)
-        counts += torch.bincount(labels * num_classes + predicted,
-                                 minlength=num_classes * num_classes).double()
-    all_reduce_sum(counts)
-    return counts.view(num_classes, num_classes)
 
 
 def plot_confusion(matrix: torch.Tensor, class_names: list[str], path) -> None:
@@ -98,21 +91,23 @@ def run_evaluation(cfg, per_class: bool = False) -> dict:
         with torch.autocast(dist.device.type, dtype=amp):
             return m(x)
 
+    n = loader.num_classes
+    matrix = torch.zeros(n, n, dtype=torch.float64, device=dist.device) if per_class else None
     result = {"model": cfg.model.name, "weights": cfg.model.pretrained,
               "ema": cfg.model.pretrained_ema, "data": f"{cfg.data.dataset} ({cfg.data.root})",
               "backend": resolve_backend(cfg.data.backend), "processes": dist.world_size,
-              **evaluate(model, loader, dist.device, forward)}
+              **evaluate(model, loader, dist.device, forward, confusion=matrix)}
     classes = class_names(cfg.data, loader)[1]
     out = Path(cfg.run.output_dir)
+    plot = per_class and n <= 100
     if per_class:
-        matrix = confusion_matrix(model, loader, dist.device, loader.num_classes, forward)
         totals = matrix.sum(1)
         result["per_class_top1"] = {name: (100 * matrix[i, i] / totals[i]).item()
                                     if totals[i] else None for i, name in enumerate(classes)}
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        if per_class and loader.num_classes <= 100:
+        if plot:
             plot_confusion(matrix, classes, out / "confusion.png")
         rows = [("model", f"{cfg.model.name} <- {cfg.model.pretrained or 'random init'}"
                           + (" (EMA)" if cfg.model.pretrained_ema else "")),
@@ -120,8 +115,7 @@ def run_evaluation(cfg, per_class: bool = False) -> dict:
                          f"{dist.world_size} process(es)"),
                 ("top-1 / top-5 (%)", f"{fmt(result['top1'])} / {fmt(result['top5'])}"),
                 ("loss", fmt(result["val_loss"], 4)),
-                ("written", f"{out / 'eval.json'}" + (", confusion.png" if per_class and
-                                                      loader.num_classes <= 100 else ""))]
+                ("written", f"{out / 'eval.json'}" + (", confusion.png" if plot else ""))]
         print(summary_table(rows), flush=True)
     cleanup()
     return result
