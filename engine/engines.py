@@ -57,6 +57,13 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` (``resolve_amp``'s answer); none for full precision."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def param_groups(model: nn.Module, weight_decay: float, skip_bn_and_bias: bool) -> list[dict]:
     if not skip_bn_and_bias:
         return [{"params": [p for p in model.parameters() if p.requires_grad],
@@ -95,9 +102,7 @@ class Engine:
     amp_dtype: torch.dtype | None   # autocast dtype of fp32 weights; None: full precision
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def eval_forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Logits of ``model`` (the trained module or its fp32 EMA) in the training precision:

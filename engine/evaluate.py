@@ -73,7 +73,7 @@ def run_evaluation(cfg, per_class: bool = False) -> dict:
     from pipelines.class_names import class_names
 
     from .distributed import cleanup, init_distributed
-    from .engines import resolve_amp
+    from .engines import autocast, resolve_amp
     from .metrics import fmt, summary_table
     from .trainer import build_model, micro_batch_size, resolve_auto
 
@@ -86,9 +86,7 @@ def run_evaluation(cfg, per_class: bool = False) -> dict:
     amp = resolve_amp(cfg.train.amp, dist.device)
 
     def forward(m, x):
-        if amp is None:
-            return m(x)
-        with torch.autocast(dist.device.type, dtype=amp):
+        with autocast(dist.device, amp):
             return m(x)
 
     n = loader.num_classes
