@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError
 from .inference import Trained, image_files, load_images, load_trained, preprocess
 
 RTOL, ATOL = 1e-4, 1e-4
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     try:
         result = export(a.checkpoint, a.format, a.out, a.images, a.ema)
-    except (FileNotFoundError, ValueError, AssertionError) as e:
+    except (FileNotFoundError, ValueError, AssertionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {result['file']} ({a.format}); checked on {result['images']} real images at "

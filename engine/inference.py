@@ -16,6 +16,7 @@ import torch.nn as nn
 import wrn_large
 from pipelines.folder import IMAGE_EXTENSIONS
 
+from .checkpoint import CheckpointError, load_file
 from .config import Config, config_from_dict
 
 
@@ -37,8 +38,8 @@ def load_trained(path: str | os.PathLike, use_ema: bool = False) -> Trained:
                          f"wrn_large.create_model(name, pretrained='{path}/weights.pt')")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "config" not in state:
+    state = load_file(path)                  # CheckpointError names an unreadable file
+    if "config" not in state:
         raise ValueError(f"{path} is not a checkpoint of train_imagenet.py (no config in it); "
                          "a bare state dict loads with wrn_large.create_model(name, pretrained=...)")
     cfg = config_from_dict(state["config"], f"{path} (its config)")
@@ -124,7 +125,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     try:
         results = predict(load_trained(a.checkpoint, a.ema), image_files(a.images), a.topk)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.json:
