@@ -32,16 +32,14 @@ def meta_json(trained: Trained) -> str:
 def export_torchscript(model, example, path: Path, meta: str):
     scripted = torch.jit.script(model)
     torch.jit.save(scripted, str(path), _extra_files={"meta.json": meta})
-    loaded = torch.jit.load(str(path))
-    return lambda x: loaded(x)
+    return torch.jit.load(str(path))
 
 
 def export_exported(model, example, path: Path, meta: str):
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path), extra_files={"meta.json": meta})
-    loaded = torch.export.load(str(path)).module()
-    return lambda x: loaded(x)
+    return torch.export.load(str(path)).module()
 
 
 def export_onnx(model, example, path: Path, meta: str):

@@ -8,17 +8,12 @@ import sys
 
 from ._registry import _builders, _model_info
 
-try:
-    from timm.models import _registry as timm_registry
-    from timm.models import generate_default_cfgs
-    from timm.models import register_model as timm_register_model
-except ImportError:  # timm is a dependency, but the registry itself does not need it
-    timm_registry = None
+from timm.models import _registry as timm_registry
+from timm.models import generate_default_cfgs
+from timm.models import register_model as timm_register_model
 
 
 def register_all() -> list[str]:
-    if timm_registry is None:
-        return []
     done = []
     for name, builder in _builders.items():
         existing = timm_registry._model_entrypoints.get(name)
