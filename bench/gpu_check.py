@@ -65,7 +65,7 @@ def make_jpegs(root: Path, count: int) -> Path:
     return make_set(root, count, quality=95)
 
 
-def engine_step(model_name: str, compile_: str, batch: int):
+def engine_step(model_name: str, compile_: str):
     """The trainer's DDPEngine step (bf16, channels_last) on a new model; returns step(x, y)."""
     import torch
     import torch.nn as nn
@@ -123,7 +123,7 @@ def measure_model(name: str, compile_: str, batch: int, root: Path, a) -> dict:
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            step = engine_step(name, compile_, batch)
+            step = engine_step(name, compile_)
             synthetic = images_per_s(step, synthetic_batches(batch), a.steps)
             dali = images_per_s(step, dali_batches(root, batch, a.workers), a.steps)
             return {"model": name, "batch": batch, "compile": compile_,
