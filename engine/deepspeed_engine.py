@@ -86,9 +86,11 @@ class DeepSpeedEngine(Engine):
             self.engine.compile()
             log.info("DeepSpeed engine: module compiled with torch.compile")
         self.model = self.engine
+        self.skipped_before = 0
 
     def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
         total, count = torch.zeros((), device=self.dist.device), 0
+        self.skipped_before = self.engine.skipped_steps
         for images, targets in micro_batches:
             if self.amp_dtype is not None:
                 images = images.to(self.amp_dtype)
@@ -98,6 +100,9 @@ class DeepSpeedEngine(Engine):
             total += loss.detach().float()
             count += 1
         return total / count
+
+    def step_was_skipped(self) -> bool:
+        return self.engine.skipped_steps > self.skipped_before   # fp16 overflow (DeepSpeed's count)
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         final = Path(path)

@@ -130,6 +130,11 @@ class Engine:
         """Forward/backward every micro-batch and step; returns the mean loss (0-dim, detached)."""
         raise NotImplementedError
 
+    def step_was_skipped(self) -> bool:
+        """Whether fp16 loss scaling skipped the last step (inf/NaN gradients: the weights and
+        the optimizer state were left as they were, and the loss scale lowered)."""
+        return False
+
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         raise NotImplementedError
 
@@ -162,6 +167,7 @@ class DDPEngine(Engine):
         self.optimizer = build_optimizer(cfg, model)
         self.scaler = torch.amp.GradScaler(dist.device.type,
                                            enabled=self.amp_dtype == torch.float16)
+        self.skipped = False
         self.ddp = None
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -186,10 +192,16 @@ class DDPEngine(Engine):
         if self.clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # update() lowers the scale exactly when step() found inf/NaN and skipped
+        self.skipped = scale is not None and self.scaler.get_scale() < scale
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(micro_batches)
+
+    def step_was_skipped(self) -> bool:
+        return self.skipped
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         if self.is_main:

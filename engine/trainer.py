@@ -28,6 +28,10 @@ from .schedule import is_lr_drop, lr_at, scaled_lr
 from .state import TrainState, gather_rng_states, seed_process, set_rng_state
 
 log = logging.getLogger("wrn_large.train")
+# fp16 loss scaling skips a step whose loss is inf/NaN; this many in a row is divergence (a
+# lower scale cannot mend an overflowing forward pass)
+MAX_SKIPPED_IN_A_ROW = 10
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -159,6 +163,7 @@ class Trainer:
         self.base_lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_batch, t.batch_size)
         self.state = TrainState()
         self._buffers_synced_at = -1
+        self.skipped_in_a_row = 0
         self.metrics = MetricsWriter(self.out, enabled=d.is_main)
         self.stop = StopRequested()
         if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive the agent
@@ -166,11 +171,13 @@ class Trainer:
         if d.is_main:
             save_config(cfg, self.out / "config.yaml")
             log.info("model %s: %.2fM parameters, %d classes; %s engine, %d process(es) on %s; "
-                     "global batch %d (%d x %d accum x %d procs), lr %.4g; data backend %s",
+                     "global batch %d (%d x %d accum x %d procs), lr %.4g; data backend %s; "
+                     "precision %s, channels_last %s, torch.compile %s",
                      cfg.model.name, wrn_large.count_params(self.model) / 1e6, self.num_classes,
                      cfg.engine.name, d.world_size, d.device, t.batch_size, self.micro,
                      t.grad_accum, d.world_size, self.base_lr,
-                     pipelines.resolve_backend(cfg.data.backend))
+                     pipelines.resolve_backend(cfg.data.backend),
+                     PRECISION_NAMES[self.engine.amp_dtype], t.channels_last, t.compile)
 
     # ----------------------------------------------------------------- checkpoints
     def client_state(self) -> dict:
@@ -284,20 +291,24 @@ class Trainer:
             loss = self.engine.train_step(self.micro_batches(iterator), self.loss_fn)
             loss_value, stop = reduce_step(loss, self.stop.flag, self.dist.world_size)
             st.step += 1
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(self.divergence_message(loss_value))
-            st.epoch_loss_sum += loss_value
-            st.epoch_loss_count += 1
+            if math.isfinite(loss_value):
+                self.skipped_in_a_row = 0
+                st.epoch_loss_sum += loss_value
+                st.epoch_loss_count += 1
+            else:
+                self.skip_or_diverge(loss_value)
+                loss_value = None   # null in metrics.jsonl, left out of the epoch's mean
             if self.ema is not None:
                 self.ema.update(self.model, step=st.step)
             window_images += cfg.train.batch_size
             if st.step % cfg.run.log_every_steps == 0 or st.step % spe == 0:
                 rate = window_images / max(time.time() - window_t, 1e-9)
+                skipped = {"skipped": True} if self.engine.step_was_skipped() else {}
                 self.metrics.write("train", st.step, epoch=st.epoch, loss=loss_value, lr=lr,
-                                   images_per_s=rate)
+                                   images_per_s=rate, **skipped)
                 window_t, window_images = time.time(), 0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}",
+                    bar.set_postfix(loss=fmt(loss_value, 4), lr=f"{lr:.4g}",
                                     img_s=f"{rate:.0f}", refresh=False)
             if bar is not None:
                 bar.update(1)
@@ -312,6 +323,19 @@ class Trainer:
         if bar is not None:
             bar.close()
         return "epoch_done"
+
+    def skip_or_diverge(self, loss_value: float) -> None:
+        """A non-finite loss: a step fp16 loss scaling skipped (weights untouched, as timm and
+        torchvision's references let it pass), or divergence."""
+        if not self.engine.step_was_skipped():
+            raise TrainingDiverged(self.divergence_message(loss_value))
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainingDiverged(self.divergence_message(
+                f"{loss_value} for {self.skipped_in_a_row} steps in a row (each skipped by fp16 "
+                f"loss scaling)"))
+        log.warning("step %d: loss %s, step skipped by fp16 loss scaling (weights unchanged)",
+                    self.state.step, loss_value)
 
     def divergence_message(self, value: float) -> str:
         newest = next((p for p in ckpt.list_checkpoints(self.out) if ckpt.is_complete(p)), None)

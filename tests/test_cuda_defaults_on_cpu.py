@@ -100,6 +100,7 @@ def test_ddp_with_every_cuda_default(data, tmp_path):
     out = tmp_path / "ddp"
     first, _ = train_then_resume(data, out, **CUDA_DEFAULTS, **{"train.compile": "on",
                                                                 "train.deterministic": True})
+    assert "precision bf16, channels_last on, torch.compile on" in first.stdout
     state = load_file(list_checkpoints(out)[0])
     conv = next(v for k, v in state["model"].items() if v.ndim == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from engine.checkpoint import list_checkpoints, load_file
-from trainer_utils import (base_overrides, epochs, make_folder, read_metrics, run_training,
-                           step_losses)
+from devices import PICKED_DEVICES
+from trainer_utils import (base_overrides, epochs, make_folder, nan_loss_at, read_metrics,
+                           run_training, step_losses, train_in_process)
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +193,42 @@ def test_deepspeed_checkpoint_manifest_catches_a_flipped_byte(data, tmp_path):
     proc = run_training(base_overrides(data, out, **ds))
     assert "mp_rank_00_model_states.pt: SHA-256 checksum mismatch" in proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+
+
+@pytest.mark.parametrize("device", PICKED_DEVICES)
+def test_fp16_nan_step_is_skipped_by_the_scaler_not_divergence(data, tmp_path, device):
+    out = tmp_path / "fp16"
+    trainer, summary = train_in_process(
+        base_overrides(data, out, **{"train.amp": "fp16", "run.checkpoint_every_steps": 1}),
+        nan_loss_at({3}))
+    assert trainer.dist.device.type == device and summary["status"] == "finished"
+    before, after = (load_file(out / "checkpoints" / f"step_{s:08d}.pt") for s in (2, 3))
+    params = [name for name, _ in trainer.model.named_parameters()]
+    for name in params:                                 # the step changed nothing it trains
+        assert torch.equal(before["model"][name], after["model"][name]), name
+    assert before["optimizer"]["state"].keys() == after["optimizer"]["state"].keys()
+    for k, v in before["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], after["optimizer"]["state"][k]["momentum_buffer"])
+    assert after["scaler"]["scale"] == before["scaler"]["scale"] / 2   # and lowered the scale
+    records = {m["step"]: m for m in read_metrics(out) if m["type"] == "train"}
+    assert records[3]["loss"] is None and records[3]["skipped"] is True
+    assert all(records[s]["loss"] > 0 and "skipped" not in records[s] for s in records if s != 3)
+    changed = load_file(out / "checkpoints" / "step_00000004.pt")["model"]
+    assert not torch.equal(changed[params[0]], after["model"][params[0]])   # training went on
+    history = epochs(out)
+    assert len(history) == 2 and all(h["train_loss"] > 0 for h in history)
+
+
+def test_fp16_nan_steps_in_a_row_are_divergence(data, tmp_path):
+    from engine.trainer import MAX_SKIPPED_IN_A_ROW, TrainingDiverged
+    out = tmp_path / "fp16"
+    with pytest.raises(TrainingDiverged, match=f"for {MAX_SKIPPED_IN_A_ROW} steps in a row"):
+        train_in_process(base_overrides(data, out, **{"train.amp": "fp16"}),
+                         nan_loss_at(set(range(2, 13))))
+
+
+def test_nan_without_loss_scaling_is_divergence(data, tmp_path):
+    from engine.trainer import TrainingDiverged
+    with pytest.raises(TrainingDiverged, match="training loss is nan at step 2 "):
+        train_in_process(base_overrides(data, tmp_path / "bf16", **{"train.amp": "bf16"}),
+                         nan_loss_at({2}))

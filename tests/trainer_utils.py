@@ -76,3 +76,37 @@ def step_losses(out: Path) -> dict[int, float]:
 
 def epochs(out: Path) -> list[dict]:
     return [m for m in read_metrics(out) if m["type"] == "epoch"]
+
+
+def train_in_process(overrides: list[str], patch=None):
+    """The trainer in this process, for tests that reach into it (``patch(trainer)`` before
+    ``fit``). Returns (trainer, summary). The signal handlers it installs and the torchrun
+    variables a DeepSpeed job of one sets (RANK, MASTER_PORT, ...) are undone afterwards."""
+    import signal
+    from engine.config import load_config
+    from engine.trainer import Trainer
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    environ = dict(os.environ)
+    try:
+        trainer = Trainer(load_config(str(REPO / "configs" / "quickstart.yaml"), overrides))
+        if patch is not None:
+            patch(trainer)
+        return trainer, trainer.fit()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def nan_loss_at(steps: set[int]):
+    """A patch for train_in_process: the loss of these optimizer steps (1-based) becomes NaN."""
+    def patch(trainer):
+        loss_fn = trainer.loss_fn
+
+        def loss(logits, targets):
+            value = loss_fn(logits, targets)
+            return value * float("nan") if trainer.state.step + 1 in steps else value
+
+        trainer.loss_fn = loss
+    return patch
