@@ -11,13 +11,13 @@ from torchvision.transforms import v2
 
 from pipelines import DataConfig, LoaderSpec, build_loader, resolve_backend, val_shard_indices
 from pipelines.sample_rng import sample_uniforms
+from devices import cuda_case, torch_device
 from pipeline_data import write_jpeg_folder
 
 dali = pytest.importorskip("pipelines.dali")
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-BACKENDS = ["dali", "torch"]
 
 
 @pytest.fixture(scope="module")
@@ -33,34 +33,45 @@ def test_auto_is_dali_where_it_imports():
     assert resolve_backend("auto") == "dali"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_labels_follow_imagefolder_order_and_val_covers_each_image_once(folder, backend):
+# (backend, device): DALI on the GPU is its "mixed" pipeline (nvJPEG decoding, GPU resize)
+BACKEND_DEVICES = [("dali", "cpu"), ("torch", "cpu"), cuda_case("dali")]
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_labels_follow_imagefolder_order_and_val_covers_each_image_once(folder, backend, device):
     reference = ImageFolder(str(folder / "val"))
     assert reference.classes == ["a_cls", "b_cls", "c_cls"]
     cfg = cfg_for(folder, backend, image_size=64, val_resize=72)
     seen = []
     for rank in range(3):  # 18 images over 3 ranks, batch 4: short last batches
-        loader = build_loader(cfg, LoaderSpec("val", batch_size=4, rank=rank, world_size=3))
+        loader = build_loader(cfg, LoaderSpec("val", batch_size=4, rank=rank, world_size=3,
+                                              device=torch_device(device)))
         assert loader.num_classes == 3 and loader.num_samples == 6 and len(loader) == 2
         batches = list(loader)
         assert [len(b[1]) for b in batches] == [4, 2]
-        labels = torch.cat([b[1] for b in batches])
+        assert all(b[0].device.type == b[1].device.type == device for b in batches)
+        labels = torch.cat([b[1].cpu() for b in batches])
         expected = [reference.targets[i] for i in val_shard_indices(18, rank, 3)]
         assert labels.dtype == torch.int64 and labels.tolist() == expected
         seen += val_shard_indices(18, rank, 3).tolist()
     assert sorted(seen) == list(range(18))
 
 
-@pytest.mark.parametrize("resize_with", ["torch", "dali"])
+RESIZE_DEVICES = [("torch", "cpu"), ("dali", "cpu"), cuda_case("dali")]
+
+
+@pytest.mark.parametrize("resize_with, device", RESIZE_DEVICES)
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_shapes_dtypes_memory_format(folder, split, resize_with):
+def test_shapes_dtypes_memory_format(folder, split, resize_with, device):
     batches = {}
     for channels_last in (False, True):
         cfg = cfg_for(folder, "dali", image_size=96, val_resize=110, channels_last=channels_last,
                       resize_with=resize_with)
-        images, labels = next(iter(build_loader(cfg, LoaderSpec(split, batch_size=5, seed=3))))
+        spec = LoaderSpec(split, batch_size=5, seed=3, device=torch_device(device))
+        images, labels = next(iter(build_loader(cfg, spec)))
         assert images.shape == (5, 3, 96, 96) and images.dtype == torch.float32
         assert labels.shape == (5,) and labels.dtype == torch.int64
+        assert images.device.type == labels.device.type == device
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         assert images.is_contiguous(memory_format=fmt)
         assert -3 < images.min() < -0.5 and 0.5 < images.max() < 3  # normalised, not 0..255
@@ -138,33 +149,40 @@ def levels(normalised: torch.Tensor) -> torch.Tensor:
 
 
 # mean and max |difference| in 8-bit levels to torchvision's tensor transforms: torch's resize
-# is torchvision's own kernel (equal up to float rounding); DALI's resampler rounds differently
-TOLERANCE = {"torch": (1e-3, 1e-2), "dali": (0.5, 1.5)}
+# is torchvision's own kernel (equal up to float rounding); DALI's resampler rounds differently;
+# on the GPU nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's too, most on
+# this pixel noise (the README's half-level claim is for photographs, checked below)
+TOLERANCE = {("torch", "cpu"): (1e-3, 1e-2), ("dali", "cpu"): (0.5, 1.5),
+             ("dali", "cuda"): (2.0, None)}
 
 
-@pytest.mark.parametrize("resize_with", ["torch", "dali"])
-def test_val_matches_torchvision_resize_centercrop(noisy, resize_with):
+@pytest.mark.parametrize("resize_with, device", RESIZE_DEVICES)
+def test_val_matches_torchvision_resize_centercrop(noisy, resize_with, device):
     """DALI val vs torchvision Resize(256, antialias) + CenterCrop(224) on the same JPEGs."""
     cfg = cfg_for(noisy, "dali", resize_with=resize_with)
-    images = torch.cat([b[0] for b in build_loader(cfg, LoaderSpec("val", batch_size=4))])
+    spec = LoaderSpec("val", batch_size=4, device=torch_device(device))
+    images = torch.cat([b[0].cpu() for b in build_loader(cfg, spec)])
     reference = ImageFolder(str(noisy / "val"), transform=v2.Compose([
         v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224)]))
     expected = torch.stack([reference[i][0] for i in range(len(reference))]).float()
     diff = (levels(images) - expected).abs()
-    mean_tol, max_tol = TOLERANCE[resize_with]
-    assert diff.mean() < mean_tol and diff.max() < max_tol, (diff.mean(), diff.max())
+    mean_tol, max_tol = TOLERANCE[resize_with, device]
+    assert diff.mean() < mean_tol, diff.mean()
+    assert max_tol is None or diff.max() < max_tol, diff.max()
     assert (levels(images) - expected.roll(1, 0)).abs().mean() > 30  # the check can fail
 
 
-@pytest.mark.parametrize("resize_with", ["torch", "dali"])
-def test_train_crops_are_torchvision_randomresizedcrop_windows(noisy, resize_with):
+@pytest.mark.parametrize("resize_with, device", RESIZE_DEVICES)
+def test_train_crops_are_torchvision_randomresizedcrop_windows(noisy, resize_with, device):
     """Each train image is the RandomResizedCrop window computed from (seed, epoch, index),
-    resized with antialiasing and flipped where the per-sample coin says so."""
+    resized with antialiasing and flipped where the per-sample coin says so: the same windows
+    on the CPU and on the GPU."""
     cfg = cfg_for(noisy, "dali", image_size=64, min_crop_area=0.08, resize_with=resize_with)
-    loader = build_loader(cfg, LoaderSpec("train", batch_size=3, seed=5))
+    loader = build_loader(cfg, LoaderSpec("train", batch_size=3, seed=5,
+                                          device=torch_device(device)))
     loader.set_epoch(2)
     order = loader.order.tolist()
-    images = levels(torch.cat([b[0] for b in loader]))
+    images = levels(torch.cat([b[0].cpu() for b in loader]))
     u = sample_uniforms(5, 2, order, 4 * dali.ATTEMPTS + 1)
     samples = loader.samples
     flips, expected = 0, []
@@ -176,11 +194,13 @@ def test_train_crops_are_torchvision_randomresizedcrop_windows(noisy, resize_wit
         if u[k, -1] < 0.5:
             x, flips = x.flip(-1), flips + 1
         expected.append(x.float())
-    diff = (images - torch.stack(expected)).abs()
-    mean_tol, max_tol = TOLERANCE[resize_with]
+    expected = torch.stack(expected)
+    diff = (images - expected).abs()
+    mean_tol, max_tol = TOLERANCE[resize_with, device]
     assert diff.mean() < mean_tol, diff.mean()
     if resize_with == "torch":
         assert diff.max() < max_tol, diff.max()
+    assert (images - expected.roll(1, 0)).abs().mean() > 10  # another image: ~16 levels off
     assert 0 < flips < len(order)
 
 
@@ -216,10 +236,11 @@ def test_rrc_window_distribution_and_fallback():
     assert dali.rrc_window(100, 1000, np.full(41, 0.99), (0.9, 1.0)) == (433, 0, 133, 100)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_replays_the_epoch_bitwise(folder, backend):
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_resume_replays_the_epoch_bitwise(folder, backend, device):
     cfg = cfg_for(folder, backend, image_size=48)
-    loader = build_loader(cfg, LoaderSpec("train", batch_size=4, seed=7))
+    loader = build_loader(cfg, LoaderSpec("train", batch_size=4, seed=7,
+                                          device=torch_device(device)))
     loader.set_epoch(1)
     full = list(loader)
     assert len(full) == len(loader) == 4

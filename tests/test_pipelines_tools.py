@@ -17,7 +17,8 @@ from PIL import Image
 from pipelines import DataConfig, LoaderSpec, build_loader, train_shard_indices
 from pipelines.default_data import CLASSES, ensure_default_dataset, generate
 from pipelines.torch_backend import CorruptImageError
-from pipeline_data import write_jpeg_folder
+from devices import cuda_case, torch_device
+from pipeline_data import flat_colour_folder, flat_colour_ids, write_jpeg_folder
 
 pytest.importorskip("nvidia.dali")
 REPO = Path(__file__).resolve().parent.parent
@@ -61,15 +62,15 @@ def test_verify_reports_bad_files_and_writes_a_clean_list(tmp_path):
         assert sum(len(b[1]) for b in loader) == 12
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_corrupt_file_at_run_time_names_it_and_says_what_to_run(tmp_path, backend):
+@pytest.mark.parametrize("backend, device", [("dali", "cpu"), ("torch", "cpu"), cuda_case("dali")])
+def test_corrupt_file_at_run_time_names_it_and_says_what_to_run(tmp_path, backend, device):
     root = write_jpeg_folder(tmp_path / "data", per_class=4)
     good = (root / "train" / "b_cls" / "b_cls_001.JPEG").read_bytes()
     # truncated mid-scan (an interrupted copy): the header parses, the decoder fails
     (root / "train" / "b_cls" / "b_cls_001.JPEG").write_bytes(good[: len(good) // 2])
     cfg = DataConfig(root=str(root), backend=backend, workers=0 if backend == "torch" else 1,
                      image_size=32, val_resize=36)
-    loader = build_loader(cfg, LoaderSpec("train", batch_size=4))
+    loader = build_loader(cfg, LoaderSpec("train", batch_size=4, device=torch_device(device)))
     with pytest.raises(Exception) as info:
         list(loader)
     message = str(info.value)
@@ -86,13 +87,19 @@ def save_as_gif(path: Path) -> None:
     Image.open(path).convert("P").save(path, format="GIF")
 
 
-@pytest.mark.parametrize("damage, reason", [(cut_body, ""), (save_as_gif, "GIF is not a format DALI")])
-def test_dali_decoder_failure_is_explained(tmp_path, damage, reason):
-    """The DALI error is replaced by one naming the file and why it fails."""
+DAMAGES = [(cut_body, ""), (save_as_gif, "GIF is not a format DALI")]
+
+
+@pytest.mark.parametrize("damage, reason, device", [
+    *((d, r, "cpu") for d, r in DAMAGES), *(cuda_case(d, r, id=f"{d.__name__}-cuda") for d, r in DAMAGES)])
+def test_dali_decoder_failure_is_explained(tmp_path, damage, reason, device):
+    """The DALI error (of libjpeg-turbo on the CPU, nvJPEG on the GPU) is replaced by one naming
+    the file and why it fails."""
     root = write_jpeg_folder(tmp_path / "data", per_class=4, splits=("val",))
     damage(root / "val" / "c_cls" / "c_cls_002.JPEG")
     loader = build_loader(DataConfig(root=str(root), backend="dali", workers=1, image_size=32,
-                                     val_resize=36), LoaderSpec("val", batch_size=3))
+                                     val_resize=36),
+                          LoaderSpec("val", batch_size=3, device=torch_device(device)))
     with pytest.raises(CorruptImageError, match=rf"c_cls_002.JPEG \({reason}"):
         list(loader)
 
@@ -145,33 +152,47 @@ def test_default_dataset_full_size_concurrent_first_use(tmp_path):
 
 
 WORKER = """
-import json, sys, torch
+import json, sys
 from pipelines import DataConfig, LoaderSpec, build_loader
+from pipeline_data import flat_colour_ids
 root, rank, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = DataConfig(root=root, backend="dali", workers=1, image_size=32, min_crop_area=0.25)
 loader = build_loader(cfg, LoaderSpec("train", batch_size=5, rank=rank, world_size=2, seed=11))
 seen = {}
 for epoch in range(3):
     loader.set_epoch(epoch)
-    ids = []
-    for images, labels in loader:
-        # every image is one flat colour: its red level encodes its index in the data set
-        ids += [round(v / 6) for v in (images[:, 0].mean((1, 2)) * 0.229 + 0.485).mul(255).tolist()]
-    seen[epoch] = ids
+    seen[epoch] = [i for images, _ in loader for i in flat_colour_ids(images)]
 json.dump(seen, open(out, "w"))
 """
 
 
+@pytest.mark.parametrize("device", ["cpu", cuda_case(id="cuda")])
+def test_two_simulated_ranks_partition_an_epoch_and_replay_it_mid_way(tmp_path, device):
+    """Rank 0 and rank 1 of one job, in one process: each image once per epoch, in the order
+    train_shard_indices gives; set_epoch(e, k) starts at the k-th batch of the same order."""
+    root = flat_colour_folder(tmp_path / "flat", 40)
+    cfg = DataConfig(root=str(root), backend="dali", workers=1, image_size=32, min_crop_area=0.25)
+    loaders = [build_loader(cfg, LoaderSpec("train", batch_size=5, rank=r, world_size=2, seed=11,
+                                            device=torch_device(device))) for r in range(2)]
+    for epoch in (0, 1):
+        seen = []
+        for rank, loader in enumerate(loaders):
+            loader.set_epoch(epoch)
+            ids = [i for images, _ in loader for i in flat_colour_ids(images)]
+            assert ids == train_shard_indices(40, 5, rank, 2, 11, epoch).tolist()
+            seen += ids
+            loader.set_epoch(epoch, 2)       # a resume after two batches
+            assert [i for images, _ in loader for i in flat_colour_ids(images)] == ids[10:]
+        assert sorted(seen) == list(range(40))
+
+
 @pytest.mark.slow
 def test_two_processes_partition_every_epoch(tmp_path):
-    root = tmp_path / "flat"
-    folder = root / "train" / "only"
-    folder.mkdir(parents=True)
-    for i in range(40):  # one class of flat images; file i has red = 6 * i
-        Image.new("RGB", (60, 50), (6 * i, 90, 150)).save(folder / f"{i:02d}.jpg", quality=95)
+    root = flat_colour_folder(tmp_path / "flat", 40)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(root), str(r),
                                str(tmp_path / f"rank{r}.json")], cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+                                   "OMP_NUM_THREADS": "1"})
              for r in range(2)]
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
