@@ -1,10 +1,15 @@
 """The trainer's CUDA defaults on a real GPU (`pytest -m gpu`; skipped without CUDA). The same
 paths are forced on the CPU in test_cuda_defaults_on_cpu.py; what only CUDA has is here."""
+import json
+import math
+import shutil
+
 import pytest
 import torch
 
 from engine.checkpoint import list_checkpoints
-from trainer_utils import base_overrides, epochs, make_folder, run_training
+from trainer_utils import (base_overrides, epochs, make_folder, nan_loss_at, read_metrics,
+                           run_training, step_losses, train_in_process)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -19,7 +24,8 @@ def data(tmp_path_factory):
     {"engine.name": "ddp"},                                    # auto: bf16, channels_last, compile
     {"engine.name": "deepspeed"},                              # auto: bf16 ZeRO 1, compile
     {"engine.name": "deepspeed", "engine.deepspeed_config": "launch/deepspeed/zero1_fp16.json"},
-], ids=["ddp-auto", "deepspeed-auto", "deepspeed-fp16"])
+    {"engine.name": "deepspeed", "engine.deepspeed_config": "launch/deepspeed/zero2_bf16.json"},
+], ids=["ddp-auto", "deepspeed-zero1-auto-bf16", "deepspeed-zero1-fp16", "deepspeed-zero2-bf16"])
 def test_auto_defaults_train_evaluate_and_resume_on_cuda(data, tmp_path, engine):
     out = tmp_path / "run"
     settings = {**engine, "data.backend": "dali", "train.ema_decay": 0.9}
@@ -30,8 +36,74 @@ def test_auto_defaults_train_evaluate_and_resume_on_cuda(data, tmp_path, engine)
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["val_samples"] == 21
     assert "top1_ema" in history[-1]
     if engine["engine.name"] == "deepspeed":
-        weights = torch.load(list_checkpoints(out)[0] / "weights.pt", weights_only=True)["model"]
+        newest = list_checkpoints(out)[0]
+        weights = torch.load(newest / "weights.pt", weights_only=True)["model"]
         assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+        layout = json.loads((newest / "layout.json").read_text())
+        expected = {"zero1_fp16": ("fp16", 1), "zero2_bf16": ("bf16", 2)}.get(
+            engine.get("engine.deepspeed_config", "zero1").split("/")[-1][:-5], ("bf16", 1))
+        assert (layout["precision"], layout["zero_stage"]) == expected
+
+
+def test_deepspeed_fp16_nan_step_is_skipped_not_divergence(data, tmp_path):
+    """DeepSpeed's own fp16 loss scaler skips the step (its ``skipped_steps``); the run goes on."""
+    out = tmp_path / "ds_fp16"
+    _, summary = train_in_process(base_overrides(data, out, **{
+        "engine.name": "deepspeed", "engine.deepspeed_config": "launch/deepspeed/zero1_fp16.json",
+        "data.backend": "dali", "run.checkpoint_every_steps": 1}), nan_loss_at({3}))
+    assert summary["status"] == "finished"
+    records = {m["step"]: m for m in read_metrics(out) if m["type"] == "train"}
+    assert records[3]["loss"] is None and records[3]["skipped"] is True
+    before, after = (torch.load(out / "checkpoints" / f"step_{s:08d}" / "weights.pt",
+                                weights_only=True)["model"] for s in (2, 3))
+    params = [k for k, v in before.items() if v.ndim > 1]
+    assert all(torch.equal(before[k], after[k]) for k in params)
+    assert all(h["train_loss"] > 0 for h in epochs(out))
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from pipelines.default_data import generate
+    return generate(tmp_path_factory.mktemp("demo"))
+
+
+# 2600 demo images at batch 64: 40 steps an epoch, 200 steps in all, resumed from step 120
+LONG_RUN = {"train.epochs": 5, "run.eval_every_epochs": 5, "run.keep_checkpoints": 100,
+            "run.log_every_steps": 1, "run.progress": False}
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_few_hundred_steps_with_compile_resume_the_same_losses(demo_data, tmp_path,
+                                                                  deterministic):
+    """The quickstart recipe on CUDA as a GPU user runs it: bf16 autocast, channels_last,
+    torch.compile and DALI mixed decoding (all `auto`). With ``train.deterministic=true`` a
+    resumed run repeats the losses bitwise: cuDNN's deterministic algorithms, the compiled
+    kernels (the same on both runs) and the loader's (seed, epoch, index) crops. Without it,
+    cuDNN's autotuner may pick other algorithms in the resumed run: the first resumed loss
+    agrees to bf16 rounding (1%), the last epoch's mean loss to 10%."""
+    settings = {"data.root": str(demo_data), "train.deterministic": deterministic, **LONG_RUN}
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    proc = run_training([f"run.output_dir={full}", *(f"{k}={v}" for k, v in settings.items())])
+    assert "on cuda" in proc.stdout and "data backend dali" in proc.stdout
+    assert "precision bf16, channels_last on, torch.compile on" in proc.stdout, proc.stdout[-2000:]
+    reference = step_losses(full)
+    assert sorted(reference) == list(range(1, 201))
+    assert all(map(math.isfinite, reference.values()))
+    history = epochs(full)
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], history
+    assert history[-1]["top1"] > 40, history        # 10 classes: chance is 10%
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints" / "step_00000120.pt", resumed / "checkpoints")
+    run_training([f"run.output_dir={resumed}", *(f"{k}={v}" for k, v in settings.items())])
+    again = step_losses(resumed)
+    assert sorted(again) == list(range(121, 201))
+    if deterministic:
+        assert all(again[s] == reference[s] for s in again), \
+            [(s, again[s], reference[s]) for s in again if again[s] != reference[s]][:5]
+    else:
+        assert again[121] == pytest.approx(reference[121], rel=1e-2)
+        assert epochs(resumed)[-1]["train_loss"] == pytest.approx(history[-1]["train_loss"],
+                                                                  rel=0.1)
 
 
 def test_nccl_backend_through_the_trainers_set_up(data, tmp_path):
