@@ -13,20 +13,33 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .inference import Trained, image_files, load_images, load_trained, preprocess
+from .inference import (SmallImageTransform, Trained, image_files, load_images, load_trained,
+                        preprocess)
 
 RTOL, ATOL = 1e-4, 1e-4
 SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "exported": ".pt2"}
 
 
-def meta_json(trained: Trained) -> str:
+def meta_json(trained: Trained, transform) -> str:
+    """The names and the preprocessing a server must apply; mean/std in 0-255 units, as the
+    run used them (fitted on its training set where its config left them null)."""
     d = trained.cfg.data
+    mean, std = d.mean, d.std
+    if isinstance(transform, SmallImageTransform):
+        normalizer = transform.normalizer
+        if normalizer.kind == "zca":
+            raise ValueError("export writes the preprocessing into the file as mean/std; this "
+                             "run's ZCA whitening (a 3072x3072 matrix fitted on its training "
+                             "set) is not: classify with python -m wrn_large predict, which "
+                             "applies it")
+        if normalizer.kind == "meanstd":
+            mean, std = normalizer.mean.tolist(), normalizer.std.tolist()
     return json.dumps({
         "model": trained.cfg.model.name, "classes": trained.classes,
         "class_names": trained.names, "input": "float32 (N, 3, H, W), RGB",
         "preprocessing": {"dataset": d.dataset, "image_size": d.image_size,
                           "val_resize": d.val_resize, "normalization": d.normalization,
-                          "mean": d.mean, "std": d.std}})
+                          "mean": mean, "std": std}})
 
 
 def export_torchscript(model, example, path: Path, meta: str):
@@ -72,12 +85,14 @@ def default_images(trained: Trained) -> list[str]:
 def export(checkpoint: str, fmt: str, out: str | None = None, images: list[str] | None = None,
            use_ema: bool = False) -> dict:
     trained = load_trained(checkpoint, use_ema)
+    transform = preprocess(trained.cfg)
+    meta = meta_json(trained, transform)
     files = image_files(images or default_images(trained))
-    batch = load_images(files, preprocess(trained.cfg))
+    batch = load_images(files, transform)
     if len(batch) < 2:
         batch = torch.cat([batch, batch.flip(-1)])   # two images: the batch size must vary
     path = Path(out or Path(checkpoint).with_suffix(SUFFIX[fmt]))
-    run = EXPORTERS[fmt](trained.model, batch[:2], path, meta_json(trained))
+    run = EXPORTERS[fmt](trained.model, batch[:2], path, meta)
     worst = 0.0
     for x in (batch[:1], batch):                      # batch sizes 1 and N
         want, got = trained.model(x), run(x)

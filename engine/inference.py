@@ -53,22 +53,32 @@ def load_trained(path: str | os.PathLike, use_ema: bool = False) -> Trained:
 
 def preprocess(cfg: Config):
     """PIL image -> normalised (C, H, W) tensor, as the run's validation pipeline."""
-    from torchvision.transforms import v2
-    d = cfg.data
-    if d.dataset == "imagenet":
+    if cfg.data.dataset == "imagenet":
         from pipelines.torch_backend import imagenet_transform
-        return imagenet_transform(d, "val")
-    if d.normalization == "zca":
-        raise ValueError("predict takes meanstd or scale inputs: ZCA whitening is fitted on the "
-                         "training set, which the checkpoint does not hold")
-    steps = [v2.PILToTensor(), v2.Resize((d.image_size, d.image_size), antialias=True),
-             v2.ToDtype(torch.float32, scale=True)]
-    if d.normalization == "meanstd":
-        if d.mean is None or d.std is None:
-            raise ValueError("this run fitted its mean/std on the training set (data.mean/std "
-                             "null): predict needs them in the config")
-        steps.append(v2.Normalize([m / 255 for m in d.mean], [s / 255 for s in d.std]))
-    return v2.Compose(steps)
+        return imagenet_transform(cfg.data, "val")
+    return SmallImageTransform(cfg)
+
+
+class SmallImageTransform:
+    """A CIFAR/SVHN run's validation input: the image resized to ``data.image_size``, then the
+    pipeline's own ``Normalizer``. What the config leaves to the training set (``data.mean``/
+    ``std`` null, ZCA) is fitted from ``data.root`` as in training (ZCA from its cache)."""
+
+    def __init__(self, cfg: Config):
+        from torchvision.transforms import v2
+        from pipelines.small_datasets import Normalizer
+        d = cfg.data
+        size = (d.image_size, d.image_size)
+        self.resize = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True)])
+        try:
+            self.normalizer = Normalizer(d, torch.device("cpu"))
+        except (FileNotFoundError, OSError) as e:
+            raise ValueError(f"this run's {d.normalization} normalisation is fitted on its "
+                             f"training set, read from data.root={d.root}: {e}") from e
+
+    def __call__(self, image) -> torch.Tensor:
+        hwc = self.resize(image).permute(1, 2, 0)
+        return self.normalizer(hwc[None])[0]
 
 
 def image_files(paths: list[str]) -> list[Path]:

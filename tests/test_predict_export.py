@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,46 @@ def test_export_is_checked_against_the_model(checkpoint, tmp_path, fmt):
         meta = json.loads(extra["meta.json"])
     assert meta["class_names"] == list(NAMES.values())
     assert meta["preprocessing"]["image_size"] == 32
+
+
+@pytest.mark.parametrize("normalization", ["zca", "meanstd"])
+def test_predict_normalises_a_cifar_run_as_its_training_did(tmp_path, normalization):
+    """ZCA, and mean/std left null in the config, are fitted on the run's training set: predict
+    fits them again from data.root (the ZCA from its cache), and its probabilities are the
+    model's on the run's own validation batches. Export carries the fitted mean/std, and
+    refuses ZCA (its matrix is not in the file) with what to use instead."""
+    from PIL import Image
+    from engine.export import export
+    from engine.inference import predict
+    from pipelines import LoaderSpec, build_loader
+    from pipeline_data import write_cifar
+    root = tmp_path / "cifar"
+    train_x, _, test_x, _ = write_cifar(root, per_batch=20, test=6)
+    out = tmp_path / "run"
+    run_training(base_overrides(root, out, **{
+        "data.dataset": "cifar10", "data.normalization": normalization, "data.mean": "null",
+        "data.std": "null", "train.epochs": 1}))
+    files = []
+    for i, pixels in enumerate(test_x):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(pixels).save(files[-1])
+    checkpoint = list_checkpoints(out)[0]
+    trained = load_trained(checkpoint)
+    images, _ = next(iter(build_loader(trained.cfg.data, LoaderSpec("val", batch_size=6))))
+    with torch.no_grad():
+        want = trained.model(images).softmax(1)
+    got = predict(trained, files, topk=10)
+    for row, probs in zip(got, want):
+        by_class = {t["class"]: t["probability"] for t in row["top"]}
+        assert [by_class[c] for c in trained.classes] == pytest.approx(probs.tolist(), abs=1e-5)
+    if normalization == "zca":
+        with pytest.raises(ValueError, match="ZCA whitening .* is not: classify with"):
+            export(str(checkpoint), "torchscript", str(tmp_path / "m.ts"), [str(f) for f in files])
+        return
+    export(str(checkpoint), "torchscript", str(tmp_path / "m.ts"), [str(f) for f in files])
+    extra = {"meta.json": ""}
+    torch.jit.load(str(tmp_path / "m.ts"), _extra_files=extra)
+    meta = json.loads(extra["meta.json"])["preprocessing"]
+    train = train_x.reshape(-1, 3).astype(np.float64)
+    assert meta["mean"] == pytest.approx(train.mean(0).tolist(), rel=1e-5)
+    assert meta["std"] == pytest.approx(train.std(0, ddof=1).tolist(), rel=1e-5)
