@@ -10,6 +10,7 @@ from pathlib import Path
 from .base import DataConfig
 
 SVHN_DIGITS = [str(d) for d in range(10)]
+CLASSES_TSV = "classes.tsv"
 
 
 def class_names(cfg: DataConfig, loader) -> tuple[list[str], list[str]]:
@@ -26,11 +27,24 @@ def class_names(cfg: DataConfig, loader) -> tuple[list[str], list[str]]:
     if cfg.dataset == "svhn":
         return SVHN_DIGITS, SVHN_DIGITS
     classes = list(getattr(loader, "classes", None) or map(str, range(loader.num_classes)))
-    readable = {}
-    tsv = root / "classes.tsv" if root else None
-    if tsv is not None and tsv.is_file():
-        for line in tsv.read_text().splitlines()[1:]:
-            parts = line.split("\t")
-            if len(parts) == 3 and parts[2]:
-                readable[parts[1]] = parts[2]
+    tsv = root / CLASSES_TSV if root else None
+    readable = read_classes_tsv(tsv) if tsv is not None and tsv.is_file() else {}
     return classes, [readable.get(c, c) for c in classes]
+
+
+def write_classes_tsv(path: Path, classes: list[str], names: dict[str, str]) -> None:
+    """``index, wnid, name`` per class in label order; an empty name where none is known."""
+    with open(path, "w") as f:
+        f.write("index\twnid\tname\n")
+        for i, wnid in enumerate(classes):
+            f.write(f"{i}\t{wnid}\t{names.get(wnid, '')}\n")
+
+
+def read_classes_tsv(path: Path) -> dict[str, str]:
+    """wnid -> name of a ``write_classes_tsv`` file (classes without a name left out)."""
+    readable = {}
+    for line in path.read_text().splitlines()[1:]:
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[2]:
+            readable[parts[1]] = parts[2]
+    return readable

@@ -26,6 +26,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from .class_names import CLASSES_TSV, write_classes_tsv
 from .folder import IMAGE_EXTENSIONS, scan_folder
 
 
@@ -180,10 +181,7 @@ def prepare(train: Path, val: Path, out: Path, devkit: Path | None = None,
     for src, wnid in val_labels.items():
         place(src, out / "val" / wnid / src.name, link)
     classes = sorted(sources)
-    with open(out / "classes.tsv", "w") as f:
-        f.write("index\twnid\tname\n")
-        for i, wnid in enumerate(classes):
-            f.write(f"{i}\t{wnid}\t{names.get(wnid, '')}\n")
+    write_classes_tsv(out / CLASSES_TSV, classes, names)
     counts = {}
     for split in ("train", "val"):
         samples = scan_folder(out / split)
