@@ -2,10 +2,11 @@
 """One command for a GPU machine: run the GPU tests, then measure side by side on the local GPU.
 
     python bench/gpu_check.py            # tests + WRN-50-2, WRN-34-2, WRN-18-2, compile off/on
-    python bench/gpu_check.py --quick    # tests + WRN-18-2, compile off
+    python bench/gpu_check.py --quick    # quick tests + WRN-18-2, compile off
 
 1. ``pytest -m gpu`` (DALI mixed decoding, the trainer with bf16/channels_last/compile, fp16,
-   DeepSpeed, Detectron2 and NCCL on CUDA).
+   DeepSpeed, Detectron2 and NCCL on CUDA); ``--quick`` leaves out the multi-run trainer tests
+   (``-m "gpu and not slow"``). The 15 slowest tests and the tests' time go in the report.
 2. For each model: training images/s of the trainer's engine (bf16 autocast, channels_last, SGD)
    at batch ``--batch`` (halved until it fits), fed by synthetic batches already on the GPU and
    by the DALI "mixed" train pipeline on a generated ImageNet-like JPEG set (500x375, ~120 KB);
@@ -36,7 +37,8 @@ COLUMNS = ("model", "batch", "compile", "synthetic img/s", "DALI img/s", "DALI/s
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="WRN-18-2 only, compile off (<= 3 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="quick GPU tests, WRN-18-2 only, compile off (<= 3 min)")
     p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
     p.add_argument("--batch", type=int, default=256, help="per step (halved on out-of-memory)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
@@ -47,15 +49,19 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.models = a.models or (["wrn18_x2"] if a.quick else list(MODELS))
     a.compile = ["off"] if a.quick else ["off", "on"]
+    a.tests = "gpu and not slow" if a.quick else "gpu"
     return a
 
 
-def run_gpu_tests() -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p",
-                           "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True)
+def run_gpu_tests(marker: str) -> dict:
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", marker, "-q", "-p",
+                           "no:cacheprovider", "--durations=15", "tests"], cwd=REPO,
+                          capture_output=True, text=True)
     last = (proc.stdout.strip().splitlines() or [""])[-1]
-    print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
-    return {"returncode": proc.returncode, "summary": last}
+    print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n")
+    return {"returncode": proc.returncode, "summary": last, "marker": marker,
+            "seconds": round(time.time() - t0, 1)}
 
 
 def make_jpegs(root: Path, count: int) -> Path:
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "command": " ".join(["python bench/gpu_check.py", *(argv or sys.argv[1:])]),
-              "tests": {} if a.skip_tests else run_gpu_tests(), "models": []}
+              "tests": {} if a.skip_tests else run_gpu_tests(a.tests), "models": []}
     root = make_jpegs(REPO / "data" / "bench_jpegs_110k", a.images)
     for name in a.models:
         for compile_ in a.compile:

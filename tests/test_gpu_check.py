@@ -15,8 +15,10 @@ import gpu_check  # noqa: E402
 def test_quick_and_full_plans():
     quick = gpu_check.parse_args(["--quick"])
     assert quick.models == ["wrn18_x2"] and quick.compile == ["off"]
+    assert quick.tests == "gpu and not slow"
     full = gpu_check.parse_args([])
     assert full.models == list(gpu_check.MODELS) and full.compile == ["off", "on"]
+    assert full.tests == "gpu"
     assert gpu_check.parse_args(["--models", "wrn34_x2"]).models == ["wrn34_x2"]
 
 

@@ -20,6 +20,7 @@ def data(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("folder"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", [
     {"engine.name": "ddp"},                                    # auto: bf16, channels_last, compile
     {"engine.name": "deepspeed"},                              # auto: bf16 ZeRO 1, compile
@@ -72,6 +73,7 @@ LONG_RUN = {"train.epochs": 5, "run.eval_every_epochs": 5, "run.keep_checkpoints
             "run.log_every_steps": 1, "run.progress": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_a_few_hundred_steps_with_compile_resume_the_same_losses(demo_data, tmp_path,
                                                                   deterministic):
