@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 MODELS = ("wrn50_2_bottleneck", "wrn34_x2", "wrn18_x2")
 DALI_TARGET = 0.97
@@ -66,26 +66,8 @@ def run_gpu_tests(marker: str) -> dict:
 
 def make_jpegs(root: Path, count: int) -> Path:
     """ImageNet-like JPEGs: 500x375 (a third portrait), detail at several scales, ~120 KB."""
-    sys.path.insert(0, str(REPO / "bench"))
     from input_pipeline import make_set
     return make_set(root, count, quality=95)
-
-
-def engine_step(model_name: str, compile_: str):
-    """The trainer's DDPEngine step (bf16, channels_last) on a new model; returns step(x, y)."""
-    import torch
-    import torch.nn as nn
-    import wrn_large
-    from engine.config import Config
-    from engine.distributed import DistInfo
-    from engine.engines import DDPEngine
-    cfg = Config()
-    cfg.train.amp, cfg.train.channels_last, cfg.train.compile = "bf16", "on", compile_
-    device = torch.device("cuda", 0)
-    engine = DDPEngine(cfg, wrn_large.create_model(model_name).to(device), DistInfo(device=device))
-    engine.set_lr(0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    return lambda x, y: engine.train_step([(x, y)], loss_fn)
 
 
 def images_per_s(step, batches, steps: int) -> float:
@@ -125,11 +107,13 @@ def dali_batches(root: Path, batch: int, workers: int):
 
 def measure_model(name: str, compile_: str, batch: int, root: Path, a) -> dict:
     import torch
+    from trainer_step import engine_step
     while batch >= 8:
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            step = engine_step(name, compile_)
+            step = engine_step(name, 1000, torch.device("cuda", 0), "bf16", channels_last=True,
+                               compile_=compile_ == "on")
             synthetic = images_per_s(step, synthetic_batches(batch), a.steps)
             dali = images_per_s(step, dali_batches(root, batch, a.workers), a.steps)
             return {"model": name, "batch": batch, "compile": compile_,

@@ -68,11 +68,18 @@ def bare_loop(args, device, batches):
     return step
 
 
-def trainer_loop(args, device, batches):
+def engine_step(model: str, classes: int, device: torch.device, amp: str = "off",
+                channels_last: bool = False, compile_: bool = False):
+    """The trainer's step on a new model: DDPEngine.train_step, set_lr, the per-step loss
+    all-reduce and NaN check. Returns step(x, y) -> loss (also used by bench/gpu_check.py)."""
     cfg = Config()
-    cfg.train.amp = args.amp
+    cfg.train.amp = amp
+    cfg.train.channels_last = "on" if channels_last else "off"
+    cfg.train.compile = "on" if compile_ else "off"
     cfg.optim.weight_decay = 5e-4
-    engine = DDPEngine(cfg, build(args, device), DistInfo(device=device))
+    torch.manual_seed(0)
+    model = wrn_large.create_model(model, num_classes=classes).to(device)
+    engine = DDPEngine(cfg, model, DistInfo(device=device))
     loss_fn = nn.CrossEntropyLoss()
 
     def step(x, y):
@@ -110,7 +117,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = make_batches(args.steps, args.batch, args.size, args.classes, device,
                            args.channels_last)
-    loops = {"bare": bare_loop(args, device, batches), "trainer": trainer_loop(args, device, batches)}
+    loops = {"bare": bare_loop(args, device, batches), "trainer": engine_step(args.model, args.classes, device, args.amp,
+                                                                  args.channels_last)}
     for step in loops.values():  # warm-up
         timed(step, batches[:2], device)
     rates = {k: [] for k in loops}
