@@ -65,9 +65,11 @@ def make_coco_like(out_dir: str, scale: float = 1.0, seed: int = 0) -> tuple[str
                   for c in CATEGORY_IDS]
     json_file = os.path.join(ann_dir, "instances_train2017.json")
     with open(json_file, "w") as f:
-        json.dump({"info": {"description": "wrn_large: COCO 2017 train-shaped synthetic file"},
-                   "licenses": [{"id": 1, "name": "synthetic", "url": ""}], "images": images,
-                   "annotations": annotations, "categories": categories}, f)
+        # dumps, not dump: only dumps uses json's C encoder (~8x faster on this ~450 MB file)
+        f.write(json.dumps({
+            "info": {"description": "wrn_large: COCO 2017 train-shaped synthetic file"},
+            "licenses": [{"id": 1, "name": "synthetic", "url": ""}], "images": images,
+            "annotations": annotations, "categories": categories}))
     return json_file, image_dir
 
 
