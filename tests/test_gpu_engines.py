@@ -51,7 +51,8 @@ def test_deepspeed_fp16_nan_step_is_skipped_not_divergence(data, tmp_path):
     out = tmp_path / "ds_fp16"
     _, summary = train_in_process(base_overrides(data, out, **{
         "engine.name": "deepspeed", "engine.deepspeed_config": "launch/deepspeed/zero1_fp16.json",
-        "data.backend": "dali", "run.checkpoint_every_steps": 1}), nan_loss_at({3}))
+        "data.backend": "dali", "run.checkpoint_every_steps": 1, "train.compile": "off"}),
+        nan_loss_at({3}))
     assert summary["status"] == "finished"
     records = {m["step"]: m for m in read_metrics(out) if m["type"] == "train"}
     assert records[3]["loss"] is None and records[3]["skipped"] is True
@@ -119,7 +120,8 @@ def test_nccl_backend_through_the_trainers_set_up(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            str(REPO / "train_imagenet.py"), "--config", "configs/quickstart.yaml",
-           *base_overrides(data, out, **{"train.epochs": 1, "engine.dist_backend": "nccl"})]
+           *base_overrides(data, out, **{"train.epochs": 1, "engine.dist_backend": "nccl",
+                                         "train.compile": "off"})]   # compile: the slow tests
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
