@@ -55,8 +55,7 @@ def make_coco_like(out_dir: str, scale: float = 1.0, seed: int = 0) -> tuple[str
     owners = rng.integers(empty, num_images, num_anns)       # images [0, empty) get none
     owners[: num_images - empty] = np.arange(empty, num_images)  # every other image gets one
     crowd = rng.random(num_anns) < CROWD_FRACTION
-    annotations = [_annotation(k + 1, images[o], bool(c), rng)
-                   for k, (o, c) in enumerate(zip(owners.tolist(), crowd.tolist()))]
+    annotations = _annotations(images, owners, crowd, rng)
     for ann in annotations[-ZERO_HEIGHT_BOXES:]:  # as the real file: height 0, area 0
         ann["bbox"][3], ann["area"], ann["iscrowd"] = 0.0, 0.0, 0
         x, y, w = ann["bbox"][:3]
@@ -73,25 +72,43 @@ def make_coco_like(out_dir: str, scale: float = 1.0, seed: int = 0) -> tuple[str
     return json_file, image_dir
 
 
-def _annotation(ann_id: int, image: dict, crowd: bool, rng: np.random.Generator) -> dict:
-    width, height = image["width"], image["height"]
-    w = round(float(rng.uniform(4, width / 2)), 2)
-    h = round(float(rng.uniform(4, height / 2)), 2)
-    x = round(float(rng.uniform(0, width - w)), 2)
-    y = round(float(rng.uniform(0, height - h)), 2)
-    ann = {"id": ann_id, "image_id": image["id"], "category_id": CATEGORY_IDS[rng.integers(80)],
-           "bbox": [x, y, w, h], "area": round(w * h * 0.6, 2), "iscrowd": int(crowd)}
-    if crowd:  # uncompressed RLE, as the crowd annotations of the real file
-        fg = int(w * h * 0.5)
-        ann["segmentation"] = {"size": [height, width],
-                               "counts": [int(y * width), fg, height * width - int(y * width) - fg]}
-    else:
-        n = int(rng.integers(8, 41))
-        t = np.sort(rng.uniform(0, 2 * np.pi, n))
-        px = x + w / 2 + w / 2 * np.cos(t)
-        py = y + h / 2 + h / 2 * np.sin(t)
-        ann["segmentation"] = [np.round(np.stack([px, py], 1).ravel(), 2).tolist()]
-    return ann
+def _annotations(images: list[dict], owners: np.ndarray, crowd: np.ndarray,
+                 rng: np.random.Generator) -> list[dict]:
+    """One annotation per entry of ``owners`` (an index into ``images``): a box inside its
+    image, a polygon (an ellipse of 8-40 points in the box) or, where ``crowd``, an
+    uncompressed RLE mask. Drawn for all at once: 860,001 one by one took ~40 s."""
+    n_anns = len(owners)
+    width = np.array([im["width"] for im in images])[owners]
+    height = np.array([im["height"] for im in images])[owners]
+    w = np.round(rng.uniform(4, width / 2), 2)
+    h = np.round(rng.uniform(4, height / 2), 2)
+    x = np.round(rng.uniform(0, width - w), 2)
+    y = np.round(rng.uniform(0, height - h), 2)
+    category = np.array(CATEGORY_IDS)[rng.integers(80, size=n_anns)]
+    points = rng.integers(8, 41, n_anns)
+    owner_of_point = np.repeat(np.arange(n_anns), points)
+    angle = rng.uniform(0, 2 * np.pi, points.sum())
+    angle = angle[np.lexsort((angle, owner_of_point))]      # sorted within each polygon
+    cx, cy, rx, ry = (np.repeat(v, points) for v in (x + w / 2, y + h / 2, w / 2, h / 2))
+    coords = np.round(np.stack([cx + rx * np.cos(angle), cy + ry * np.sin(angle)], 1), 2)
+    coords = coords.ravel().tolist()
+    ends = (2 * np.cumsum(points)).tolist()
+    image_id = np.array([im["id"] for im in images])[owners]
+    area = np.round(w * h * 0.6, 2)
+    columns = zip(image_id.tolist(), w.tolist(), h.tolist(), x.tolist(), y.tolist(),
+                  area.tolist(), category.tolist(), crowd.tolist(), width.tolist(),
+                  height.tolist(), [0] + ends[:-1], ends)
+    annotations = []
+    for k, (owner, wk, hk, xk, yk, ak, cat, is_crowd, iw, ih, start, end) in enumerate(columns):
+        ann = {"id": k + 1, "image_id": owner, "category_id": cat, "bbox": [xk, yk, wk, hk],
+               "area": ak, "iscrowd": int(is_crowd)}
+        if is_crowd:  # uncompressed RLE, as the crowd annotations of the real file
+            fg, before = int(wk * hk * 0.5), int(yk * iw)
+            ann["segmentation"] = {"size": [ih, iw], "counts": [before, fg, ih * iw - before - fg]}
+        else:
+            ann["segmentation"] = [coords[start:end]]
+        annotations.append(ann)
+    return annotations
 
 
 def _link_images(image_dir: str, images: list[dict], size_index: np.ndarray,
