@@ -1,5 +1,5 @@
 """Our registry as first-class timm models: timm's own tests/test_models.py (from the sdist of the
-installed timm, downloaded at test time) over every name we register, and our checks of what a
+installed timm, downloaded at test time) over one name per structure, and our checks of what a
 timm user relies on: features_only, resolve_data_config, local weights, activation
 checkpointing."""
 from __future__ import annotations
@@ -25,8 +25,9 @@ OURS = wrn_large.list_models()
 # timm's suite runs on one name per structure: each family's generic builder, every CIFAR
 # block type and deepening factor, width 1 and a fractional width, basic and bottleneck
 # ImageNet blocks. The other names repeat one of these at another depth or width (same code,
-# bigger tensors: the whole list took 146 s of CI's 30 minutes, these take ~50 s); every name's
-# construction and parameter count are checked in test_models.py.
+# bigger tensors: the whole list took 146 s of CI's 30 minutes, these take ~50 s); every name is
+# built and its feature maps checked in test_models.py (its parameter count too where the paper
+# prints one).
 SUITE = ["wrn_cifar", "wrn_16_4", "wrn_52_1", "wrn_22_2_b313", "wrn_40_2_b13", "wrn_40_2_b131",
          "wrn_40_2_b31", "wrn_40_2_b311", "wrn_40_2_l1", "wrn_40_2_l4", "wrn_imagenet",
          "wrn18_x1", "wrn34_x1_5", "wrn50_2_bottleneck"]
