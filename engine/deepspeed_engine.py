@@ -27,7 +27,7 @@ from .checkpoint import (COMPLETE_MARKER, CheckpointError, ResumeMismatch, save_
                          write_manifest)
 from .config import Config, find_config
 from .distributed import DistInfo, barrier
-from .engines import Engine, build_optimizer, register_engine, resolve_amp
+from .engines import PRECISION_NAMES, Engine, build_optimizer, register_engine, resolve_amp
 
 log = logging.getLogger(__name__)
 LAYOUT_FILE = "layout.json"         # precision and ZeRO stage of a checkpoint directory
@@ -141,7 +141,7 @@ class DeepSpeedEngine(Engine):
     def layout(self) -> dict:
         """What a DeepSpeed checkpoint can only be resumed with: its optimizer state is sharded
         and typed by these."""
-        return {"precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32"),
+        return {"precision": PRECISION_NAMES[self.amp_dtype],
                 "zero_stage": self.ds_config.get("zero_optimization", {}).get("stage", 0)}
 
     def check_layout(self, path: Path) -> None:

@@ -57,6 +57,9 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # of amp dtypes
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to ``dtype`` (``resolve_amp``'s answer); none for full precision."""
     if dtype is None:

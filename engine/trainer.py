@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from .config import Config, save_config, to_dict
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup,
                           init_distributed, stop_with_parent, sync_buffers)
-from .engines import Engine, build_engine, set_determinism
+from .engines import PRECISION_NAMES, Engine, build_engine, set_determinism
 from .evaluate import evaluate
 from .metrics import MetricsWriter, fmt, plot_curves, summary_table
 from .schedule import is_lr_drop, lr_at, scaled_lr
@@ -31,7 +31,6 @@ log = logging.getLogger("wrn_large.train")
 # fp16 loss scaling skips a step whose loss is inf/NaN; this many in a row is divergence (a
 # lower scale cannot mend an overflowing forward pass)
 MAX_SKIPPED_IN_A_ROW = 10
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class TrainingDiverged(RuntimeError):
