@@ -214,5 +214,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for split, (n, c) in counts.items():
         print(f"{split}: {n} images in {c} classes -> {a.out / split}")
-    print(f"classes: {a.out / 'classes.tsv'}; train with data.root={a.out}")
+    print(f"classes: {a.out / CLASSES_TSV}; train with data.root={a.out}")
     return 0

@@ -126,7 +126,7 @@ class WideResNetCIFAR(WRNBase):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map (N, 64k, H/4, W/4), after the final BN-ReLU."""
-        x = self.conv1(x)
+        x = self.forward_stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
         else:
