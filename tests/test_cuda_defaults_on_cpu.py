@@ -12,7 +12,7 @@ import torch.nn as nn
 from engine.checkpoint import list_checkpoints, load_file
 from engine.config import load_config
 from engine.distributed import DistInfo
-from engine.engines import Engine, set_determinism
+from engine.engines import Engine
 from engine.trainer import resolve_auto
 from trainer_utils import base_overrides, epochs, make_folder, run_training
 

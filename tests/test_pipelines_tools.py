@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipelines import DataConfig, LoaderSpec, build_loader, train_shard_indices
