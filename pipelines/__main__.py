@@ -1,6 +1,7 @@
 """Data tools.
 
     python -m pipelines verify DATA_DIR [--out FILE] [--workers N]   scan, report, clean list
+    python -m pipelines pack DATA_DIR OUT [--file-list L]           tar shards for parallel file systems
     python -m pipelines make-default-data [DIR]                      the built-in demo data set
     python -m pipelines prepare-imagenet --train T --val V --devkit D --out DIR
                                      the ILSVRC2012 release -> our layout (links, no copies)
@@ -24,6 +25,7 @@ def make_default_data(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"verify": lambda rest: __import__("pipelines.verify", fromlist=["main"]).main(rest),
+                "pack": lambda rest: __import__("pipelines.pack", fromlist=["main"]).main(rest),
                 "make-default-data": make_default_data,
                 "prepare-imagenet": lambda rest: __import__(
                     "pipelines.prepare_imagenet", fromlist=["main"]).main(rest)}

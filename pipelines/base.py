@@ -31,6 +31,8 @@ class DataConfig:
     resize_with: str = "auto"      # dali: auto (DALI's resize on the GPU, torch's uint8 kernel on the CPU) | dali | torch
     channels_last: bool = False    # NHWC memory format for the produced images
     file_list: str | None = None   # clean list from `python -m pipelines verify`; "{split}" -> train/val
+    read_ahead: int = 64           # files read ahead per process (threads): hides a parallel file system's per-open latency; memory: this many encoded files
+    listing_cache: str = "auto"    # folder listings cached and checked by directory mtimes: auto (~/.cache/wrn_large/listings) | off | a folder
     synthetic_samples: int = 12800  # backend=synthetic: train samples per epoch (val: a tenth)
     svhn_extra: bool = False       # svhn: add extra_32x32.mat to the training set (paper: 604k)
 

@@ -36,6 +36,7 @@ A file DALI cannot decode stops the run with an error that names it and tells th
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import deque
@@ -50,6 +51,7 @@ from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 from . import torch_resize
 from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
 from .folder import Samples, load_samples
+from .read_ahead import ReadAhead
 from .sample_rng import sample_uniforms
 from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 
@@ -133,7 +135,8 @@ def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
-def image_size(data: np.ndarray, path) -> tuple[int, int]:
+def image_size(data: np.ndarray, index: int, describe) -> tuple[int, int]:
+    """(height, width) of sample ``index``; ``describe(index)`` names it if it is no image."""
     size = jpeg_size(data)
     if size is not None and size[0] > 0 and size[1] > 0:
         return size
@@ -143,7 +146,7 @@ def image_size(data: np.ndarray, path) -> tuple[int, int]:
         with Image.open(io.BytesIO(data.tobytes())) as im:
             return im.size[1], im.size[0]
     except Exception as e:
-        raise CorruptImageError(f"{path} is not a readable image ({type(e).__name__}: {e}). "
+        raise CorruptImageError(f"{describe(index)} is not a readable image ({type(e).__name__}: {e}). "
                                 f"{VERIFY_HINT}") from e
 
 
@@ -175,29 +178,27 @@ VERIFY_HINT = ("Run `python -m pipelines verify DATA_DIR` to list every bad file
 
 
 # ---------------------------------------------------------------- feeding one epoch
-def read_bytes(path) -> np.ndarray:
-    with open(path, "rb", buffering=0) as f:
-        return np.frombuffer(f.read(), dtype=np.uint8)
-
-
 class EpochSource:
-    """An iterable for ``fn.external_source``: one epoch of batches in our order. Remembers the
-    files of the batches DALI has taken but not yet returned, to name a file that fails."""
+    """An iterable for ``fn.external_source``: one epoch of batches in our order, the files read
+    ahead by ``read_ahead``. Remembers the samples of the batches DALI has taken but not yet
+    returned, to name a file that fails."""
 
-    def __init__(self, samples: Samples, order: list[int], batch_size: int, augment=None):
+    def __init__(self, samples: Samples, order: list[int], batch_size: int, augment=None,
+                 read_ahead: ReadAhead | None = None):
         self.samples, self.order, self.batch_size, self.augment = samples, order, batch_size, augment
-        self.in_flight: deque[list[str]] = deque()
+        self.read_ahead = read_ahead or ReadAhead(samples.read, 1)
+        self.in_flight: deque[list[int]] = deque()
 
     def __iter__(self):
-        files, labels, bs = self.samples.files, self.samples.labels, self.batch_size
+        labels, bs = self.samples.labels, self.batch_size
+        files = self.read_ahead(self.order)
         for start in range(0, len(self.order), bs):
             indices = self.order[start:start + bs]
-            paths = [self.samples.root / files[i] for i in indices]
-            data = [read_bytes(p) for p in paths]
-            self.in_flight.append(paths)
+            self.in_flight.append(indices)
+            data = [np.frombuffer(b, dtype=np.uint8) for b in itertools.islice(files, len(indices))]
             batch = [data, np.array([labels[i] for i in indices], dtype=np.int64)]
             if self.augment is not None:
-                batch += self.augment(indices, data, paths)
+                batch += self.augment(indices, data, self.samples.describe)
             yield tuple(batch)
 
     def returned(self) -> None:
@@ -206,16 +207,17 @@ class EpochSource:
     def explain(self, error: Exception) -> Exception:
         """The error to raise when DALI fails: names the undecodable files, or if none is found,
         the files of the batch that failed."""
-        from .verify import check_image
-        bad = [(p, why) for paths in self.in_flight for p in paths
-               if (why := check_image(p)) is not None]
+        from .verify import check_sample
+        describe = self.samples.describe
+        bad = [(describe(i), why) for indices in self.in_flight for i in indices
+               if (why := check_sample(self.samples, i)) is not None]
         if bad:
             listing = "; ".join(f"{p} ({why})" for p, why in bad)
             return CorruptImageError(f"DALI could not decode {listing}. {VERIFY_HINT}")
-        batch = self.in_flight[0] if self.in_flight else []
+        batch = [describe(i) for i in self.in_flight[0]] if self.in_flight else []
         reason = dali_reason(error)
         return CorruptImageError(f"DALI failed on one of the {len(batch)} files of a batch "
-                                 f"({', '.join(map(str, batch[:4]))}{' ...' if len(batch) > 4 else ''}): "
+                                 f"({', '.join(batch[:4])}{' ...' if len(batch) > 4 else ''}): "
                                  f"{reason}. {VERIFY_HINT}")
 
 
@@ -233,10 +235,10 @@ class TrainAugment:
     def __init__(self, seed: int, epoch: int, scale: tuple[float, float], flip: bool):
         self.seed, self.epoch, self.scale, self.flip = seed, epoch, scale, flip
 
-    def __call__(self, indices, data, paths):
+    def __call__(self, indices, data, describe):
         u = sample_uniforms(self.seed, self.epoch, indices, 4 * ATTEMPTS + 1)
-        windows = np.array([rrc_window(*image_size(buf, path), u[k], self.scale)
-                            for k, (buf, path) in enumerate(zip(data, paths))], dtype=np.int32)
+        windows = np.array([rrc_window(*image_size(buf, i, describe), u[k], self.scale)
+                            for k, (buf, i) in enumerate(zip(data, indices))], dtype=np.int32)
         flips = (u[:, -1] < 0.5) & self.flip
         # whole-batch arrays: DALI takes them in one piece, much cheaper than per-sample lists
         return [windows[:, :2].copy(), windows[:, 2:].copy(), flips.astype(np.int32)]
@@ -255,9 +257,9 @@ class ValGeometry:
     def __init__(self, resize: int, crop: int):
         self.resize, self.crop = resize, crop
 
-    def __call__(self, indices, data, paths):
-        sizes = np.array([resized_size(*image_size(buf, path), self.resize)
-                          for buf, path in zip(data, paths)], dtype=np.float32)
+    def __call__(self, indices, data, describe):
+        sizes = np.array([resized_size(*image_size(buf, i, describe), self.resize)
+                          for buf, i in zip(data, indices)], dtype=np.float32)
         pos_y, pos_x = (np.array([self.position(int(n)) for n in sizes[:, axis]], np.float32)
                         for axis in (0, 1))
         return [sizes, pos_y, pos_x]
@@ -293,7 +295,8 @@ class DaliLoader(EpochOrder):
 
     def __init__(self, cfg: DataConfig, spec: LoaderSpec):
         self.cfg, self.spec = cfg, spec
-        self.samples = load_samples(cfg.root, spec.split, cfg.file_list)
+        self.samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache)
+        self.read_ahead = ReadAhead(self.samples.read, cfg.read_ahead)
         self.dataset_size = len(self.samples)
         self.num_classes = cfg.num_classes or len(self.samples.classes)
         self.classes = self.samples.classes
@@ -328,7 +331,7 @@ class DaliLoader(EpochOrder):
         else:
             augment = (ValGeometry(cfg.val_resize, cfg.image_size) if self.resize_in_pipe
                        else None)
-        return EpochSource(self.samples, order, s.batch_size, augment)
+        return EpochSource(self.samples, order, s.batch_size, augment, self.read_ahead)
 
     def batch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) as the trainer wants them from one run of the pipeline."""

@@ -1,16 +1,33 @@
 """ImageNet-layout folders (``root/<split>/<class>/<image>``) and file lists, indexed exactly as
-torchvision's ImageFolder: classes sorted by name, label = position in that order."""
+torchvision's ImageFolder: classes sorted by name, label = position in that order.
+
+Listing 1.28M files is minutes of metadata round trips on a cold parallel file system, paid by
+every rank of every job. So the listing is cached (``data.listing_cache``): one process walks
+the folder and writes the listing under a lock; every later start, on any rank, checks it by
+stat-ing the directories it walked (a directory's mtime changes when an entry is added, removed
+or renamed in it), a thousand stats in parallel instead of a walk.
+"""
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LISTING_VERSION = 1
+STAT_THREADS = 32  # metadata round trips in flight when checking a cached listing
 
 
 @dataclass
 class Samples:
+    """A data set's samples by index: ``read(i)`` gives sample i's encoded bytes."""
+
     root: Path                     # the split folder
     files: list[str]               # paths relative to root
     labels: list[int]
@@ -18,6 +35,14 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def read(self, index: int) -> bytes:
+        with open(self.root / self.files[index], "rb", buffering=0) as f:
+            return f.read()
+
+    def describe(self, index: int) -> str:
+        """Sample ``index`` as a user finds it: here, its path."""
+        return str(self.root / self.files[index])
 
 
 def split_dir(root: str | os.PathLike, split: str) -> Path:
@@ -30,22 +55,105 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
                             f"{Path(root)}/train/<class>/*.JPEG and {Path(root)}/val/<class>/*.JPEG")
 
 
-def scan_folder(folder: Path) -> Samples:
+def class_folders(folder: Path) -> list[str]:
     classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
     if not classes:
         raise FileNotFoundError(f"{folder} has no class folders")
+    return classes
+
+
+def walk_folder(folder: Path) -> tuple[Samples, dict[str, int]]:
+    """The samples, and the mtime of every directory walked (read before it is listed, so a
+    change during the walk shows as a stale mtime next time)."""
+    mtimes = {".": os.stat(folder).st_mtime_ns}
+    classes = class_folders(folder)
     files, labels = [], []
     for label, name in enumerate(classes):
         for dirpath, _, names in sorted(os.walk(folder / name, followlinks=True)):
+            mtimes[os.path.relpath(dirpath, folder)] = os.stat(dirpath).st_mtime_ns
             for file in sorted(names):
                 if file.lower().endswith(IMAGE_EXTENSIONS):
                     files.append(os.path.relpath(os.path.join(dirpath, file), folder))
                     labels.append(label)
     if not files:
         raise FileNotFoundError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return Samples(folder, files, labels, classes)
+    return Samples(folder, files, labels, classes), mtimes
 
 
+def scan_folder(folder: Path) -> Samples:
+    return walk_folder(folder)[0]
+
+
+# ---------------------------------------------------------------- the listing cache
+def listing_cache_dir(setting: str) -> Path | None:
+    """``data.listing_cache``: auto ($XDG_CACHE_HOME or ~/.cache, /wrn_large/listings), off, or
+    a folder."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "wrn_large" / "listings"
+    return Path(setting).expanduser()
+
+
+def unchanged(folder: Path, mtimes: dict[str, int]) -> bool:
+    def same(item):
+        try:
+            return os.stat(folder / item[0]).st_mtime_ns == item[1]
+        except OSError:
+            return False
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        return all(pool.map(same, mtimes.items()))
+
+
+def read_listing(path: Path, folder: Path) -> Samples | None:
+    try:
+        listing = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if listing.get("version") != LISTING_VERSION or listing.get("folder") != str(folder):
+        return None
+    if not unchanged(folder, listing["mtimes"]):
+        return None
+    return Samples(folder, listing["files"], listing["labels"], listing["classes"])
+
+
+def write_listing(path: Path, folder: Path, samples: Samples, mtimes: dict[str, int]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"version": LISTING_VERSION, "folder": str(folder),
+                               "mtimes": mtimes, "classes": samples.classes,
+                               "files": samples.files, "labels": samples.labels}))
+    os.replace(tmp, path)
+
+
+def listed_folder(folder: Path, cache_setting: str = "auto") -> Samples:
+    """``scan_folder`` through the listing cache: the first process walks, the others wait for
+    its listing and check it."""
+    cache_dir = listing_cache_dir(cache_setting)
+    if cache_dir is None:
+        return scan_folder(folder)
+    folder = folder.absolute()
+    path = cache_dir / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".json")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except OSError as e:
+        log.warning("data.listing_cache: cannot write %s (%s); listing %s without a cache",
+                    cache_dir, e, folder)
+        return scan_folder(folder)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one walker; the others then read its listing
+        samples = read_listing(path, folder)
+        if samples is None:
+            samples, mtimes = walk_folder(folder)
+            try:
+                write_listing(path, folder, samples, mtimes)
+            except OSError as e:
+                log.warning("data.listing_cache: cannot write %s (%s)", path, e)
+    return samples
+
+
+# ---------------------------------------------------------------- file lists, and the entry point
 def read_file_list(path: str | os.PathLike, folder: Path, classes: list[str]) -> Samples:
     """A list written by ``python -m pipelines verify``: ``relative/path label`` per line
     (DALI's readers.file format), relative to the split folder."""
@@ -62,10 +170,17 @@ def read_file_list(path: str | os.PathLike, folder: Path, classes: list[str]) ->
     return Samples(folder, files, labels, classes)
 
 
-def load_samples(root: str | os.PathLike, split: str, file_list: str | None = None) -> Samples:
+def load_samples(root: str | os.PathLike, split: str, file_list: str | None = None,
+                 listing_cache: str = "auto") -> Samples:
+    """A split's samples: a pack (``python -m pipelines pack``), a file list, or the folder."""
+    from .pack import is_pack, load_pack
+    if is_pack(root):
+        if file_list:
+            raise ValueError(f"data.file_list does not apply to the pack {root}: pack the clean "
+                             f"list instead (python -m pipelines pack DATA_DIR OUT --file-list ...)")
+        return load_pack(root, split)
     folder = split_dir(root, split)
-    samples = scan_folder(folder)
     if file_list:
         listed = Path(str(file_list).replace("{split}", split))
-        return read_file_list(listed, folder, samples.classes)
-    return samples
+        return read_file_list(listed, folder, class_folders(folder))
+    return listed_folder(folder, listing_cache)

@@ -7,13 +7,17 @@ A file that cannot be decoded stops the run with an error naming it and the comm
 writes a clean file list (`python -m pipelines verify`)."""
 from __future__ import annotations
 
+import io
+import itertools
+
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import v2
 
 from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
 from .folder import Samples, load_samples
+from .read_ahead import ReadAhead
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,24 +39,81 @@ def imagenet_transform(cfg: DataConfig, split: str) -> v2.Compose:
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+class BatchReads:
+    """The files of the batches one DataLoader worker is going to be asked for, read ahead
+    across batch boundaries: the DataLoader hands worker w of W batches w, w+W, w+2W, ... of the
+    epoch's order (``schedule``), so while it decodes one batch the next one's files arrive. A
+    batch other than the predicted one starts the stream again from it. A failed read is
+    returned as its exception, to be raised where that sample is decoded."""
+
+    def __init__(self, read, depth: int):
+        self.read = read
+        self.reader = ReadAhead(self.read_or_error, depth)
+        self.order: list[int] | None = None
+
+    def read_or_error(self, index: int):
+        try:
+            return self.read(index)
+        except OSError as e:
+            return e
+
+    def schedule(self, order: list[int], batch_size: int) -> None:
+        self.order, self.batch_size = order, batch_size
+        self.position, self.stream, self.next_batch = None, None, None
+
+    def worker_batches(self, first: int, step: int):
+        for b in range(first, -(-len(self.order) // self.batch_size), step):
+            yield from self.order[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def __call__(self, indices: list[int]) -> list:
+        if self.order is None:
+            return list(self.reader(indices))
+        if self.position is None:
+            self.position = {sample: p for p, sample in enumerate(self.order)}
+        p = self.position.get(indices[0], -1)
+        if p % self.batch_size or self.order[p:p + len(indices)] != list(indices):
+            return list(self.reader(indices))        # not a batch of the scheduled epoch
+        batch, worker = p // self.batch_size, get_worker_info()
+        step = worker.num_workers if worker is not None else 1
+        if self.stream is None or batch != self.next_batch:
+            self.stream = self.reader(self.worker_batches(batch, step))
+        self.next_batch = batch + step
+        return list(itertools.islice(self.stream, len(indices)))
+
+
 class ImageFiles(Dataset):
-    def __init__(self, samples: Samples, transform, seed: int):
+    """A folder's or a pack's images by index. Batches (``__getitems__``, what the DataLoader
+    asks of each worker) come through ``BatchReads``: with ``read_ahead`` reads in flight, a
+    slow file system's latency hides behind the decoding of the batch before."""
+
+    def __init__(self, samples: Samples, transform, seed: int, read_ahead: int = 1):
         self.samples, self.transform, self.seed = samples, transform, seed
+        self.reads = BatchReads(samples.read, read_ahead)
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def schedule(self, order: list[int], batch_size: int) -> None:
+        self.reads.schedule(order, batch_size)
+
     def __getitem__(self, index: int):
-        path = self.samples.root / self.samples.files[index]
+        return self.decode(index, self.samples.read(index))
+
+    def __getitems__(self, indices: list[int]):
+        return [self.decode(i, data) for i, data in zip(indices, self.reads(indices))]
+
+    def decode(self, index: int, data):
         try:
-            with Image.open(path) as f:
+            if isinstance(data, Exception):
+                raise data
+            with Image.open(io.BytesIO(data)) as f:
                 image = f.convert("RGB")
         except Exception as e:
             raise CorruptImageError(
-                f"cannot decode {path}: {type(e).__name__}: {e}. Run `python -m pipelines verify "
-                f"{self.samples.root.parent}` and train with the clean list it writes "
-                f"(data.file_list=...)") from e
+                f"cannot decode {self.samples.describe(index)}: {type(e).__name__}: {e}. Run "
+                f"`python -m pipelines verify {self.samples.root.parent}` and train with the "
+                f"clean list it writes (data.file_list=...)") from e
         with torch.random.fork_rng(devices=[]):  # per-sample RNG, global stream untouched
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
             return self.transform(image), self.samples.labels[index]
@@ -72,6 +133,8 @@ class IndexedLoader(EpochOrder):
         if hasattr(self.dataset, "epoch"):
             self.dataset.epoch = self.epoch
         order = self.remaining_order().tolist()
+        if hasattr(self.dataset, "schedule"):
+            self.dataset.schedule(order, self.spec.batch_size)
         loader = DataLoader(self.dataset, batch_size=self.spec.batch_size, sampler=order,
                             num_workers=self.workers, pin_memory=self.spec.device.type == "cuda",
                             generator=torch.Generator(), persistent_workers=False)
@@ -86,8 +149,8 @@ def torch_loader(cfg: DataConfig, spec: LoaderSpec) -> IndexedLoader:
     if cfg.dataset != "imagenet":
         from .small_datasets import small_dataset_loader
         return small_dataset_loader(cfg, spec)
-    samples = load_samples(cfg.root, spec.split, cfg.file_list)
-    dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed)
+    samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache)
+    dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed, cfg.read_ahead)
     loader = IndexedLoader(dataset, spec, cfg.num_classes or len(samples.classes), cfg.workers,
                            cfg.channels_last)
     loader.classes = samples.classes

@@ -2,7 +2,9 @@
 
 Scans ``DATA_DIR/train`` and ``DATA_DIR/val`` (ImageNet layout) in parallel worker processes,
 fully decoding each image, and reports undecodable, truncated and non-image files with the
-reason. For each split it writes a clean file list, ``DATA_DIR/<split>_clean.txt`` by default
+reason. Given a pack (``python -m pipelines pack``), it checks the shards against their
+index files and decodes every packed image instead, and writes no list. For each split of a
+folder it writes a clean file list, ``DATA_DIR/<split>_clean.txt`` by default
 (``--out`` sets another pattern; ``{split}`` is replaced by train/val):
 
     n01440764/n01440764_10026.JPEG 0
@@ -18,7 +20,9 @@ would read) are listed in the report; exit status 1 when any bad file was found.
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import tarfile
 import sys
 import warnings
 from multiprocessing import get_context
@@ -59,8 +63,76 @@ def check_image(path) -> str | None:
     return None
 
 
+def check_sample(samples, index: int) -> str | None:
+    """``check_image`` of sample ``index`` of a folder's or a pack's ``Samples``."""
+    try:
+        data = samples.read(index)
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as e:
+        return f"cannot read ({e})"
+    return check_image(io.BytesIO(data))
+
+
 def _check(path: str) -> tuple[str, str | None]:
     return path, check_image(path)
+
+
+_pack_samples = None  # the pack a verify worker checks (inherited through fork)
+
+
+def _check_packed(index: int) -> tuple[int, str | None]:
+    return index, check_sample(_pack_samples, index)
+
+
+def pack_layout_errors(samples) -> list[str]:
+    """Where a pack's shards, their .idx files and index.npz disagree."""
+    import numpy as np
+    from .pack import read_idx
+    errors = []
+    for number, name in enumerate(samples.shards):
+        mine = np.flatnonzero(samples.shard == number)
+        expected = list(zip(samples.offset[mine].tolist(), samples.size[mine].tolist()))
+        tar_path = samples.root / name
+        try:
+            if read_idx(tar_path.with_suffix(".idx")) != expected:
+                errors.append(f"{tar_path.with_suffix('.idx')} disagrees with index.npz")
+            with tarfile.open(tar_path) as tar:
+                images = [(m.offset_data, m.size) for m in tar if not m.name.endswith(".cls")]
+            if images != expected:
+                errors.append(f"{tar_path}: members are not where index.npz says")
+        except (OSError, ValueError, tarfile.TarError) as e:
+            errors.append(f"{tar_path}: {e}")
+    return errors
+
+
+def verify_pack(root: Path, workers: int, progress: bool) -> int:
+    """A pack (``python -m pipelines pack``): its layout, and every image decoded."""
+    global _pack_samples
+    from tqdm import tqdm
+    from .pack import SPLITS, load_pack
+    total_bad = 0
+    for split in SPLITS:
+        _pack_samples = samples = load_pack(root, split)
+        errors = pack_layout_errors(samples)
+        for error in errors:
+            print(f"BAD  {error}")
+        bad = 0
+        if not errors:
+            with get_context("fork").Pool(workers) as pool:
+                it = pool.imap_unordered(_check_packed, range(len(samples)), chunksize=64)
+                for i, why in tqdm(it, total=len(samples), desc=f"verify {split}", unit="img",
+                                   disable=not progress, dynamic_ncols=True):
+                    if why is not None:
+                        print(f"BAD  {samples.describe(i)}: {why}")
+                        bad += 1
+        print(f"{split}: {len(samples) - bad} good, {bad} bad in {len(samples.shards)} shard(s)"
+              + (f"; {len(errors)} layout error(s)" if errors else ""))
+        total_bad += bad + len(errors)
+    if total_bad:
+        print("a pack holds what it was given: verify the source folder, and pack its clean "
+              "list (python -m pipelines pack DATA_DIR OUT --file-list ...)")
+    return 1 if total_bad else 0
 
 
 def scan_split(root: Path, split: str, workers: int, progress: bool = True
@@ -102,6 +174,9 @@ def verify(root: str, out: str | None = None, workers: int | None = None,
     root_path = Path(root)
     pattern = out or str(root_path / "{split}_clean.txt")
     workers = workers or os.cpu_count() or 1
+    from .pack import is_pack
+    if is_pack(root_path):
+        return verify_pack(root_path, workers, progress)
     present = [s for s in splits if (root_path / s).is_dir()]
     if not present:
         print(f"error: {root} has none of {', '.join(s + '/' for s in splits)} "

@@ -1,0 +1,299 @@
+"""Packed data sets for parallel file systems: ``python -m pipelines pack DATA_DIR OUT``.
+
+A folder of 1.28M JPEGs costs 1.28M opens per epoch, each a metadata round trip on NFS, Lustre
+or GPFS. A pack holds the same files in a few hundred tar shards in the WebDataset convention,
+so an epoch costs a few hundred opens and positioned reads::
+
+    OUT/pack.json                      what was packed (source, sample count and digest per split)
+    OUT/classes.tsv                    class names in label order (as prepare-imagenet writes)
+    OUT/train/shard-000000.tar         KEY.jpg (the original file's bytes) + KEY.cls (label text)
+    OUT/train/shard-000000.idx         member offsets, the format of DALI's wds2idx
+    OUT/train/index.npz                per sample: shard, offset, size, label (written last)
+    OUT/val/...
+
+KEY is the file's path relative to the split folder without its extension (dots in the name
+become ``_``: WebDataset splits a member name at the first dot of its base name). Samples keep
+the source's order (ImageFolder's, or the clean list's), so sample i of the pack is sample i of
+the folder, and the same seed trains the same run from either. DALI's
+``fn.readers.webdataset`` and the ``webdataset`` library read the shards as they are; our
+loaders read ``data.root=OUT`` by sample index through ``index.npz``.
+
+Packing is resumable: shards are written to a temporary name and renamed when complete, and a
+re-run continues after the last complete shard. A partial input (a split or a class without
+images, a listed file that is missing) is refused before anything is written, and so is an OUT
+that holds a pack of another input.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import posixpath
+import sys
+import tarfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .class_names import CLASSES_TSV, read_classes_tsv, write_classes_tsv
+from .read_ahead import ReadAhead
+
+PACK_JSON = "pack.json"
+INDEX = "index.npz"
+FORMAT = 1
+SHARD_MB = 256
+SPLITS = ("train", "val")
+
+
+class PackError(ValueError):
+    pass
+
+
+def is_pack(root) -> bool:
+    return root is not None and (Path(root) / PACK_JSON).is_file()
+
+
+# ---------------------------------------------------------------- reading
+@dataclass
+class PackedSamples:
+    """A packed split's samples by index (the ``Samples`` interface): ``read(i)`` is one
+    positioned read into an open shard."""
+
+    root: Path                     # OUT/<split>
+    shards: list[str]
+    shard: np.ndarray              # per sample: shard number, data offset, size
+    offset: np.ndarray
+    size: np.ndarray
+    labels: list[int]
+    classes: list[str]
+    _fds: dict = field(default_factory=dict, repr=False)
+    _pid: int = field(default=0, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _fd(self, shard: int) -> int:
+        with self._lock:
+            if self._pid != os.getpid():  # descriptors are per process (DataLoader workers)
+                self._fds, self._pid = {}, os.getpid()
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = self._fds[shard] = os.open(self.root / self.shards[shard], os.O_RDONLY)
+            return fd
+
+    def read(self, index: int) -> bytes:
+        size = int(self.size[index])
+        data = os.pread(self._fd(int(self.shard[index])), size, int(self.offset[index]))
+        if len(data) != size:
+            raise OSError(f"{self.describe(index)}: shard ends {size - len(data)} bytes short")
+        return data
+
+    def describe(self, index: int) -> str:
+        """``OUT/train/shard-000003.tar:KEY.jpg``, the member name read from its tar header."""
+        shard = self.root / self.shards[int(self.shard[index])]
+        header = os.pread(self._fd(int(self.shard[index])), 512, int(self.offset[index]) - 512)
+        try:
+            name = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").name
+        except tarfile.TarError:
+            name = f"sample {index} at offset {int(self.offset[index])}"
+        return f"{shard}:{name}"
+
+    def __getstate__(self):  # picklable for worker processes: descriptors are reopened there
+        state = dict(self.__dict__)
+        state.update(_fds={}, _pid=0, _lock=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+
+def load_pack(root, split: str) -> PackedSamples:
+    folder = Path(root) / split
+    index = folder / INDEX
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} is missing: {root} is a partial pack (run "
+                                f"`python -m pipelines pack` again to finish it)")
+    with np.load(index) as z:
+        return PackedSamples(folder, [str(s) for s in z["shards"]], z["shard"], z["offset"],
+                             z["size"], z["label"].tolist(), [str(c) for c in z["classes"]])
+
+
+# ---------------------------------------------------------------- writing
+def sample_key(rel: str) -> str:
+    stem = os.path.splitext(rel.replace(os.sep, "/"))[0]
+    head, base = posixpath.split(stem)
+    return posixpath.join(head, base.replace(".", "_"))
+
+
+def image_extension(rel: str) -> str:
+    ext = os.path.splitext(rel)[1].lower().lstrip(".")
+    return "jpg" if ext in ("jpg", "jpeg") else ext
+
+
+def samples_digest(samples) -> str:
+    h = hashlib.sha256()
+    for rel, label in zip(samples.files, samples.labels):
+        h.update(f"{rel}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def check_input(samples, split: str) -> None:
+    """Refuse what a pack could not hold, before anything is written."""
+    keys, counts = set(), np.bincount(samples.labels, minlength=len(samples.classes))
+    empty = [c for c, n in zip(samples.classes, counts) if n == 0]
+    if empty:
+        raise PackError(f"{samples.root}: class folder(s) without images: {', '.join(empty[:5])}")
+    for rel in samples.files:
+        key = sample_key(rel)
+        if any(c.isspace() for c in key):
+            raise PackError(f"{samples.root / rel}: whitespace in a name, which index files "
+                            f"(space-separated) cannot hold")
+        if key in keys:
+            raise PackError(f"{samples.root / rel}: two files pack to the key {key!r}")
+        keys.add(key)
+        try:
+            tarfile.TarInfo(key + ".jpeg").tobuf(tarfile.USTAR_FORMAT)
+        except ValueError as e:
+            raise PackError(f"{samples.root / rel}: {e} for a tar member name") from None
+    missing = [rel for rel, ok in zip(samples.files, ReadAhead(
+        lambda i: os.path.isfile(samples.root / samples.files[i]), 32)(range(len(samples))))
+        if not ok]
+    if missing:
+        raise PackError(f"{len(missing)} listed file(s) missing in {samples.root} "
+                        f"(e.g. {', '.join(missing[:3])})")
+
+
+def member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)  # reproducible: no owner, time or permissions of the source
+    info.size, info.mode, info.mtime = size, 0o444, 0
+    return info
+
+
+def write_shard(path: Path, samples, indices: list[int], reader: ReadAhead) -> list[tuple]:
+    """The shard's tar and .idx; returns (offset, size, label) per sample."""
+    rows, lines = [], []
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, data in zip(indices, reader(indices)):
+            key, label = sample_key(samples.files[i]), int(samples.labels[i])
+            image = f"{key}.{image_extension(samples.files[i])}"
+            tar.addfile(member(image, len(data)), io.BytesIO(data))
+            offset = tar.offset - -(-len(data) // 512) * 512
+            cls = str(label).encode()
+            tar.addfile(member(f"{key}.cls", len(cls)), io.BytesIO(cls))
+            cls_offset = tar.offset - 512
+            rows.append((offset, len(data), label))
+            ext = image.rsplit(".", 1)[1]
+            lines.append(f"{ext} {offset} {len(data)} {image} cls {cls_offset} {len(cls)} {key}.cls")
+    idx = path.with_suffix(".idx")
+    idx_tmp = idx.with_name(idx.name + ".tmp")
+    idx_tmp.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    os.replace(idx_tmp, idx)  # last: a shard with its .idx is complete
+    return rows
+
+
+def read_idx(path: Path) -> list[tuple[int, int]]:
+    """(offset, size) of each sample's first member in a wds2idx index file."""
+    lines = path.read_text().splitlines()
+    version, count = lines[0].split()
+    if version != "v1.2" or int(count) != len(lines) - 1:
+        raise PackError(f"{path}: not a v1.2 index of {count} samples")
+    return [(int(f[1]), int(f[2])) for f in (line.split() for line in lines[1:])]
+
+
+def pack_split(samples, out: Path, shard_bytes: int, reader: ReadAhead, progress: bool) -> int:
+    from tqdm import tqdm
+    out.mkdir(parents=True, exist_ok=True)
+    shard_of, offset, size = (np.zeros(len(samples), t) for t in (np.int32, np.int64, np.int64))
+    shards, start = [], 0
+    bar = tqdm(total=len(samples), desc=f"pack {out.name}", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    while start < len(samples):
+        name = f"shard-{len(shards):06d}.tar"
+        idx = (out / name).with_suffix(".idx")
+        if idx.is_file():  # complete from an earlier run
+            rows = read_idx(idx)
+            stop = start + len(rows)
+            offset[start:stop], size[start:stop] = np.array(rows).T
+        else:
+            stop, total = start, 0
+            while stop < len(samples) and (stop == start or total < shard_bytes):
+                total += os.path.getsize(samples.root / samples.files[stop]) + 1536
+                stop += 1
+            rows = write_shard(out / name, samples, list(range(start, stop)), reader)
+            offset[start:stop], size[start:stop] = np.array([r[:2] for r in rows]).T
+        shard_of[start:stop] = len(shards)
+        shards.append(name)
+        bar.update(stop - start)
+        start = stop
+    bar.close()
+    tmp = out / (INDEX + ".tmp.npz")
+    np.savez(tmp, shards=np.array(shards), shard=shard_of, offset=offset, size=size,
+             label=np.array(samples.labels, np.int32), classes=np.array(samples.classes))
+    os.replace(tmp, out / INDEX)
+    return len(shards)
+
+
+def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float = SHARD_MB,
+         read_ahead: int = 64, progress: bool = True) -> dict[str, tuple[int, int]]:
+    from .folder import load_samples
+    src, dst = Path(data_dir), Path(out)
+    if is_pack(src):
+        raise PackError(f"{src} is already a pack")
+    missing = [s for s in SPLITS if not (src / s).is_dir()]
+    if missing:
+        raise PackError(f"{src} has no {' or '.join(m + '/' for m in missing)}: pack needs the "
+                        f"ImageNet layout ({src}/train/<class>/<image>, {src}/val/<class>/<image>)")
+    splits = {s: load_samples(src, s, file_list, listing_cache="off") for s in SPLITS}
+    for split, samples in splits.items():
+        check_input(samples, split)
+    plan = {"format": FORMAT, "source": str(src.resolve()), "file_list": file_list,
+            "shard_mb": shard_mb,
+            "splits": {s: {"samples": len(v), "digest": samples_digest(v)} for s, v in splits.items()}}
+    manifest = dst / PACK_JSON
+    if manifest.is_file():
+        earlier = json.loads(manifest.read_text())
+        if {k: earlier.get(k) for k in ("format", "shard_mb", "splits")} != \
+                {k: plan[k] for k in ("format", "shard_mb", "splits")}:
+            raise PackError(f"{dst} holds a pack of another input ({earlier.get('source')}, "
+                            f"or other files or shard size): choose another OUT or remove it")
+    elif dst.exists() and any(dst.iterdir()):
+        raise PackError(f"{dst} exists and is not a pack: choose an empty or new folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(plan, indent=1))
+    names = read_classes_tsv(src / CLASSES_TSV) if (src / CLASSES_TSV).is_file() else {}
+    write_classes_tsv(dst / CLASSES_TSV, splits["train"].classes, names)
+    reader_for = {s: ReadAhead(v.read, read_ahead) for s, v in splits.items()}
+    counts = {}
+    for split, samples in splits.items():
+        shards = pack_split(samples, dst / split, int(shard_mb * 2**20), reader_for[split],
+                            progress)
+        counts[split] = (len(samples), shards)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines pack", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_dir", help="ImageNet-layout root (with train/ and val/)")
+    p.add_argument("out", help="the pack's folder (train with data.root=OUT)")
+    p.add_argument("--file-list", help="a clean list from `verify`; {split} becomes train/val")
+    p.add_argument("--shard-mb", type=float, default=SHARD_MB, help="shard size (default %(default)s)")
+    p.add_argument("--read-ahead", type=int, default=64, help="reads in flight")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        counts = pack(a.data_dir, a.out, a.file_list, a.shard_mb, a.read_ahead, not a.no_progress)
+    except (PackError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split, (n, shards) in counts.items():
+        print(f"{split}: {n} images in {shards} shard(s) -> {Path(a.out) / split}")
+    print(f"train with data.root={a.out}; check it with `python -m pipelines verify {a.out}`")
+    return 0
