@@ -4,13 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# --with-slurm: also Debian's slurm-wlm and munge (the SLURM launcher tests start a throwaway
-# cluster from them; without them those tests skip with the reason). Needs root and apt-get.
-if [ "${1:-}" = "--with-slurm" ] && ! command -v slurmctld >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge
-    else
-        echo "install.sh: --with-slurm needs root and apt-get; the SLURM tests will skip" >&2
+# --test-system (--with-slurm is the same): also the Debian packages the tests run for real:
+# slurm-wlm and munge (a throwaway SLURM cluster), fuse and libfuse2 (a file system with a
+# parallel file system's latency). Without them those tests skip with the reason. Needs root.
+if [ "${1:-}" = "--test-system" ] || [ "${1:-}" = "--with-slurm" ]; then
+    missing=()
+    command -v slurmctld >/dev/null || missing+=(slurm-wlm munge)
+    { command -v fusermount >/dev/null && ldconfig -p | grep -q libfuse.so.2; } \
+        || missing+=(fuse libfuse2)
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+        else
+            echo "install.sh: $1 needs root and apt-get for ${missing[*]}; their tests will skip" >&2
+        fi
     fi
 fi
 
