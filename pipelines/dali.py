@@ -72,10 +72,21 @@ def normalize(images, layout: str, **crop_and_mirror):
                                     std=STD_255, **crop_and_mirror)
 
 
-def decode(jpegs, decoder_device: str):
+# nvJPEG ("mixed") upsamples 4:2:0 chroma its own way unless asked to do as libjpeg-turbo (the
+# CPU graph, PIL, torchvision) does: without this a model trained on GPU-decoded images is
+# evaluated, predicted and exported on differently coloured ones (DALI PR #4662, issue #3610).
+# bench/gpu_check.py measures what it costs on the GPU by turning it off.
+JPEG_FANCY_UPSAMPLING = True
+
+
+def decoder_args(decoder_device: str) -> dict:
     # ImageFolder (PIL) ignores EXIF orientation, and crop windows are in raw-frame pixels
-    return fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
-                             adjust_orientation=False)
+    return dict(device=decoder_device, output_type=types.RGB, adjust_orientation=False,
+                jpeg_fancy_upsampling=JPEG_FANCY_UPSAMPLING)
+
+
+def decode(jpegs, decoder_device: str):
+    return fn.decoders.image(jpegs, **decoder_args(decoder_device))
 
 
 @pipeline_def
@@ -84,10 +95,9 @@ def imagenet_train_pipe(source, decoder_device: str, size: int, layout: str,
     jpegs, labels, anchor, shape, flip = fn.external_source(
         source=source, num_outputs=5,
         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
-    crops = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device,
-                                    output_type=types.RGB, axis_names="WH",
-                                    adjust_orientation=False,
-                                    normalized_anchor=False, normalized_shape=False)
+    crops = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="WH",
+                                    normalized_anchor=False, normalized_shape=False,
+                                    **decoder_args(decoder_device))
     if not resize_in_pipe:  # torch_resize finishes: resize, flip, normalise
         return crops, labels, flip
     images = fn.resize(crops, size=[size, size], antialias=True,
@@ -133,6 +143,31 @@ def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
         else:
             i += 2 + int.from_bytes(buf[i + 2:i + 4], "big")
     return None
+
+
+def jpeg_is_truncated(data: bytes) -> bool:
+    """A JPEG whose bytes stop before the end-of-image marker that must follow its first scan:
+    a file cut mid-scan, which nvJPEG may decode into a half-grey image without an error. Bytes
+    after the marker (some cameras append data) are fine, and an EXIF thumbnail's own marker
+    comes before the first scan, so it does not count. Not a JPEG: False (the decoder judges)."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False                  # unparsable header: the decoder's error names it
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+        elif marker == 0xDA:              # start of scan: the end marker must follow
+            return data.rfind(b"\xff\xd9", i) < 0
+        elif marker == 0xD9:
+            return True                   # an image that ends before any scan
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return True
 
 
 def image_size(data: np.ndarray, index: int, describe) -> tuple[int, int]:
@@ -195,11 +230,19 @@ class EpochSource:
         for start in range(0, len(self.order), bs):
             indices = self.order[start:start + bs]
             self.in_flight.append(indices)
-            data = [np.frombuffer(b, dtype=np.uint8) for b in itertools.islice(files, len(indices))]
+            data = [np.frombuffer(self.complete(b, i), dtype=np.uint8)
+                    for i, b in zip(indices, itertools.islice(files, len(indices)))]
             batch = [data, np.array([labels[i] for i in indices], dtype=np.int64)]
             if self.augment is not None:
                 batch += self.augment(indices, data, self.samples.describe)
             yield tuple(batch)
+
+    def complete(self, data: bytes, index: int) -> bytes:
+        """``data``, unless it is a truncated JPEG: named here, whichever decoder would read it."""
+        if jpeg_is_truncated(data):
+            raise CorruptImageError(f"{self.samples.describe(index)} (truncated: the JPEG ends "
+                                    f"before its end-of-image marker). {VERIFY_HINT}")
+        return data
 
     def returned(self) -> None:
         self.in_flight.popleft()
@@ -362,6 +405,8 @@ class DaliLoader(EpochOrder):
             for _ in range(-(-len(order) // bs)):
                 try:
                     outputs = pipe.run()
+                except CorruptImageError:
+                    raise                                  # raised by our feed, already named
                 except RuntimeError as e:
                     raise source.explain(e) from e
                 source.returned()

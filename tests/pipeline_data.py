@@ -77,3 +77,57 @@ def flat_colour_ids(images) -> list[int]:
     """The file index of each normalised image of a ``flat_colour_folder`` batch."""
     red = (images[:, 0].float().mean((1, 2)) * 0.229 + 0.485) * 255
     return [round(v / 6) for v in red.tolist()]
+
+
+def _fields(buf: bytes):
+    """(field number, value) of a protobuf message: ints for varints, bytes for the rest."""
+    i, out = 0, []
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"wire type {wire}")
+        out.append((number, value))
+    return out
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def dali_operators(pipe) -> list[tuple[str, str, dict]]:
+    """(operator, device, {argument: bool value}) for each operator of a DALI pipeline, read from
+    ``pipe.serialize()`` (DALI's dali.proto: PipelineDef.op = 5; OpDef.name = 1, .args = 4;
+    Argument.name = 1, .type = 2, .strings = 5, .bools = 6; the device is the argument "device")."""
+    ops = []
+    for number, op in _fields(pipe.serialize()):
+        if number != 5:
+            continue
+        fields = _fields(op)
+        name = next(v.decode() for n, v in fields if n == 1)
+        args = {}
+        for n, value in fields:
+            if n != 4 or not isinstance(value, bytes):
+                continue
+            arg = dict((k, v) for k, v in _fields(value) if k in (1, 2, 5, 6))
+            arg_name, kind = arg[1].decode(), arg.get(2, b"").decode()
+            if kind == "bool":
+                args[arg_name] = bool(arg.get(6, 0))
+            elif kind == "string" and 5 in arg:
+                args[arg_name] = arg[5].decode()
+        ops.append((name, args.get("device", ""), args))
+    return ops

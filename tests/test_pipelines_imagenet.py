@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from pipelines import DataConfig, LoaderSpec, build_loader, resolve_backend, val_shard_indices
 from pipelines.sample_rng import sample_uniforms
 from devices import cuda_case, torch_device
-from pipeline_data import write_jpeg_folder
+from pipeline_data import dali_operators, write_jpeg_folder
 
 dali = pytest.importorskip("pipelines.dali")
 
@@ -204,6 +204,22 @@ def test_train_crops_are_torchvision_randomresizedcrop_windows(noisy, resize_wit
     assert 0 < flips < len(order)
 
 
+@pytest.mark.parametrize("resize_with, device", RESIZE_DEVICES[1:] + [("torch", "cpu")])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_decoders_upsample_chroma_as_libjpeg_turbo_does(folder, split, resize_with, device):
+    """nvJPEG rebuilds 4:2:0 chroma its own way unless jpeg_fancy_upsampling is set; the
+    argument as DALI records it in the pipeline it runs, on every decoder of every graph."""
+    cfg = cfg_for(folder, "dali", image_size=32, resize_with=resize_with)
+    loader = build_loader(cfg, LoaderSpec(split, batch_size=4, device=torch_device(device)))
+    decoders = [(name, dev, args) for name, dev, args in
+                dali_operators(loader.pipeline(loader.source(loader.order.tolist())))
+                if name.startswith("decoders__")]
+    assert [name for name, _, _ in decoders] == [
+        "decoders__ImageSlice" if split == "train" else "decoders__Image"]
+    assert all(dev == ("mixed" if device == "cuda" else "cpu") for _, dev, _ in decoders)
+    assert all(args.get("jpeg_fancy_upsampling") is True for _, _, args in decoders), decoders
+
+
 def test_resize_with_picks_dali_on_the_gpu_and_torch_on_the_cpu():
     assert dali.resize_in_dali("auto", cuda=True) and not dali.resize_in_dali("auto", cuda=False)
     assert dali.resize_in_dali("dali", cuda=False) and not dali.resize_in_dali("torch", cuda=False)
@@ -328,3 +344,34 @@ def test_mixed_val_images_are_within_half_a_level_of_torchvision(folder):
         assert la.cpu().tolist() == lb.tolist()
         levels.append(((a.cpu().float() - b) * std).abs().mean().item())
     assert levels and sum(levels) / len(levels) <= 0.5, levels
+
+
+def test_a_truncated_jpeg_is_named_before_any_decoder_sees_it(tmp_path):
+    """nvJPEG may decode a JPEG cut mid-scan without an error; the feed looks for the
+    end-of-image marker after the first scan, so the file is named on the GPU as on the CPU."""
+    import io
+    rng = np.random.default_rng(0)
+
+    def jpeg(size, **kw):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(out, "JPEG", **kw)
+        return out.getvalue()
+
+    whole, progressive = jpeg((64, 80)), jpeg((64, 80), progressive=True)
+    thumbnail = jpeg((8, 8))
+    app1 = b"Exif\x00\x00" + thumbnail          # an EXIF thumbnail: its own end marker
+    with_thumb = whole[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + whole[2:]
+    out = io.BytesIO()
+    Image.new("RGB", (5, 5)).save(out, "PNG")
+    assert not any(dali.jpeg_is_truncated(d) for d in (
+        whole, progressive, with_thumb, whole + b"trailing camera data", out.getvalue()))
+    assert all(dali.jpeg_is_truncated(d) for d in (
+        whole[:len(whole) // 2], progressive[:len(progressive) * 2 // 3],
+        with_thumb[:len(with_thumb) - 200], whole[:100]))
+    root = write_jpeg_folder(tmp_path / "data", per_class=2, splits=("train",))
+    path = root / "train" / "a_cls" / "a_cls_001.JPEG"
+    path.write_bytes(path.read_bytes()[:-300])
+    loader = build_loader(cfg_for(root, "dali", image_size=32), LoaderSpec("train", batch_size=2))
+    from pipelines.torch_backend import CorruptImageError
+    with pytest.raises(CorruptImageError, match=r"a_cls_001.JPEG \(truncated: the JPEG ends"):
+        list(loader)
