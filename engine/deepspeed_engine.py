@@ -55,8 +55,10 @@ def deepspeed_json(cfg: Config, dist: DistInfo) -> dict:
         resolve_amp(t.amp, dist.device)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": amp == torch.bfloat16}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": amp == torch.float16}
-    if amp == torch.bfloat16:  # BatchNorm buffers must follow the parameters' dtype
-        ds.setdefault("data_types", {})["buffer_dtype"] = "bf16"
+    if amp in (torch.bfloat16, torch.float16):
+        # DeepSpeed casts buffers only when told to: BatchNorm's running statistics must follow
+        # the parameters' dtype, or batch norm fails ("Expected running_mean to have type Half")
+        ds.setdefault("data_types", {})["buffer_dtype"] = PRECISION_NAMES[amp]
     return ds
 
 

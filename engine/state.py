@@ -35,7 +35,9 @@ def seed_process(seed: int, rank: int) -> None:
 def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # the rank's own device only: a job resumed with fewer GPUs visible per process
+            # (8 per node -> 4) has no device 5 to restore a state into
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached": float(cached)},
             "python": random.getstate()}
@@ -46,10 +48,21 @@ def gather_rng_states() -> list[dict]:
     return all_gather_object(rng_state())
 
 
+def own_cuda_state(saved: list, device_index: int):
+    """The CUDA generator state to restore on this rank's device: the one saved (this format
+    saves the rank's own device only), or, from a checkpoint that saved one per visible device,
+    the entry of this device if the saving process saw it (None otherwise)."""
+    if len(saved) == 1:
+        return saved[0]
+    return saved[device_index] if device_index < len(saved) else None
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = own_cuda_state(state["cuda"], torch.cuda.current_device())
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached"]))

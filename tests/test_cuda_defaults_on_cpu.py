@@ -154,3 +154,63 @@ def test_deepspeed_refuses_a_checkpoint_of_another_precision(data, tmp_path):
     assert "resumes only with the same precision and ZeRO stage" in proc.stderr
     assert "'precision': 'bf16'" in proc.stderr and "weights.pt" in proc.stderr
     assert "starting from scratch" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("json_file, amp, half", [
+    ("launch/deepspeed/zero1_fp16.json", "auto", torch.float16),
+    ("launch/deepspeed/zero2_bf16.json", "auto", torch.bfloat16),
+    ("launch/deepspeed/zero1_fp16.json", "fp16", torch.float16)])
+def test_deepspeed_casts_batchnorm_statistics_with_the_parameters(json_file, amp, half):
+    """DeepSpeed casts buffers only when data_types.buffer_dtype is set. Cast by DeepSpeed's own
+    code as our JSON asks, a WRN trains a step in NCHW without compile (torch's batch norm needs
+    running statistics of the weights' dtype); with the buffers left in fp32 it fails."""
+    from deepspeed.runtime.config import DtypeEnum
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    import wrn_large
+    from engine.deepspeed_engine import deepspeed_json
+    cfg = load_config("configs/quickstart.yaml", [
+        "engine.name=deepspeed", f"engine.deepspeed_config={json_file}", f"train.amp={amp}",
+        "data.backend=synthetic", "train.batch_size=4"])
+    ds = deepspeed_json(cfg, DistInfo())
+    assert DtypeEnum(ds["data_types"]["buffer_dtype"]).value == half
+
+    def one_step(buffer_dtype):
+        torch.manual_seed(0)
+        model = wrn_large.create_model("wrn_cifar", depth=10, widen_factor=1, num_classes=3)
+        as_deepspeed = type("Cast", (), {"module": model})()   # the method reads self.module
+        DeepSpeedEngine._cast_module_mixed_precision(as_deepspeed, half, buffer_dtype, False)
+        model(torch.randn(2, 3, 32, 32, dtype=half)).float().sum().backward()
+        return model
+
+    model = one_step(DtypeEnum(ds["data_types"]["buffer_dtype"]).value)
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {half}
+    with pytest.raises(RuntimeError, match="type"):
+        one_step(None)                                       # what fp16 got before
+
+
+def test_cuda_rng_state_is_the_ranks_own_device():
+    """A checkpoint saved with 8 GPUs visible per process resumes where 4 are: only the rank's
+    own device's state is saved (one entry), and an older checkpoint's list of 8 gives the
+    entry of this device, or none, never an IndexError."""
+    from engine.state import own_cuda_state, rng_state, set_rng_state
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
+    assert own_cuda_state(states[:1], 5) is states[0]        # this format: the rank's own
+    assert own_cuda_state(states, 3) is states[3]            # older: one per visible device
+    assert own_cuda_state(states[:4], 5) is None
+    saved = rng_state()
+    assert len(saved["cuda"]) == (1 if torch.cuda.is_available() else 0)
+    set_rng_state({**saved, "cuda": states if not torch.cuda.is_available() else saved["cuda"]})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_state_of_more_devices_than_visible_restores():
+    from engine.state import rng_state, set_rng_state
+    saved = rng_state()
+    assert len(saved["cuda"]) == 1
+    torch.cuda.manual_seed(123)
+    expected = torch.cuda.get_rng_state()
+    many = [torch.cuda.get_rng_state() for _ in range(torch.cuda.device_count() + 7)]
+    torch.cuda.manual_seed(7)
+    set_rng_state({**saved, "cuda": many})                  # set_rng_state_all raised IndexError
+    assert torch.equal(torch.cuda.get_rng_state(), expected)
