@@ -24,22 +24,39 @@ def test_quick_and_full_plans():
 
 def test_report_files_and_the_dali_target(tmp_path):
     row = dict(model="wrn34_x2", batch=256, compile="on", synthetic_img_s=2000.0,
-               dali_img_s=1900.0, dali_over_synthetic=0.95, peak_memory_gb=20.5)
+               dali_img_s=1900.0, dali_over_synthetic=0.95, peak_device_memory_gb=22.25,
+               peak_torch_memory_gb=20.5)
     report = {"gpu": "a GPU", "tests": {"returncode": 0, "summary": "12 passed"},
               "models": [row, {**row, "model": "wrn18_x2", "dali_over_synthetic": 0.99}],
-              "dali_alone": {"batch": 256, "img_s": 5000.0, "peak_memory_gb": 1.25}}
+              "dali_alone": {"batch": 256, "img_s": 5000.0, "peak_device_memory_gb": 1.25},
+              "dali_alone_plain_upsampling": {"batch": 256, "img_s": 5500.0}}
     out = tmp_path / "gpu_report.json"
     gpu_check.write_report(report, out)
     assert json.loads(out.read_text()) == report
     table = (tmp_path / "gpu_report.md").read_text()
     assert "| " + " | ".join(gpu_check.COLUMNS) + " |" in table
-    assert "| wrn34_x2 | 256 | on | 2000 | 1900 | 0.950 | 20.5 |" in table
+    assert "| wrn34_x2 | 256 | on | 2000 | 1900 | 0.950 | 22.2 | 20.5 |" in table
     assert "DALI/synthetic below 0.97: wrn34_x2 (compile on)" in table
     assert "wrn18_x2 (compile" not in table.split("below")[1]
-    assert "5000 img/s at batch 256" in table
+    assert "5000 img/s at batch 256, peak device memory 1.25 GB (NVML)" in table
+    assert "0.909x the throughput of nvJPEG's own (5500 img/s without it)" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the command measures")
 def test_without_cuda_it_says_so_and_exits_3(capsys):
     assert gpu_check.main([]) == 3
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_the_timed_window_lies_inside_one_epoch(tmp_path):
+    """DALI's loader is built once per epoch: the JPEGs are linked under more names until one
+    epoch holds the warm-up and the timed batches, and a window that does not fit is refused."""
+    from input_pipeline import files_of
+    from pipeline_data import write_jpeg_folder
+    root = write_jpeg_folder(tmp_path / "jpegs", per_class=4, splits=("train",))
+    bigger = gpu_check.epoch_of(root, 50)
+    assert len(files_of(bigger)) == 50 and gpu_check.epoch_of(root, 5) == root
+    assert {p.stat().st_ino for p in files_of(bigger)} == {p.stat().st_ino for p in files_of(root)}
+    assert gpu_check.epoch_of(root, 50) == bigger            # made once
+    with pytest.raises(ValueError, match="fewer than"):
+        gpu_check.images_per_s(lambda x, y: None, iter([(torch.zeros(2), None)] * 4), 3)
