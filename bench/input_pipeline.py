@@ -25,6 +25,16 @@ within each round and their median is reported (the machine's speed drifts betwe
                  ``threads`` processes: the limit for a decoder on this many cores.
 
 Prints img/s, ratios to torch-pil and raw-decode, and peak RSS per loader.
+
+    python bench/input_pipeline.py --latency-ms 2 [--images 1000] [--repeats 5]
+
+Latency mode: the trainer's two loaders (dali-cpu, torch-pil) over the same images as a folder
+and as a pack (``python -m pipelines pack``, made once beside the folder), each read from the
+page cache ("local") and through the FUSE file system of the tests (``tests/latency_fs.py``)
+adding ``--latency-ms`` to every open, and adding nothing ("0 ms": what the FUSE round trip
+itself costs on these two cores). File data and attributes stay in the kernel's caches, so the
+mount adds the per-open round trip of a parallel file system's metadata server and little
+else. Ratios to "local" are taken within each round; their median is reported.
 """
 from __future__ import annotations
 
@@ -39,10 +49,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from pipelines.base import DataConfig  # noqa: E402
 
 
 def make_set(root: Path, count: int, quality: int = 85) -> Path:
     if (root / "train").is_dir() and len(list((root / "train").rglob("*.JPEG"))) == count:
+        link_val(root)
         return root
     import numpy as np
     from PIL import Image
@@ -56,7 +68,17 @@ def make_set(root: Path, count: int, quality: int = 85) -> Path:
         noise = rng.normal(0, 6, (h, w, 3))
         img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
         img.save(folder / f"{i:05d}.JPEG", quality=quality)
+    link_val(root)
     return root
+
+
+def link_val(root: Path) -> None:
+    """val/: every tenth training image, hard-linked (a pack needs both splits)."""
+    for i, path in enumerate(files_of(root)):
+        target = root / "val" / path.parent.name / path.name
+        if i % 10 == 0 and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
 
 
 def files_of(root: Path) -> list[Path]:
@@ -87,7 +109,8 @@ def run_loader(loader, passes: int) -> tuple[int, float]:
 def bench_pipelines(root: Path, backend: str, a, device: str = "cpu", **data):
     import torch
     from pipelines import DataConfig, LoaderSpec, build_loader
-    cfg = DataConfig(root=str(root), backend=backend, workers=a.threads, image_size=224, **data)
+    cfg = DataConfig(root=str(root), backend=backend, workers=a.threads, image_size=224,
+                     read_ahead=a.read_ahead, **data)
     loader = build_loader(cfg, LoaderSpec("train", batch_size=a.batch, device=torch.device(device)))
     return run_loader(loader, a.passes)
 
@@ -194,6 +217,72 @@ def measure(name: str, root: Path, a) -> dict:
 
 
 # ------------------------------------------------------------------ driver
+def measure_in_subprocess(name: str, root: Path, a) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
+    out = subprocess.run([sys.executable, __file__, "--one", name, "--data", str(root),
+                          "--threads", str(a.threads), "--batch", str(a.batch),
+                          "--passes", str(a.passes), "--read-ahead", str(a.read_ahead)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{name} on {root} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def latency_main(root: Path, a) -> int:
+    import contextlib
+    import tempfile
+    from statistics import median
+    sys.path.insert(0, str(REPO / "tests"))
+    from latency_fs import fuse_unavailable, mounted
+    from pipelines.pack import is_pack, pack
+    why = fuse_unavailable()
+    if why:
+        print(f"latency mode needs FUSE: {why}", file=sys.stderr)
+        return 1
+    packed = root.with_name(root.name + "_pack")
+    if not is_pack(packed):
+        pack(str(root), str(packed), progress=False)
+    slow = f"{a.latency_ms:g} ms"
+    filesystems = ["local", "0 ms", slow]
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        where = {}
+        for layout, source in (("folder", root), ("pack", packed)):
+            where[layout, "local"] = source
+            for fs, seconds in (("0 ms", 0.0), (slow, a.latency_ms / 1000)):
+                where[layout, fs] = stack.enter_context(mounted(
+                    source, tmp / f"{layout}-{seconds}", seconds, kernel_cache=True,
+                    cache_seconds=3600))
+        cases = [(loader, layout, fs) for loader in ("dali-cpu", "torch-pil")
+                 for layout in ("folder", "pack") for fs in filesystems]
+        rounds = []
+        for r in range(a.repeats):
+            rounds.append({})
+            for case in (cases if r % 2 == 0 else cases[::-1]):
+                loader, layout, fs = case
+                rounds[-1][case] = measure_in_subprocess(loader, where[layout, fs], a)["img_s"]
+                print(f"  round {r}: {loader:10s} {layout:6s} {fs:6s} {rounds[-1][case]:7.0f} img/s")
+    print(f"\n{len(files_of(root))} JPEGs, batch {a.batch}, {a.threads} threads/workers, "
+          f"data.read_ahead={a.read_ahead}; median over {a.repeats} rounds, ratios within each")
+    print(f"{'loader':10s} {'layout':6s} " + " ".join(f"{fs:>8s}" for fs in filesystems)
+          + f" {'0 ms/local':>10s} {slow + '/local':>11s}")
+    results = {}
+    for loader in ("dali-cpu", "torch-pil"):
+        for layout in ("folder", "pack"):
+            img_s = [median(r[loader, layout, fs] for r in rounds) for fs in filesystems]
+            ratios = [median(r[loader, layout, fs] / r[loader, layout, "local"] for r in rounds)
+                      for fs in filesystems[1:]]
+            results[f"{loader} {layout}"] = {"img_s": dict(zip(filesystems, img_s)),
+                                             "ratio_to_local": dict(zip(filesystems[1:], ratios))}
+            print(f"{loader:10s} {layout:6s} " + " ".join(f"{v:8.0f}" for v in img_s)
+                  + f" {ratios[0]:10.2f} {ratios[1]:11.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rounds": [{" ".join(k): v for k, v in r.items()}
+                                                       for r in rounds], "summary": results},
+                                           indent=2))
+    return 0
+
+
 def summarize(rounds: list[dict[str, dict]], names: list[str]) -> dict[str, dict]:
     """Per loader: median img/s, and the median of its ratios to torch-pil and raw-decode
     computed within each round (the machine's speed drifts between rounds, not within one)."""
@@ -213,6 +302,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--passes", type=int, default=3, help="epochs over the images per measurement")
     p.add_argument("--data", default=str(REPO / "data" / "bench_jpegs"))
+    p.add_argument("--read-ahead", type=int, default=DataConfig.read_ahead,
+                   help="data.read_ahead of the loaders (default %(default)s)")
+    p.add_argument("--latency-ms", type=float,
+                   help="latency mode: folder and pack, local and through FUSE at this latency")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
@@ -221,6 +314,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure(a.one, root, a)))
         return 0
     make_set(root, a.images)
+    if a.latency_ms is not None:
+        return latency_main(root, a)
     sizes = [f.stat().st_size for f in files_of(root)]
     print(f"{len(sizes)} JPEGs, mean {sum(sizes) / len(sizes) / 1024:.0f} KB, batch {a.batch}, "
           f"{a.threads} threads/workers/processes")
@@ -230,18 +325,10 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         names.insert(1, "dali-mixed")
     rounds: list[dict[str, dict]] = []
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
     for r in range(a.repeats):
         rounds.append({})
         for name in (names if r % 2 == 0 else names[::-1]):
-            out = subprocess.run([sys.executable, __file__, "--one", name, "--data", str(root),
-                                  "--threads", str(a.threads), "--batch", str(a.batch),
-                                  "--passes", str(a.passes)],
-                                 capture_output=True, text=True, env=env)
-            if out.returncode:
-                print(out.stderr[-2000:], file=sys.stderr)
-                return 1
-            rounds[-1][name] = json.loads(out.stdout.strip().splitlines()[-1])
+            rounds[-1][name] = measure_in_subprocess(name, root, a)
             print(f"  round {r}: {name:22s} {rounds[-1][name]['img_s']:7.0f} img/s")
     summary = summarize(rounds, names)
     print(f"\n{'loader':22s} {'img/s':>7s} {'x torch-pil':>11s} {'x raw-decode':>12s} "
