@@ -81,6 +81,14 @@ class TrainConfig:
     # checkpoint: reduce = mean over ranks (timm's default: every rank's batches count),
     # broadcast = rank 0's
     dist_bn: Literal["reduce", "broadcast"] = "reduce"
+    # no progress on any rank for this long: name the stuck rank, write every live rank's
+    # stacks to RUN_DIR/hang_*.txt and exit 75 so torchrun restarts from the last checkpoint
+    # (engine/watchdog.py; launch/README.md); 0 = off. Above any healthy step, evaluation
+    # batch or checkpoint of the shipped recipes
+    hang_timeout_s: float = 900.0
+    # a rank whose forward or data wait over a logging interval is this many times the median
+    # rank's is named in the log as a straggler (0 = off)
+    straggler_factor: float = 1.5
 
 
 @dataclass

@@ -67,13 +67,31 @@ def stop_with_parent(sig: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), sig)
 
 
-def init_distributed(backend: str = "auto", need_process_group: bool = False) -> DistInfo:
+NCCL_WATCHDOG_ENV = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",   # a timed-out collective ends the process
+    "TORCH_NCCL_ENABLE_MONITORING": "1",      # ... and a wedged NCCL watchdog thread too
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",   # the flight recorder: the last collectives
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",        # dumped where TORCH_NCCL_DEBUG_INFO_TEMP_FILE says
+}
+
+
+def init_distributed(backend: str = "auto", need_process_group: bool = False,
+                     timeout: timedelta | None = None) -> DistInfo:
     """Join the job torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT). Without torchrun: one process, and a process group of one only when the
-    engine needs one (DeepSpeed)."""
+    engine needs one (DeepSpeed). ``timeout``: the collectives' (None: the backend's default);
+    with NCCL, PyTorch's own error handling and flight recorder are switched on unless the
+    environment already sets them."""
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
+    if backend == "nccl":
+        for key, value in NCCL_WATCHDOG_ENV.items():
+            os.environ.setdefault(key, value)
+        if timeout is not None:  # NCCL's heartbeat monitor: past the collectives' own timeout
+            os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC",
+                                  str(int(timeout.total_seconds()) + 60))
+    timeouts = {"timeout": timeout} if timeout is not None else {}
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -84,12 +102,12 @@ def init_distributed(backend: str = "auto", need_process_group: bool = False) ->
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group(backend, store=_attempt_store(rank, world_size), rank=rank,
                                 world_size=world_size,
-                                device_id=device if backend == "nccl" else None)
+                                device_id=device if backend == "nccl" else None, **timeouts)
     elif need_process_group:  # a job of one, described as torchrun would (DeepSpeed reads it)
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
             os.environ.setdefault(key, value)
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **timeouts)
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
     return DistInfo(device=device)

@@ -5,8 +5,10 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -19,13 +21,16 @@ from pipelines import LoaderSpec, build_loader
 
 from . import checkpoint as ckpt
 from .config import Config, save_config, to_dict
-from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup,
-                          init_distributed, stop_with_parent, sync_buffers)
+from .distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier,
+                          broadcast_object, cleanup, init_distributed, stop_with_parent,
+                          sync_buffers)
 from .engines import PRECISION_NAMES, Engine, build_engine, set_determinism
 from .evaluate import evaluate
 from .metrics import MetricsWriter, fmt, plot_curves, summary_table
 from .schedule import is_lr_drop, lr_at, scaled_lr
 from .state import TrainState, gather_rng_states, seed_process, set_rng_state
+from .step_times import StepTimes, stragglers
+from .watchdog import COLLECTIVE, Watchdog, rank_store
 
 log = logging.getLogger("wrn_large.train")
 # fp16 loss scaling skips a step whose loss is inf/NaN; this many in a row is divergence (a
@@ -41,17 +46,23 @@ class RunDirInUse(RuntimeError):
     pass
 
 
+# written to the run directory by rank 0 when SIGUSR1 stopped the run (launch/slurm.sbatch
+# requeues the job when it finds it: `scancel --signal=USR1 JOBID` signals the ranks, not the
+# script, and USR1 means "checkpoint and requeue" there)
+REQUEUE_MARKER = "requeue_requested"
+
+
 class StopRequested:
     """SIGTERM/SIGUSR1 (SLURM preemption, `scancel --signal`): finish the step, checkpoint, exit."""
 
     def __init__(self):
-        self.flag = False
+        self.flag, self.signum = False, None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         log.warning("received signal %d: checkpointing after this step, then exiting", signum)
-        self.flag = True
+        self.flag, self.signum = True, signum
 
 
 def setup_logging(dist: DistInfo, output_dir: Path) -> None:
@@ -111,20 +122,59 @@ def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     return model.to(dist.device)
 
 
-def reduce_step(loss: torch.Tensor, stop_flag: bool, world_size: int) -> tuple[float, bool]:
-    """Mean loss over ranks and whether any rank was asked to stop, in one all-reduce."""
-    packed = torch.stack([loss.double(), torch.tensor(float(stop_flag), dtype=torch.float64,
-                                                      device=loss.device)])
+def reduce_step(loss: torch.Tensor, stop_flag: bool, dist: DistInfo,
+                times: tuple[float, float] = (0.0, 0.0)) -> tuple[float, bool, list, list]:
+    """In one all-reduce: the mean loss over ranks, whether any rank was asked to stop, and
+    every rank's (data wait, forward) seconds (``StepTimes``: rank r fills slots r)."""
+    world = dist.world_size
+    packed = torch.zeros(2 + 2 * world, dtype=torch.float64)
+    packed[1] = float(stop_flag)
+    packed[2 + dist.rank], packed[2 + world + dist.rank] = times
+    packed = packed.to(loss.device)
+    packed[0] = loss.double()
     all_reduce_sum(packed)
-    loss_sum, stops = packed.tolist()
-    return loss_sum / world_size, stops > 0
+    values = packed.tolist()
+    return values[0] / world, values[1] > 0, values[2:2 + world], values[2 + world:]
+
+
+def collective_timeout(hang_timeout_s: float) -> timedelta | None:
+    """The process group's timeout: past the watchdog's, which fires first and says which rank
+    hung and where; the collective's own timeout stays as a backstop (watchdog off: the
+    backends' defaults)."""
+    return timedelta(seconds=hang_timeout_s + 300) if hang_timeout_s > 0 else None
+
+
+class Window:
+    """One logging interval's figures: images/s, and the share of wall time spent waiting for
+    input (mean over ranks) with every rank's mean data wait and forward per step."""
+
+    def __init__(self, world_size: int):
+        self.t0, self.images, self.steps = time.time(), 0, 0
+        self.waits, self.forwards = [0.0] * world_size, [0.0] * world_size
+
+    def add(self, images: int, waits: list, forwards: list) -> None:
+        self.images, self.steps = self.images + images, self.steps + 1
+        self.waits = [a + b for a, b in zip(self.waits, waits)]
+        self.forwards = [a + b for a, b in zip(self.forwards, forwards)]
+
+    def close(self) -> dict:
+        seconds = max(time.time() - self.t0, 1e-9)
+        n = max(self.steps, 1)
+        wait = sum(self.waits) / len(self.waits)
+        figures = {"images_per_s": self.images / seconds, "seconds": seconds,
+                   "data_wait_s": wait, "data_wait": min(wait / seconds, 1.0),
+                   "rank_data_wait_s": [round(w / n, 5) for w in self.waits],
+                   "rank_forward_s": [round(f / n, 5) for f in self.forwards]}
+        self.__init__(len(self.waits))
+        return figures
 
 
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.dist = init_distributed(cfg.engine.dist_backend,
-                                     need_process_group=cfg.engine.name == "deepspeed")
+                                     need_process_group=cfg.engine.name == "deepspeed",
+                                     timeout=collective_timeout(cfg.train.hang_timeout_s))
         self.out = Path(cfg.run.output_dir)
         lock_error = None
         if self.dist.is_main:
@@ -137,6 +187,10 @@ class Trainer:
         if lock_error:
             raise RunDirInUse(lock_error)
         setup_logging(self.dist, self.out)
+        self.watchdog = Watchdog(cfg.train.hang_timeout_s, self.dist.rank, self.dist.world_size,
+                                 self.out, rank_store(self.dist.rank, self.dist.world_size)
+                                 if cfg.train.hang_timeout_s > 0 else None).start()
+        self.hosts = all_gather_object(socket.gethostname())
         resolve_auto(cfg, self.dist)
         d, t = self.dist, cfg.train
         self.micro = micro_batch_size(cfg, d)
@@ -147,6 +201,7 @@ class Trainer:
         self.num_classes = self.train_loader.num_classes
         self.classes, self.class_names = class_names(cfg.data, self.train_loader)
         self.model = build_model(cfg, self.num_classes, d)
+        self.step_times = StepTimes(self.model, d.device)
         self.engine: Engine = build_engine(cfg, self.model, d)
         self.ema = None
         if t.ema_decay > 0:
@@ -164,6 +219,7 @@ class Trainer:
         self._buffers_synced_at = -1
         self.skipped_in_a_row = 0
         self.metrics = MetricsWriter(self.out, enabled=d.is_main)
+        self.data_wait_total = self.time_total = 0.0   # this job's, for the summary
         self.stop = StopRequested()
         if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive the agent
             stop_with_parent(signal.SIGTERM)
@@ -199,6 +255,7 @@ class Trainer:
         path = ckpt.checkpoint_path(self.out, self.state.step, self.engine.checkpoint_suffix)
         if path.exists():  # already saved at this step (e.g. epoch end == every-N-steps)
             return path
+        self.watchdog.progress(phase="checkpoint")
         self.sync_buffers()
         if not all(torch.isfinite(t).all() for t in self.model.state_dict().values()
                    if t.is_floating_point()):
@@ -252,7 +309,9 @@ class Trainer:
     # ----------------------------------------------------------------------- loop
     def fit(self) -> dict:
         seed_process(self.cfg.train.seed, self.dist.rank)
+        self.watchdog.progress(phase="checkpoint")
         self.resume()
+        self.watchdog.progress(phase="start")
         t0, status = time.time(), "finished"
         try:
             while self.state.epoch < self.cfg.train.epochs:
@@ -263,6 +322,7 @@ class Trainer:
             else:
                 status = "finished"
         finally:
+            self.watchdog.stop()
             self.metrics.close()
         summary = self.summary(time.time() - t0, status)
         cleanup()
@@ -270,8 +330,17 @@ class Trainer:
 
     def micro_batches(self, iterator):
         for _ in range(self.cfg.train.grad_accum):
-            batch = next(iterator)
+            self.watchdog.progress(phase="data")
+            with self.step_times.waiting_for_data():
+                batch = next(iterator)
+            self.watchdog.progress(phase="compute")
             yield self.batch_transform(batch) if self.batch_transform else batch
+
+    def ticking(self, batches, phase: str):
+        """``batches``, telling the watchdog of each one (evaluation is progress too)."""
+        for batch in batches:
+            self.watchdog.progress(phase=phase)
+            yield batch
 
     def train_epoch(self) -> str:
         cfg, st, spe = self.cfg, self.state, self.steps_per_epoch
@@ -280,7 +349,7 @@ class Trainer:
         iterator = iter(self.train_loader)
         self.model.train()
         bar = self.progress_bar(done)
-        window_t, window_images = time.time(), 0
+        window = Window(self.dist.world_size)
         for _ in range(done, spe):
             lr = lr_at(st.step, self.base_lr, spe, cfg.train.epochs, cfg.schedule)
             self.engine.set_lr(lr)
@@ -288,8 +357,12 @@ class Trainer:
                 self.engine.clear_optimizer_state()
                 log.info("lr drop to %g at step %d: fresh optimizer state", lr, st.step)
             loss = self.engine.train_step(self.micro_batches(iterator), self.loss_fn)
-            loss_value, stop = reduce_step(loss, self.stop.flag, self.dist.world_size)
+            self.watchdog.progress(phase=COLLECTIVE)
+            loss_value, stop, waits, forwards = reduce_step(loss, self.stop.flag, self.dist,
+                                                            self.step_times.take())
             st.step += 1
+            self.watchdog.progress(step=st.step)
+            window.add(cfg.train.batch_size, waits, forwards)
             if math.isfinite(loss_value):
                 self.skipped_in_a_row = 0
                 st.epoch_loss_sum += loss_value
@@ -299,16 +372,22 @@ class Trainer:
                 loss_value = None   # null in metrics.jsonl, left out of the epoch's mean
             if self.ema is not None:
                 self.ema.update(self.model, step=st.step)
-            window_images += cfg.train.batch_size
             if st.step % cfg.run.log_every_steps == 0 or st.step % spe == 0:
-                rate = window_images / max(time.time() - window_t, 1e-9)
+                figures = window.close()
+                self.data_wait_total += figures["data_wait_s"]
+                self.time_total += figures["seconds"]
                 skipped = {"skipped": True} if self.engine.step_was_skipped() else {}
+                per_rank = ({"rank_data_wait_s": figures["rank_data_wait_s"],
+                             "rank_forward_s": figures["rank_forward_s"]}
+                            if self.dist.world_size > 1 else {})
                 self.metrics.write("train", st.step, epoch=st.epoch, loss=loss_value, lr=lr,
-                                   images_per_s=rate, **skipped)
-                window_t, window_images = time.time(), 0
+                                   images_per_s=figures["images_per_s"],
+                                   data_wait=figures["data_wait"], **per_rank, **skipped)
+                self.name_stragglers(figures)
                 if bar is not None:
                     bar.set_postfix(loss=fmt(loss_value, 4), lr=f"{lr:.4g}",
-                                    img_s=f"{rate:.0f}", refresh=False)
+                                    img_s=f"{figures['images_per_s']:.0f}",
+                                    data=f"{100 * figures['data_wait']:.0f}%", refresh=False)
             if bar is not None:
                 bar.update(1)
             every = cfg.run.checkpoint_every_steps
@@ -316,12 +395,27 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 self.save()
+                if stop and self.stop.signum == signal.SIGUSR1 and self.dist.is_main:
+                    (self.out / REQUEUE_MARKER).write_text(f"SIGUSR1 at step {st.step}\n")
                 return "preempted" if stop else "max_steps"
             if every and st.step % every == 0 and st.step % spe:
                 self.save()
         if bar is not None:
             bar.close()
         return "epoch_done"
+
+    def name_stragglers(self, figures: dict) -> None:
+        """Log, on rank 0, each rank whose forward + data wait per step over the last interval
+        is ``train.straggler_factor`` times the median rank's."""
+        if not self.dist.is_main:
+            return
+        for rank, times, why in stragglers(figures["rank_forward_s"],
+                                           figures["rank_data_wait_s"],
+                                           self.cfg.train.straggler_factor):
+            log.warning("straggler: rank %d on %s is %.1fx the other ranks' median (forward %.3f s + "
+                        "data wait %.3f s per step), mostly %s; every step waits for it",
+                        rank, self.hosts[rank], times, figures["rank_forward_s"][rank],
+                        figures["rank_data_wait_s"][rank], why)
 
     def skip_or_diverge(self, loss_value: float) -> None:
         """A non-finite loss: a step fp16 loss scaling skipped (weights untouched, as timm and
@@ -373,9 +467,11 @@ class Trainer:
 
     def run_eval(self) -> dict:
         forward = self.engine.eval_forward
-        result = evaluate(self.model, self.val_loader, self.dist.device, forward)
+        result = evaluate(self.model, self.ticking(self.val_loader, "evaluation"),
+                          self.dist.device, forward)
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.val_loader, self.dist.device, forward)
+            ema = evaluate(self.ema.module, self.ticking(self.val_loader, "evaluation"),
+                           self.dist.device, forward)
             result.update({f"{k}_ema": v for k, v in ema.items() if k in ("top1", "top5", "val_loss")})
         return result
 
@@ -394,6 +490,8 @@ class Trainer:
                     ("final train loss", fmt(last.get("train_loss"), 4)),
                     ("final top-1 / top-5 (%)", f"{fmt(last.get('top1'))} / {fmt(last.get('top5'))}"),
                     ("best top-1 (%)", fmt(best)), ("wall time (s)", fmt(seconds, 1)),
+                    ("waiting for input (% of train time)",
+                     fmt(100 * self.data_wait_total / self.time_total if self.time_total else None, 1)),
                     ("outputs", f"{self.out}/ (metrics.jsonl, tensorboard/, training_curves.png, "
                                 "checkpoints/)")]
             print(summary_table(rows), flush=True)

@@ -2,6 +2,8 @@
 a SIGKILLed worker under torchrun --max-restarts, SIGTERM preemption, and two jobs on one run
 directory. Slow: deselect with -m 'not slow'; CI runs them."""
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,3 +189,78 @@ def test_multinode_script_with_two_simulated_nodes(data, reference, tmp_path):
     nodes = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     assert_nodes_match_one_node(nodes, out, reference)
+
+
+def rank_of(pid: int) -> int:
+    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK="))[5:])
+
+
+def log_time(line: str) -> float:
+    """The wall time of a log line (``%(asctime)s``)."""
+    import datetime
+    stamp = line[line.index("20"):][:23]
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def test_a_stopped_rank_is_named_its_stacks_written_and_the_job_restarts(data, reference,
+                                                                          tmp_path):
+    """kill -STOP one rank mid-epoch: the other rank's watchdog names it within
+    hang_timeout_s + 30 s, writes its stacks and exits 75; torchrun restarts the group, which
+    resumes from the last checkpoint and repeats the uninterrupted run's losses."""
+    from engine.watchdog import HANG_EXIT_CODE
+    out = tmp_path / "hung"
+    timeout = 10
+    args = ["--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=hung"]
+    proc = torchrun(args, base_overrides(data, out, **{
+        "train.epochs": 3, "run.checkpoint_every_steps": 4, "train.hang_timeout_s": timeout}))
+    wait_for_step(out, 9, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    victim = next(int(p) for p in workers.stdout.split() if rank_of(int(p)) == 1)
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.time()
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-4000:]
+    hang = next(line for line in log.splitlines() if "HANG: no rank made progress" in line)
+    assert "Stuck: rank 1 (" in hang and "stopped, frozen or gone" in hang, hang
+    assert log_time(hang) - stopped_at < timeout + 30
+    stacks = list(out.glob("hang_*_rank0.txt"))
+    assert re.search(rf"exitcode\s*:\s*{HANG_EXIT_CODE}\b", log), log[-4000:]
+    assert len(stacks) == 1 and "most recent call first" in stacks[0].read_text()
+    assert "in train_epoch" in stacks[0].read_text()   # the main thread, where it waits
+    assert "killed rank 1" in log          # stopped: it would ignore torchrun's SIGTERM for 30 s
+    assert "resumed from" in log and "step_00000008.pt" in log
+    got = step_losses(out)
+    assert max(got) == STEPS
+    for s in range(9, STEPS + 1):
+        assert got[s] == reference[s], (s, got[s], reference[s])
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2,
+                    reason="needs taskset and 2 cores")
+def test_a_rank_throttled_from_outside_is_named_and_only_it(data, tmp_path):
+    """Rank 1 shares core 0 with a busy loop (taskset), rank 0 has core 1 to itself: the log
+    names rank 1 as a straggler, never rank 0, and metrics.jsonl keeps every rank's figures."""
+    out = tmp_path / "straggler"
+    proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
+                     f"--master_port={free_port()}"],
+                    base_overrides(data, out, **{"train.epochs": 6, "run.log_every_steps": 3,
+                                                 "run.eval_every_epochs": 6}))
+    wait_for_step(out, 1, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    for pid in map(int, workers.stdout.split()):
+        subprocess.run(["taskset", "-a", "-p", "-c", "1" if rank_of(pid) == 0 else "0", str(pid)],
+                       check=True, capture_output=True)
+    busy = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
+    try:
+        log = proc.communicate(timeout=300)[0]
+    finally:
+        busy.kill()
+        busy.wait()
+    assert proc.returncode == 0, log[-3000:]
+    named = re.findall(r"straggler: rank (\d+) on \S+ is ([\d.]+)x", log)
+    assert named and {rank for rank, _ in named} == {"1"}, log[-3000:]
+    records = [m for m in read_metrics(out) if m["type"] == "train"]
+    assert all(len(m["rank_forward_s"]) == len(m["rank_data_wait_s"]) == 2 for m in records)
+    assert all(0 <= m["data_wait"] <= 1 for m in records)

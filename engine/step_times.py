@@ -1,0 +1,86 @@
+"""Where each rank's step goes: waiting for input, and computing the model's forward passes.
+
+Both are measured where no collective can hide in them: the data wait around the loader's
+``next``, the forward between hooks on the model itself (inside DDP, whose buffer broadcast and
+gradient all-reduce happen outside it; DeepSpeed wraps the same module). Step wall times are
+equal on every rank of a synchronous job (the collectives wait for the slowest), so they could
+not name a straggler; these do. On CUDA the forward is timed with CUDA events, read one step
+late (the step's all-reduce has synchronised by then), so timing adds no synchronisation.
+
+Every rank's figures travel in the step's existing all-reduce (``reduce_step``): rank r fills
+slots r of two vectors the size of the world, and the sum is everyone's figures.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from statistics import median
+
+import torch
+import torch.nn as nn
+
+
+class StepTimes:
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.data_wait = 0.0
+        self._forward_s, self._events, self._pending = 0.0, [], []
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._end)
+
+    def _start(self, module, args):
+        if not module.training:
+            return
+        if self.cuda:
+            self._events.append(torch.cuda.Event(enable_timing=True))
+            self._events[-1].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def _end(self, module, args, output):
+        if not module.training:
+            return
+        if self.cuda:
+            self._events.append(torch.cuda.Event(enable_timing=True))
+            self._events[-1].record()
+        else:
+            self._forward_s += time.perf_counter() - self._t0
+
+    @contextmanager
+    def waiting_for_data(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_wait += time.perf_counter() - t0
+
+    def take(self) -> tuple[float, float]:
+        """(data wait, forward) seconds of the step just ended; on CUDA the forward of the step
+        before (its events are complete)."""
+        if self.cuda:
+            pairs, self._pending = self._pending, self._events
+            self._events = []
+            forward = sum(a.elapsed_time(b) for a, b in zip(pairs[::2], pairs[1::2])) / 1000
+        else:
+            forward, self._forward_s = self._forward_s, 0.0
+        data_wait, self.data_wait = self.data_wait, 0.0
+        return data_wait, forward
+
+
+def stragglers(forward: list[float], data_wait: list[float], factor: float
+               ) -> list[tuple[int, float, str]]:
+    """(rank, times the others' median, "computing" or "waiting for data") for each rank whose
+    forward plus data wait is ``factor`` or more times the median of the other ranks' (of the
+    others, so that in a job of two the slow rank is compared with the fast one)."""
+    if factor <= 0 or len(forward) < 2:
+        return []
+    busy = [f + d for f, d in zip(forward, data_wait)]
+    out = []
+    for rank, (b, f, d) in enumerate(zip(busy, forward, data_wait)):
+        others = [i for i in range(len(busy)) if i != rank]
+        typical = median(busy[i] for i in others)
+        if typical > 0 and b >= factor * typical:
+            extra_f = f - median(forward[i] for i in others)
+            extra_d = d - median(data_wait[i] for i in others)
+            out.append((rank, b / typical, "waiting for data" if extra_d > extra_f else "computing"))
+    return out

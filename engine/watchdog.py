@@ -1,0 +1,214 @@
+"""A watchdog in every rank: a hung job is found, named and ended in minutes, not at the
+process group's timeout (30 min for gloo, 10 for NCCL) with nothing said.
+
+The training loop tells it where it is (``progress(step, phase)``: a few attribute writes, no
+I/O). A thread publishes that record every few seconds where every rank can read it without a
+collective: the rendezvous store torchrun runs (a key per rank, under this restart attempt's
+prefix), or, in a job of one process, nowhere but here. When no rank has made progress for
+``train.hang_timeout_s``, each live rank:
+
+- logs one table (host, pid, last step, phase, seconds since its last progress) and names the
+  stuck rank(s): those whose records stopped coming (a stopped or frozen process), else those
+  not waiting in a collective while the others are;
+- writes the Python stacks of all its threads to ``RUN_DIR/hang_<time>_rank<r>.txt``;
+- (the reporting rank) kills the silent ranks on its own host: a stopped process ignores the
+  SIGTERM torchrun sends first, which would cost another 30 s;
+- exits with ``HANG_EXIT_CODE``, so torchrun (``--max-restarts``) restarts the group, which
+  resumes from the last checkpoint, and SLURM's script requeues once restarts are spent.
+
+Clocks are compared across hosts (each record carries its writer's wall time): cluster nodes
+keep them within milliseconds (NTP), far below any useful timeout.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HANG_EXIT_CODE = 75    # EX_TEMPFAIL: try again (torchrun restarts, SLURM requeues)
+COLLECTIVE = "all-reduce"
+PHASES = ("start", "data", "compute", COLLECTIVE, "evaluation", "checkpoint")
+
+
+@dataclass
+class Record:
+    rank: int
+    host: str
+    pid: int
+    step: int
+    phase: str
+    since: float        # wall time of its last progress
+    beat: float         # wall time it was published
+
+    def age(self, now: float) -> float:
+        return now - self.since
+
+
+def rank_store(rank: int, world_size: int):
+    """A client of torchrun's rendezvous store, private to this restart attempt; None outside a
+    torchrun job of several processes."""
+    if world_size < 2 or "MASTER_ADDR" not in os.environ:
+        return None
+    import torch.distributed as dist
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timedelta(seconds=60))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"wrn_large/attempt_{attempt}/watchdog", store)
+
+
+def is_rank(pid: int, rank: int) -> bool:
+    """Whether process ``pid`` here is rank ``rank`` of this torchrun job (not a process that
+    reused the pid, nor one of another job: same RANK and TORCHELASTIC_RUN_ID)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    except OSError:
+        return False
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "").encode()
+    return environ.get(b"RANK") == str(rank).encode() and \
+        environ.get(b"TORCHELASTIC_RUN_ID", b"") == run_id
+
+
+def verdict(records: list[Record], world_size: int, now: float, timeout: float,
+            interval: float) -> tuple[str, list[int]] | None:
+    """None while some rank made progress within ``timeout``; else (what happened, stuck ranks)."""
+    if not records or min(r.age(now) for r in records) < timeout:
+        return None
+    seen = {r.rank for r in records}
+    silent = sorted(set(range(world_size)) - seen) + sorted(
+        r.rank for r in records if now - r.beat > 3 * interval)
+    if silent:
+        return "no record for {:.0f} s: stopped, frozen or gone".format(3 * interval), silent
+    waiting = [r for r in records if r.phase == COLLECTIVE]
+    busy = sorted(r.rank for r in records if r.phase != COLLECTIVE)
+    if waiting and busy:
+        return "the others wait for them in a collective", busy
+    lowest = min(r.step for r in records)
+    behind = sorted(r.rank for r in records if r.step == lowest)
+    if len(behind) < len(records):
+        return "behind the others' step", behind
+    return "every rank waits: a collective that never completes (network, NCCL)", []
+
+
+def table(records: list[Record], now: float) -> str:
+    lines = [f"{'rank':>4} {'host':<20} {'pid':>8} {'step':>8} {'phase':<11} {'idle s':>7}"]
+    for r in sorted(records, key=lambda r: r.rank):
+        lines.append(f"{r.rank:>4} {r.host[:20]:<20} {r.pid:>8} {r.step:>8} {r.phase:<11} "
+                     f"{r.age(now):>7.0f}")
+    return "\n".join(lines)
+
+
+class Watchdog:
+    def __init__(self, timeout_s: float, rank: int, world_size: int, out_dir: Path,
+                 store=None, interval: float | None = None, exit=os._exit):
+        self.timeout, self.rank, self.world_size = float(timeout_s), rank, world_size
+        self.out, self.store, self._exit = Path(out_dir), store, exit
+        self.interval = interval or max(0.5, min(10.0, self.timeout / 10))
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.step, self.phase, self.since = 0, "start", time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- the loop's side
+    def progress(self, step: int | None = None, phase: str | None = None) -> None:
+        if step is not None:
+            self.step = step
+        if phase is not None:
+            self.phase = phase
+        self.since = time.time()
+
+    def start(self) -> "Watchdog":
+        if self.timeout > 0:
+            self._thread = threading.Thread(target=self._run, name="hang-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---------------------------------------------------------------- the thread's side
+    def record(self) -> Record:
+        return Record(self.rank, self.host, self.pid, self.step, self.phase, self.since,
+                      time.time())
+
+    def records(self) -> list[Record]:
+        mine = self.record()
+        if self.store is None:
+            return [mine]
+        self.store.set(str(self.rank), json.dumps(mine.__dict__))
+        out = []
+        for rank in range(self.world_size):
+            if rank == self.rank:
+                out.append(mine)
+            elif self.store.check([str(rank)]):
+                out.append(Record(**json.loads(self.store.get(str(rank)))))
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                records = self.records()
+            except Exception as e:  # noqa: BLE001 - the store gone: the job is ending anyway
+                log.debug("watchdog: %s", e)
+                continue
+            now = time.time()
+            found = verdict(records, self.world_size, now, self.timeout, self.interval)
+            if found is not None and not self._stop.is_set():
+                self.report(records, now, *found)
+                self._exit(HANG_EXIT_CODE)
+                return
+
+    def kill_stopped_neighbours(self, records: list[Record], now: float) -> None:
+        """SIGKILL the silent ranks on this host: a stopped process acts on no SIGTERM, so
+        torchrun would wait its 30 s for each before killing it and restarting the group."""
+        import signal
+        for r in records:
+            if r.host == self.host and r.pid != self.pid and now - r.beat > 3 * self.interval \
+                    and is_rank(r.pid, r.rank):
+                try:
+                    os.kill(r.pid, signal.SIGKILL)
+                    log.error("killed rank %d (pid %d), silent for %.0f s", r.rank, r.pid,
+                              now - r.beat)
+                except OSError:
+                    pass
+
+    def report(self, records: list[Record], now: float, what: str, stuck: list[int]) -> None:
+        started = max(r.since for r in records)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+        path = self.out / f"hang_{stamp}_rank{self.rank}.txt"
+        try:
+            with open(path, "w") as f:
+                f.write(f"rank {self.rank} on {self.host}, pid {self.pid}: step {self.step}, "
+                        f"phase {self.phase}, no progress anywhere for {now - started:.0f} s\n\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+        except OSError as e:
+            log.error("watchdog: cannot write %s: %s", path, e)
+        live = [r.rank for r in records if now - r.beat <= 3 * self.interval]
+        named = {r.rank: r for r in records}
+        if self.rank == min(live, default=self.rank):   # one table per job, from one rank
+            who = ", ".join(f"rank {s}" + (f" ({named[s].host}, step {named[s].step}, "
+                                           f"{named[s].phase})" if s in named else "")
+                            for s in stuck) or "no single rank"
+            log.error("HANG: no rank made progress for %.0f s (train.hang_timeout_s=%g). Stuck: "
+                      "%s: %s.\n%s\nstacks: %s/hang_%s_rank*.txt; exiting with code %d so that "
+                      "torchrun restarts the job from its last checkpoint", now - started,
+                      self.timeout, who, what, table(records, now), self.out, stamp,
+                      HANG_EXIT_CODE)
+            self.kill_stopped_neighbours(records, now)
+        else:
+            log.error("HANG: rank %d exits (code %d); stack in %s", self.rank, HANG_EXIT_CODE, path)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()

@@ -1,0 +1,87 @@
+"""The hang watchdog's and the straggler rule's decisions, on records as ranks publish them
+(the real processes, signals and restarts are in test_fault_tolerance.py)."""
+import threading
+import time
+
+from engine.step_times import StepTimes, stragglers
+from engine.watchdog import COLLECTIVE, Record, Watchdog, verdict
+
+NOW = 1_000_000.0
+
+
+def record(rank, step=10, phase=COLLECTIVE, idle=100.0, beat=0.0):
+    return Record(rank, f"node{rank // 4}", 1000 + rank, step, phase, NOW - idle, NOW - beat)
+
+
+def test_no_verdict_while_any_rank_progresses():
+    assert verdict([record(0), record(1, phase="compute", idle=5)], 2, NOW, 60, 2) is None
+    assert verdict([record(0, idle=30), record(1, idle=30)], 2, NOW, 60, 2) is None
+
+
+def test_the_stopped_rank_is_the_one_whose_records_stopped():
+    what, stuck = verdict([record(0), record(1, phase="compute", beat=80), record(2)], 3, NOW,
+                          60, 2)
+    assert stuck == [1] and "stopped" in what
+    what, stuck = verdict([record(0), record(2)], 3, NOW, 60, 2)    # rank 1 never published
+    assert stuck == [1]
+
+
+def test_a_rank_stuck_outside_the_collective_while_the_others_wait():
+    for phase in ("evaluation", "checkpoint", "data", "compute"):
+        what, stuck = verdict([record(0), record(1), record(2, phase=phase), record(3)], 4,
+                              NOW, 60, 2)
+        assert stuck == [2] and "wait for them" in what, phase
+
+
+def test_every_rank_in_the_collective_names_no_single_rank():
+    what, stuck = verdict([record(r) for r in range(4)], 4, NOW, 60, 2)
+    assert stuck == [] and "network" in what
+
+
+def test_a_hung_single_process_dumps_its_stacks_and_exits(tmp_path):
+    """A job of one (no store): its own record decides. The exit is the injected one."""
+    exits = []
+    dog = Watchdog(0.6, 0, 1, tmp_path, interval=0.1, exit=exits.append).start()
+    dog.progress(step=7, phase="data")
+    deadline = time.time() + 10
+    while not exits and time.time() < deadline:
+        time.sleep(0.05)
+    assert exits == [75]
+    (stack,) = tmp_path.glob("hang_*_rank0.txt")
+    text = stack.read_text()
+    assert "step 7, phase data" in text and "most recent call first" in text
+    assert "test_a_hung_single_process_dumps_its_stacks_and_exits" in text  # the main thread
+
+
+def test_a_progressing_process_is_left_alone(tmp_path):
+    exits = []
+    dog = Watchdog(0.5, 0, 1, tmp_path, interval=0.05, exit=exits.append).start()
+    for step in range(30):
+        dog.progress(step=step, phase="compute")
+        time.sleep(0.05)
+    dog.stop()
+    assert exits == [] and not list(tmp_path.glob("hang_*"))
+
+
+def test_stragglers_are_compared_with_the_other_ranks():
+    assert stragglers([0.1, 0.1, 0.1, 0.1], [0.01] * 4, 1.5) == []
+    ((rank, times, why),) = stragglers([0.1, 0.25, 0.1, 0.1], [0.01] * 4, 1.5)
+    assert rank == 1 and 2.2 < times < 2.4 and why == "computing"
+    ((rank, times, why),) = stragglers([0.1, 0.1], [0.01, 0.2], 1.5)   # two ranks
+    assert rank == 1 and why == "waiting for data"
+    assert stragglers([0.1, 0.3], [0.0, 0.0], 0) == []                  # off
+
+
+def test_step_times_measure_the_forward_and_the_data_wait():
+    import torch
+    net = torch.nn.Linear(4, 4)
+    times = StepTimes(net, torch.device("cpu"))
+    with times.waiting_for_data():
+        time.sleep(0.02)
+    slow = threading.Event()
+    net.register_forward_hook(lambda *a: slow.wait(0.03), prepend=True)  # inside the timing
+    net(torch.zeros(2, 4))
+    net.eval()(torch.zeros(2, 4))           # evaluation is not a training step's forward
+    data_wait, forward = times.take()
+    assert 0.02 <= data_wait < 0.5 and 0.03 <= forward < 0.5
+    assert times.take() == (0.0, 0.0)
