@@ -133,6 +133,8 @@ REQUEUE_CASES = {  # sbatch options, and the command that stops the job (None: i
     "time_limit": (["--time=2", "--signal=B:USR1@30"], None),
     # the same path by hand
     "usr1": ([], lambda job: ["scancel", "--batch", "--signal=USR1", job]),
+    # a common slip: without --batch SLURM signals the job steps (the torchrun agents)
+    "usr1_steps": ([], lambda job: ["scancel", "--signal=USR1", job]),
     "scontrol": ([], lambda job: ["scontrol", "requeue", job]),
     # PreemptMode=REQUEUE: a job of a higher-priority partition needs both nodes
     "preemption": ([], lambda job: ["sbatch", "--partition=urgent", "--nodes=2", "--exclusive",
@@ -176,3 +178,29 @@ def test_plain_scancel_ends_without_requeue(cluster, clone, data):
     assert cluster.wait_state(job, {"CANCELLED", "PENDING"}) == "CANCELLED"
     time.sleep(5)
     assert cluster.job_state(job) == "CANCELLED"                   # the trap did not requeue it
+
+
+def test_a_stopped_rank_restarts_the_group_and_the_job_completes(cluster, clone, data):
+    """kill -STOP one rank of a 2-node job: the watchdog ends the hung group (exit 75),
+    torchrun restarts it from the last checkpoint, and the job completes."""
+    import os
+    import signal
+    out = clone / "runs" / "hung"
+    job = submit(cluster, clone, base_overrides(data, out, **{
+        "train.epochs": 4, "run.checkpoint_every_steps": 2, "train.hang_timeout_s": 10}), "hung")
+    wait_for_step(cluster, job, out, 5)
+    candidates = subprocess.run(["pgrep", "-f", f"train_imagenet.py run.output_dir={out}"],
+                                capture_output=True, text=True).stdout.split()
+    victim = next(int(p) for p in candidates if environ_of(int(p)).get("RANK") == "1")
+    os.kill(victim, signal.SIGSTOP)
+    state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    log = (out / "train.log").read_text()
+    assert state == "COMPLETED", log_of(out, job)
+    assert "HANG: no rank made progress" in log and "Stuck: rank 1" in log, log_of(out, job)
+    assert "resumed from" in log and steps_done(out) == 24
+
+
+def environ_of(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(v.decode(errors="replace").split("=", 1) for v in f.read().split(b"\0")
+                    if b"=" in v)
