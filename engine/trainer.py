@@ -36,6 +36,7 @@ log = logging.getLogger("wrn_large.train")
 # fp16 loss scaling skips a step whose loss is inf/NaN; this many in a row is divergence (a
 # lower scale cannot mend an overflowing forward pass)
 MAX_SKIPPED_IN_A_ROW = 10
+STRAGGLER_WINDOWS, STRAGGLER_REPEAT = 3, 30   # logging intervals: to name a straggler, to name it again
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,13 +57,14 @@ class StopRequested:
     """SIGTERM/SIGUSR1 (SLURM preemption, `scancel --signal`): finish the step, checkpoint, exit."""
 
     def __init__(self):
-        self.flag, self.signum = False, None
+        self.flag, self.signals = False, set()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         log.warning("received signal %d: checkpointing after this step, then exiting", signum)
-        self.flag, self.signum = True, signum
+        self.flag = True
+        self.signals.add(signum)   # srun may follow a USR1 with a TERM: USR1 still decides
 
 
 def setup_logging(dist: DistInfo, output_dir: Path) -> None:
@@ -220,6 +222,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.metrics = MetricsWriter(self.out, enabled=d.is_main)
         self.data_wait_total = self.time_total = 0.0   # this job's, for the summary
+        self.slow_windows: dict[int, int] = {}          # rank -> logging intervals slow in a row
         self.stop = StopRequested()
         if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive the agent
             stop_with_parent(signal.SIGTERM)
@@ -395,7 +398,7 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 self.save()
-                if stop and self.stop.signum == signal.SIGUSR1 and self.dist.is_main:
+                if stop and signal.SIGUSR1 in self.stop.signals and self.dist.is_main:
                     (self.out / REQUEUE_MARKER).write_text(f"SIGUSR1 at step {st.step}\n")
                 return "preempted" if stop else "max_steps"
             if every and st.step % every == 0 and st.step % spe:
@@ -405,17 +408,24 @@ class Trainer:
         return "epoch_done"
 
     def name_stragglers(self, figures: dict) -> None:
-        """Log, on rank 0, each rank whose forward + data wait per step over the last interval
-        is ``train.straggler_factor`` times the median rank's."""
+        """Log, on rank 0, each rank whose forward + data wait per step is
+        ``train.straggler_factor`` times the other ranks' median in STRAGGLER_WINDOWS logging
+        intervals in a row (a warm-up or a passing hiccup is not a straggler), and again every
+        STRAGGLER_REPEAT intervals while it stays so."""
         if not self.dist.is_main:
             return
-        for rank, times, why in stragglers(figures["rank_forward_s"],
-                                           figures["rank_data_wait_s"],
-                                           self.cfg.train.straggler_factor):
+        slow = stragglers(figures["rank_forward_s"], figures["rank_data_wait_s"],
+                          self.cfg.train.straggler_factor)
+        self.slow_windows = {rank: self.slow_windows.get(rank, 0) + 1 for rank, _, _ in slow}
+        for rank, times, why in slow:
+            count = self.slow_windows[rank]
+            if count < STRAGGLER_WINDOWS or (count - STRAGGLER_WINDOWS) % STRAGGLER_REPEAT:
+                continue
             log.warning("straggler: rank %d on %s is %.1fx the other ranks' median (forward %.3f s + "
-                        "data wait %.3f s per step), mostly %s; every step waits for it",
-                        rank, self.hosts[rank], times, figures["rank_forward_s"][rank],
-                        figures["rank_data_wait_s"][rank], why)
+                        "data wait %.3f s per step) for %d logging intervals, mostly %s; every "
+                        "step waits for it", rank, self.hosts[rank], times,
+                        figures["rank_forward_s"][rank], figures["rank_data_wait_s"][rank],
+                        count, why)
 
     def skip_or_diverge(self, loss_value: float) -> None:
         """A non-finite loss: a step fp16 loss scaling skipped (weights untouched, as timm and
