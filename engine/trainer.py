@@ -47,9 +47,10 @@ class RunDirInUse(RuntimeError):
     pass
 
 
-# written to the run directory by rank 0 when SIGUSR1 stopped the run (launch/slurm.sbatch
-# requeues the job when it finds it: `scancel --signal=USR1 JOBID` signals the ranks, not the
-# script, and USR1 means "checkpoint and requeue" there)
+# written by rank 0 when SIGUSR1 stopped the run, where $WRN_REQUEUE_MARKER says (else in the
+# run directory): launch/slurm.sbatch requeues the job when it finds it (`scancel
+# --signal=USR1 JOBID` signals the ranks, not the script, and USR1 means "checkpoint and
+# requeue" there)
 REQUEUE_MARKER = "requeue_requested"
 
 
@@ -399,7 +400,8 @@ class Trainer:
                     bar.close()
                 self.save()
                 if stop and signal.SIGUSR1 in self.stop.signals and self.dist.is_main:
-                    (self.out / REQUEUE_MARKER).write_text(f"SIGUSR1 at step {st.step}\n")
+                    marker = os.environ.get("WRN_REQUEUE_MARKER") or self.out / REQUEUE_MARKER
+                    Path(marker).write_text(f"SIGUSR1 at step {st.step}\n")
                 return "preempted" if stop else "max_steps"
             if every and st.step % every == 0 and st.step % spe:
                 self.save()
