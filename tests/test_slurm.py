@@ -187,17 +187,18 @@ def test_a_stopped_rank_restarts_the_group_and_the_job_completes(cluster, clone,
     import signal
     out = clone / "runs" / "hung"
     job = submit(cluster, clone, base_overrides(data, out, **{
-        "train.epochs": 4, "run.checkpoint_every_steps": 2, "train.hang_timeout_s": 10}), "hung")
+        "train.epochs": 8, "run.checkpoint_every_steps": 2, "train.hang_timeout_s": 10}), "hung")
     wait_for_step(cluster, job, out, 5)
-    candidates = subprocess.run(["pgrep", "-f", f"train_imagenet.py run.output_dir={out}"],
+    candidates = subprocess.run(["pgrep", "-f", f"run.output_dir={out}"],
                                 capture_output=True, text=True).stdout.split()
-    victim = next(int(p) for p in candidates if environ_of(int(p)).get("RANK") == "1")
+    victim = next(int(p) for p in candidates if environ_of(int(p)).get("RANK") == "1"
+                  and b"distributed.run" not in open(f"/proc/{p}/cmdline", "rb").read())
     os.kill(victim, signal.SIGSTOP)
     state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
     log = (out / "train.log").read_text()
     assert state == "COMPLETED", log_of(out, job)
     assert "HANG: no rank made progress" in log and "Stuck: rank 1" in log, log_of(out, job)
-    assert "resumed from" in log and steps_done(out) == 24
+    assert "resumed from" in log and steps_done(out) == 48
 
 
 def environ_of(pid: int) -> dict:
