@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         return 0
     from engine.checkpoint import CheckpointError, ResumeMismatch
     from engine.trainer import RunDirInUse, TrainingDiverged, train
+    from pipelines.quarantine import TooManyBadImages
 
     try:
         result = train(cfg)
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
     except (ResumeMismatch, CheckpointError) as e:  # an explicit run.resume=PATH, unusable
         print(f"error: {e}", file=sys.stderr)
         return 5
+    except TooManyBadImages as e:                   # data.max_bad_images: a broken mount
+        print(f"error: {e}", file=sys.stderr)
+        return 6
     return 0 if result["status"] in ("finished", "max_steps") else 143  # 143: preempted (SIGTERM)
 
 

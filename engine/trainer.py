@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import pipelines
+from pipelines.quarantine import BAD_IMAGES
 from pipelines.class_names import class_names
 import wrn_large
 from pipelines import LoaderSpec, build_loader
@@ -198,7 +199,7 @@ class Trainer:
         d, t = self.dist, cfg.train
         self.micro = micro_batch_size(cfg, d)
         spec = dict(batch_size=self.micro, rank=d.rank, world_size=d.world_size, seed=t.seed,
-                    device=d.device)
+                    device=d.device, listings=self.out / "listings")
         self.train_loader = build_loader(cfg.data, LoaderSpec("train", **spec))
         self.val_loader = build_loader(cfg.data, LoaderSpec("val", **spec))
         self.num_classes = self.train_loader.num_classes
@@ -239,8 +240,26 @@ class Trainer:
                      PRECISION_NAMES[self.engine.amp_dtype], t.channels_last, t.compile)
 
     # ----------------------------------------------------------------- checkpoints
+    def quarantines(self) -> dict:
+        """The loaders' quarantines (``data.on_bad_image=skip``), by split."""
+        loaders = {"train": self.train_loader, "val": self.val_loader}
+        return {split: q for split, loader in loaders.items()
+                if (q := getattr(loader, "quarantine", None)) is not None}
+
+    def share_quarantines(self) -> dict:
+        """Every rank's bad images, known to all from now on; rank 0 writes bad_images.txt."""
+        quarantines = self.quarantines()
+        for states in all_gather_object({s: q.state() for s, q in quarantines.items()}):
+            for split, state in states.items():
+                quarantines[split].merge(state)
+        if self.dist.is_main and any(len(q) for q in quarantines.values()):
+            lines = [line for q in quarantines.values() for line in q.listing()]
+            ckpt.write_text_atomic(self.out / BAD_IMAGES, "\n".join(lines) + "\n")
+        return {split: q.state() for split, q in quarantines.items()}
+
     def client_state(self) -> dict:
         return {**self.state.as_dict(), "rng": gather_rng_states(),
+                "quarantine": self.share_quarantines(),
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "config": to_dict(self.cfg), "num_classes": self.num_classes,
                 "classes": self.classes, "class_names": self.class_names}
@@ -301,6 +320,8 @@ class Trainer:
             setattr(self.state, key, client[key])
         if self.ema is not None and client.get("ema") is not None:
             self.ema.module.load_state_dict(client["ema"])
+        for split, q in self.quarantines().items():
+            q.merge((client.get("quarantine") or {}).get(split, {}))
         rngs = client.get("rng") or []
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
@@ -481,6 +502,12 @@ class Trainer:
         forward = self.engine.eval_forward
         result = evaluate(self.model, self.ticking(self.val_loader, "evaluation"),
                           self.dist.device, forward)
+        bad = self.share_quarantines().get("val")
+        if bad:
+            result["val_skipped"] = len(bad)
+            if self.dist.is_main:
+                log.warning("evaluated over %d images: %d bad validation image(s) left out (%s)",
+                            result["val_samples"], len(bad), BAD_IMAGES)
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.ticking(self.val_loader, "evaluation"),
                            self.dist.device, forward)

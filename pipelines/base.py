@@ -7,6 +7,7 @@ A backend is one function registered with ``@register_backend("name")`` that tak
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
@@ -31,6 +32,8 @@ class DataConfig:
     resize_with: str = "auto"      # dali: auto (DALI's resize on the GPU, torch's uint8 kernel on the CPU) | dali | torch
     channels_last: bool = False    # NHWC memory format for the produced images
     file_list: str | None = None   # clean list from `python -m pipelines verify`; "{split}" -> train/val
+    on_bad_image: str = "skip"     # skip (quarantine, substitute, go on; pipelines/quarantine.py) | stop
+    max_bad_images: int | None = None  # skip: more bad images in a split stop the run (None: 0.1% of it, at least 1)
     read_ahead: int = 64           # files read ahead per process (threads): hides a parallel file system's per-open latency; memory: this many encoded files
     listing_cache: str = "auto"    # folder listings cached and checked by directory mtimes: auto (~/.cache/wrn_large/listings) | off | a folder
     synthetic_samples: int = 12800  # backend=synthetic: train samples per epoch (val: a tenth)
@@ -47,6 +50,12 @@ class LoaderSpec:
     world_size: int = 1
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # where the run pins its folder listings (RUN_DIR/listings): a resumed run reads the data
+    # set its first start listed (pipelines.folder.load_samples); None: list the folder
+    listings: Path | None = None
+
+    def pinned_listing(self) -> Path | None:
+        return self.listings / f"{self.split}.json" if self.listings is not None else None
 
 
 @runtime_checkable

@@ -51,7 +51,8 @@ from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 from . import torch_resize
 from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
 from .folder import Samples, load_samples
-from .read_ahead import ReadAhead
+from .quarantine import Quarantine, TooManyBadImages, quarantine_for, raise_if_folder_gone
+from .read_ahead import ReadAhead, read_or_error
 from .sample_rng import sample_uniforms
 from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 
@@ -170,6 +171,25 @@ def jpeg_is_truncated(data: bytes) -> bool:
     return True
 
 
+def problem(data, samples, index: int) -> str | None:
+    """Why sample ``index``'s bytes (or failed read) cannot be fed: None when they can. A
+    missing class folder is not a bad image: it raises, naming the folder."""
+    if isinstance(data, OSError):
+        raise_if_folder_gone(samples, index, data)
+        return f"cannot read: {data.strerror or data}"
+    if jpeg_is_truncated(data):
+        return "truncated: the JPEG ends before its end-of-image marker"
+    if jpeg_size(data) is None:
+        import io
+        from PIL import Image
+        try:
+            with Image.open(io.BytesIO(data)):
+                pass
+        except Exception as e:  # noqa: BLE001 - what PIL cannot open, DALI cannot decode
+            return f"not an image ({type(e).__name__})"
+    return None
+
+
 def image_size(data: np.ndarray, index: int, describe) -> tuple[int, int]:
     """(height, width) of sample ``index``; ``describe(index)`` names it if it is no image."""
     size = jpeg_size(data)
@@ -216,33 +236,73 @@ VERIFY_HINT = ("Run `python -m pipelines verify DATA_DIR` to list every bad file
 class EpochSource:
     """An iterable for ``fn.external_source``: one epoch of batches in our order, the files read
     ahead by ``read_ahead``. Remembers the samples of the batches DALI has taken but not yet
-    returned, to name a file that fails."""
+    returned, to name a file that fails.
+
+    A sample that cannot be read, or is no image or a truncated JPEG, stops the run with its
+    name; with a ``quarantine`` (``data.on_bad_image=skip``) it is quarantined and replaced by
+    its substitute (training) or dropped (``drop_bad``: evaluation)."""
 
     def __init__(self, samples: Samples, order: list[int], batch_size: int, augment=None,
-                 read_ahead: ReadAhead | None = None):
+                 read_ahead: ReadAhead | None = None, quarantine: Quarantine | None = None,
+                 seed: int = 0, epoch: int = 0, drop_bad: bool = False):
         self.samples, self.order, self.batch_size, self.augment = samples, order, batch_size, augment
-        self.read_ahead = read_ahead or ReadAhead(samples.read, 1)
+        self.read_one = read_or_error(samples.read)
+        self.read_ahead = read_ahead or ReadAhead(self.read_one, 1)   # of read_or_error
+        self.quarantine, self.seed, self.epoch, self.drop_bad = quarantine, seed, epoch, drop_bad
         self.in_flight: deque[list[int]] = deque()
 
+    def wanted(self, slot: int) -> int:
+        if self.quarantine is None or self.drop_bad:
+            return slot
+        return self.quarantine.substitute(slot, self.seed, self.epoch)
+
     def __iter__(self):
-        labels, bs = self.samples.labels, self.batch_size
-        files = self.read_ahead(self.order)
+        bs = self.batch_size
+        wanted = [self.wanted(i) for i in self.order]   # as the quarantine is now
+        files = self.read_ahead(wanted)
         for start in range(0, len(self.order), bs):
-            indices = self.order[start:start + bs]
-            self.in_flight.append(indices)
-            data = [np.frombuffer(self.complete(b, i), dtype=np.uint8)
-                    for i, b in zip(indices, itertools.islice(files, len(indices)))]
-            batch = [data, np.array([labels[i] for i in indices], dtype=np.int64)]
+            slots = self.order[start:start + bs]
+            picked, data = [], []
+            for k, slot in enumerate(slots, start):
+                index, buf = self.checked(slot, wanted[k], next(files))
+                if buf is not None:
+                    picked.append(index)
+                    data.append(np.frombuffer(buf, dtype=np.uint8))
+            self.in_flight.append(picked)
+            batch = [data, np.array([self.samples.labels[i] for i in picked], dtype=np.int64)]
             if self.augment is not None:
-                batch += self.augment(indices, data, self.samples.describe)
+                batch += self.augment(picked, data, self.samples.describe)
             yield tuple(batch)
 
-    def complete(self, data: bytes, index: int) -> bytes:
-        """``data``, unless it is a truncated JPEG: named here, whichever decoder would read it."""
-        if jpeg_is_truncated(data):
-            raise CorruptImageError(f"{self.samples.describe(index)} (truncated: the JPEG ends "
-                                    f"before its end-of-image marker). {VERIFY_HINT}")
-        return data
+    def checked(self, slot: int, read: int, got) -> tuple[int, bytes | None]:
+        """(sample used for ``slot``, its bytes): ``got``, read ahead for sample ``read``, or
+        read again here when the quarantine has grown since; None for a dropped sample."""
+        index = self.wanted(slot)
+        if index != read:
+            got = self.read_one(index)
+        while True:
+            if self.drop_bad and self.quarantine is not None and index in self.quarantine:
+                return index, None
+            reason = problem(got, self.samples, index)
+            if reason is None:
+                return index, got
+            if self.quarantine is None:
+                raise CorruptImageError(f"{self.samples.describe(index)} ({reason}). {VERIFY_HINT}")
+            self.quarantine.add(index, reason)
+            index = self.wanted(slot)
+            got = self.read_one(index)
+
+    def quarantine_undecodable(self) -> bool:
+        """After DALI failed: quarantine the samples in flight that do not decode; whether any."""
+        from .verify import check_sample
+        found = False
+        for indices in self.in_flight:
+            for i in indices:
+                why = check_sample(self.samples, i)
+                if why is not None:
+                    self.quarantine.add(i, why)
+                    found = True
+        return found
 
     def returned(self) -> None:
         self.in_flight.popleft()
@@ -338,8 +398,10 @@ class DaliLoader(EpochOrder):
 
     def __init__(self, cfg: DataConfig, spec: LoaderSpec):
         self.cfg, self.spec = cfg, spec
-        self.samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache)
-        self.read_ahead = ReadAhead(self.samples.read, cfg.read_ahead)
+        self.samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
+                                    spec.pinned_listing())
+        self.read_ahead = ReadAhead(read_or_error(self.samples.read), cfg.read_ahead)
+        self.quarantine = quarantine_for(cfg, spec.split, self.samples)
         self.dataset_size = len(self.samples)
         self.num_classes = cfg.num_classes or len(self.samples.classes)
         self.classes = self.samples.classes
@@ -374,7 +436,8 @@ class DaliLoader(EpochOrder):
         else:
             augment = (ValGeometry(cfg.val_resize, cfg.image_size) if self.resize_in_pipe
                        else None)
-        return EpochSource(self.samples, order, s.batch_size, augment, self.read_ahead)
+        return EpochSource(self.samples, order, s.batch_size, augment, self.read_ahead,
+                           self.quarantine, s.seed, self.epoch, drop_bad=s.split != "train")
 
     def batch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) as the trainer wants them from one run of the pipeline."""
@@ -396,23 +459,28 @@ class DaliLoader(EpochOrder):
     def __iter__(self):
         bs = self.spec.batch_size
         order = self.remaining_order().tolist()
-        if not order:
-            return
-        source = self.source(order)
-        pipe = self.pipeline(source)
-        pipe.build()
-        try:
-            for _ in range(-(-len(order) // bs)):
-                try:
-                    outputs = pipe.run()
-                except CorruptImageError:
-                    raise                                  # raised by our feed, already named
-                except RuntimeError as e:
-                    raise source.explain(e) from e
-                source.returned()
-                yield self.batch(outputs)
-        finally:
-            del pipe
+        done = 0   # batches yielded: after a decode failure under skip, rebuild from the next
+        while done * bs < len(order):
+            rest = order[done * bs:]
+            source = self.source(rest)
+            pipe = self.pipeline(source)
+            pipe.build()
+            try:
+                for _ in range(-(-len(rest) // bs)):
+                    try:
+                        outputs = pipe.run()
+                    except (CorruptImageError, TooManyBadImages):
+                        raise                              # raised by our feed, already named
+                    except RuntimeError as e:
+                        # DALI cannot skip a sample (NVIDIA/DALI#1727): its pipeline is dead
+                        if self.quarantine is None or not source.quarantine_undecodable():
+                            raise source.explain(e) from e
+                        break
+                    source.returned()
+                    done += 1
+                    yield self.batch(outputs)
+            finally:
+                del pipe
 
 
 def resize_in_dali(resize_with: str, cuda: bool) -> bool:

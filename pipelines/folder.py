@@ -171,8 +171,13 @@ def read_file_list(path: str | os.PathLike, folder: Path, classes: list[str]) ->
 
 
 def load_samples(root: str | os.PathLike, split: str, file_list: str | None = None,
-                 listing_cache: str = "auto") -> Samples:
-    """A split's samples: a pack (``python -m pipelines pack``), a file list, or the folder."""
+                 listing_cache: str = "auto", pinned: Path | None = None) -> Samples:
+    """A split's samples: a pack (``python -m pipelines pack``), a file list, or the folder.
+
+    ``pinned``: where a run keeps the folder listing its first start used (the trainer's
+    ``RUN_DIR/listings/<split>.json``): a resumed run reads the same samples in the same order
+    even where files were deleted or added since (a deleted one is then a bad image), so the
+    epoch's permutation, and the run, replay exactly."""
     from .pack import is_pack, load_pack
     if is_pack(root):
         if file_list:
@@ -183,4 +188,15 @@ def load_samples(root: str | os.PathLike, split: str, file_list: str | None = No
     if file_list:
         listed = Path(str(file_list).replace("{split}", split))
         return read_file_list(listed, folder, class_folders(folder))
-    return listed_folder(folder, listing_cache)
+    if pinned is not None and pinned.is_file():
+        listing = json.loads(pinned.read_text())
+        if listing.get("folder") == str(folder.absolute()):
+            return Samples(folder.absolute(), listing["files"], listing["labels"],
+                           listing["classes"])
+        log.warning("%s lists %s, not %s: listing the folder anew", pinned, listing.get("folder"),
+                    folder.absolute())
+    samples = listed_folder(folder, listing_cache)
+    if pinned is not None:
+        pinned.parent.mkdir(parents=True, exist_ok=True)
+        write_listing(pinned, samples.root, samples, {})
+    return samples

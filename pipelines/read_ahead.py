@@ -17,6 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 
+def read_or_error(read: Callable[[int], bytes]) -> Callable[[int], "bytes | OSError"]:
+    """``read``, returning a failed read's OSError instead of raising it (a missing file is one
+    bad sample, not the end of the stream)."""
+    def read_one(index: int):
+        try:
+            return read(index)
+        except OSError as e:
+            return e
+    return read_one
+
+
 class ReadAhead:
     """``read_ahead(indices)`` yields ``read(i)`` for each index in order, reading up to
     ``depth`` ahead. A failed read raises where its sample is due, so the error names it."""

@@ -12,12 +12,13 @@ import itertools
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 from torchvision.transforms import v2
 
 from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
 from .folder import Samples, load_samples
-from .read_ahead import ReadAhead
+from .quarantine import Quarantine, quarantine_for, raise_if_folder_gone
+from .read_ahead import ReadAhead, read_or_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,15 +48,8 @@ class BatchReads:
     returned as its exception, to be raised where that sample is decoded."""
 
     def __init__(self, read, depth: int):
-        self.read = read
-        self.reader = ReadAhead(self.read_or_error, depth)
+        self.reader = ReadAhead(read_or_error(read), depth)
         self.order: list[int] | None = None
-
-    def read_or_error(self, index: int):
-        try:
-            return self.read(index)
-        except OSError as e:
-            return e
 
     def schedule(self, order: list[int], batch_size: int) -> None:
         self.order, self.batch_size = order, batch_size
@@ -84,11 +78,19 @@ class BatchReads:
 class ImageFiles(Dataset):
     """A folder's or a pack's images by index. Batches (``__getitems__``, what the DataLoader
     asks of each worker) come through ``BatchReads``: with ``read_ahead`` reads in flight, a
-    slow file system's latency hides behind the decoding of the batch before."""
+    slow file system's latency hides behind the decoding of the batch before.
 
-    def __init__(self, samples: Samples, transform, seed: int, read_ahead: int = 1):
+    A file that cannot be read or decoded stops the run with its name, or with a
+    ``quarantine`` (``data.on_bad_image=skip``) is quarantined and replaced by its substitute
+    (training) or dropped (``drop_bad``: evaluation); a batch carries what its worker found to
+    the loader (``collate``), whose quarantine is the one checkpoints keep."""
+
+    def __init__(self, samples: Samples, transform, seed: int, read_ahead: int = 1,
+                 quarantine: Quarantine | None = None, drop_bad: bool = False):
         self.samples, self.transform, self.seed = samples, transform, seed
         self.reads = BatchReads(samples.read, read_ahead)
+        self.read_one = read_or_error(samples.read)
+        self.quarantine, self.drop_bad = quarantine, drop_bad
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -98,25 +100,67 @@ class ImageFiles(Dataset):
         self.reads.schedule(order, batch_size)
 
     def __getitem__(self, index: int):
-        return self.decode(index, self.samples.read(index))
+        return self.sample(index, self.read_one(index), [])
 
     def __getitems__(self, indices: list[int]):
-        return [self.decode(i, data) for i, data in zip(indices, self.reads(indices))]
+        found: list[tuple[int, str]] = []
+        samples = [self.sample(i, data, found) for i, data in zip(indices, self.reads(indices))]
+        return [s for s in samples if s is not None] + [Found(found)]
 
-    def decode(self, index: int, data):
+    def sample(self, slot: int, data, found: list):
+        """(image, label) for ``slot``: its sample, or its substitute; None if dropped."""
+        index = slot
+        while True:
+            if self.quarantine is not None and index in self.quarantine:
+                if self.drop_bad:
+                    return None
+                index, data = self.quarantine.substitute(slot, self.seed, self.epoch), None
+            if data is None:
+                data = self.read_one(index)
+            try:
+                image = self.decode(index, data)
+            except CorruptImageError as e:
+                if self.quarantine is None:
+                    raise
+                cause = e.__cause__
+                reason = (f"cannot read: {cause.strerror or cause}" if isinstance(cause, OSError)
+                          and data is cause else f"cannot decode ({type(cause).__name__}: {cause})")
+                self.quarantine.add(index, reason)
+                found.append((index, reason))
+                continue
+            with torch.random.fork_rng(devices=[]):  # per-sample RNG, global stream untouched
+                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                return self.transform(image), self.samples.labels[index]
+
+    def decode(self, index: int, data) -> Image.Image:
+        if isinstance(data, Exception):
+            raise_if_folder_gone(self.samples, index, data)
         try:
             if isinstance(data, Exception):
                 raise data
             with Image.open(io.BytesIO(data)) as f:
-                image = f.convert("RGB")
+                return f.convert("RGB")
         except Exception as e:
             raise CorruptImageError(
                 f"cannot decode {self.samples.describe(index)}: {type(e).__name__}: {e}. Run "
                 f"`python -m pipelines verify {self.samples.root.parent}` and train with the "
                 f"clean list it writes (data.file_list=...)") from e
-        with torch.random.fork_rng(devices=[]):  # per-sample RNG, global stream untouched
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.transform(image), self.samples.labels[index]
+
+    @staticmethod
+    def collate(batch: list):
+        """(images, labels, what the worker found bad); None for a batch of dropped samples."""
+        *samples, found = batch
+        if not samples:
+            return None if not found.items else (None, None, found.items)
+        images, labels = default_collate(samples)
+        return images, labels, found.items
+
+
+class Found:
+    """The bad samples a worker met in one batch, carried to the loader beside the batch."""
+
+    def __init__(self, items: list):
+        self.items = items
 
 
 class IndexedLoader(EpochOrder):
@@ -137,9 +181,18 @@ class IndexedLoader(EpochOrder):
             self.dataset.schedule(order, self.spec.batch_size)
         loader = DataLoader(self.dataset, batch_size=self.spec.batch_size, sampler=order,
                             num_workers=self.workers, pin_memory=self.spec.device.type == "cuda",
-                            generator=torch.Generator(), persistent_workers=False)
+                            generator=torch.Generator(), persistent_workers=False,
+                            collate_fn=getattr(self.dataset, "collate", None))
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels in loader:
+        quarantine = getattr(self.dataset, "quarantine", None)
+        for batch in loader:
+            if batch is None:
+                continue
+            images, labels, *found = batch
+            for index, reason in (found[0] if found else []):
+                quarantine.add(index, reason)       # a worker's find, kept by the loader
+            if images is None:
+                continue
             images = images.to(self.spec.device, non_blocking=True, memory_format=memory_format)
             yield images, labels.to(self.spec.device, non_blocking=True)
 
@@ -149,9 +202,12 @@ def torch_loader(cfg: DataConfig, spec: LoaderSpec) -> IndexedLoader:
     if cfg.dataset != "imagenet":
         from .small_datasets import small_dataset_loader
         return small_dataset_loader(cfg, spec)
-    samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache)
-    dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed, cfg.read_ahead)
+    samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
+                                    spec.pinned_listing())
+    quarantine = quarantine_for(cfg, spec.split, samples)
+    dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed, cfg.read_ahead,
+                         quarantine, drop_bad=spec.split != "train")
     loader = IndexedLoader(dataset, spec, cfg.num_classes or len(samples.classes), cfg.workers,
                            cfg.channels_last)
-    loader.classes = samples.classes
+    loader.classes, loader.quarantine = samples.classes, quarantine
     return loader

@@ -170,7 +170,8 @@ def write_file_list(path: Path, good: list[tuple[str, int]]) -> None:
 
 
 def verify(root: str, out: str | None = None, workers: int | None = None,
-           splits: tuple[str, ...] = ("train", "val"), progress: bool = True) -> int:
+           splits: tuple[str, ...] = ("train", "val"), progress: bool = True,
+           exclude: str | None = None) -> int:
     root_path = Path(root)
     pattern = out or str(root_path / "{split}_clean.txt")
     workers = workers or os.cpu_count() or 1
@@ -185,6 +186,10 @@ def verify(root: str, out: str | None = None, workers: int | None = None,
     total_bad = 0
     for split in present:
         good, bad, others = scan_split(root_path, split, workers, progress)
+        if exclude:  # a run's quarantine: left out even where the file reads well now
+            from .quarantine import read_bad_images
+            excluded = read_bad_images(exclude)
+            good = [(rel, label) for rel, label in good if rel not in excluded]
         for rel, why in bad:
             print(f"BAD  {root_path / split / rel}: {why}")
         for rel in others:
@@ -206,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="clean list path; {split} becomes train/val "
                                  "(default DATA_DIR/{split}_clean.txt)")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.add_argument("--exclude", help="a run's bad_images.txt: its files are left out of the "
+                                     "clean lists")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    return verify(a.data_dir, a.out, a.workers, progress=not a.no_progress)
+    return verify(a.data_dir, a.out, a.workers, progress=not a.no_progress, exclude=a.exclude)

@@ -371,7 +371,8 @@ def test_a_truncated_jpeg_is_named_before_any_decoder_sees_it(tmp_path):
     root = write_jpeg_folder(tmp_path / "data", per_class=2, splits=("train",))
     path = root / "train" / "a_cls" / "a_cls_001.JPEG"
     path.write_bytes(path.read_bytes()[:-300])
-    loader = build_loader(cfg_for(root, "dali", image_size=32), LoaderSpec("train", batch_size=2))
+    loader = build_loader(cfg_for(root, "dali", image_size=32, on_bad_image="stop"),
+                          LoaderSpec("train", batch_size=2))
     from pipelines.torch_backend import CorruptImageError
     with pytest.raises(CorruptImageError, match=r"a_cls_001.JPEG \(truncated: the JPEG ends"):
         list(loader)

@@ -67,7 +67,7 @@ def test_corrupt_file_at_run_time_names_it_and_says_what_to_run(tmp_path, backen
     # truncated mid-scan (an interrupted copy): the header parses, the decoder fails
     (root / "train" / "b_cls" / "b_cls_001.JPEG").write_bytes(good[: len(good) // 2])
     cfg = DataConfig(root=str(root), backend=backend, workers=0 if backend == "torch" else 1,
-                     image_size=32, val_resize=36)
+                     image_size=32, val_resize=36, on_bad_image="stop")
     loader = build_loader(cfg, LoaderSpec("train", batch_size=4, device=torch_device(device)))
     with pytest.raises(Exception) as info:
         list(loader)
@@ -96,7 +96,7 @@ def test_dali_decoder_failure_is_explained(tmp_path, damage, reason, device):
     root = write_jpeg_folder(tmp_path / "data", per_class=4, splits=("val",))
     damage(root / "val" / "c_cls" / "c_cls_002.JPEG")
     loader = build_loader(DataConfig(root=str(root), backend="dali", workers=1, image_size=32,
-                                     val_resize=36),
+                                     val_resize=36, on_bad_image="stop"),
                           LoaderSpec("val", batch_size=3, device=torch_device(device)))
     with pytest.raises(CorruptImageError, match=rf"c_cls_002.JPEG \({reason}"):
         list(loader)
