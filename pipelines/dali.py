@@ -31,8 +31,11 @@ Output float CHW, or channels_last NCHW when ``data.channels_last``. The last va
 be short: ``external_source`` takes variable batch sizes, so every image is evaluated exactly
 once.
 
-A file DALI cannot decode stops the run with an error that names it and tells the user to run
-``python -m pipelines verify``; files listed by ``data.file_list`` (its output) are all clean.
+A file that cannot be read or decoded is quarantined and replaced (``data.on_bad_image=skip``,
+``pipelines/quarantine.py``; DALI's pipeline, dead after a decoding error, is rebuilt at the
+failing batch) or stops the run with an error that names it and tells the user to run
+``python -m pipelines verify`` (``stop``); files listed by ``data.file_list`` (its output) are
+all clean.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ DataLoader, the loader most users know. Deterministic by construction: the order
 ``train_shard_indices`` and each sample's random crop/flip from a generator seeded by
 (seed, epoch, sample index), so a resumed epoch replays exactly and the global RNG is untouched.
 
-A file that cannot be decoded stops the run with an error naming it and the command that
-writes a clean file list (`python -m pipelines verify`)."""
+A file that cannot be read or decoded is quarantined and replaced (``data.on_bad_image=skip``)
+or stops the run with an error naming it and the command that writes a clean file list
+(`python -m pipelines verify`)."""
 from __future__ import annotations
 
 import io
