@@ -29,22 +29,22 @@ class StepTimes:
         module.register_forward_hook(self._end)
 
     def _start(self, module, args):
-        if not module.training:
-            return
-        if self.cuda:
-            self._events.append(torch.cuda.Event(enable_timing=True))
-            self._events[-1].record()
-        else:
-            self._t0 = time.perf_counter()
+        if module.training:
+            self._mark()
 
     def _end(self, module, args, output):
-        if not module.training:
-            return
+        if module.training:
+            self._forward_s += self._mark()
+
+    def _mark(self) -> float:
+        """A CUDA event (timed later), or on the CPU the seconds since the last mark."""
         if self.cuda:
             self._events.append(torch.cuda.Event(enable_timing=True))
             self._events[-1].record()
-        else:
-            self._forward_s += time.perf_counter() - self._t0
+            return 0.0
+        now, self._t0 = time.perf_counter(), getattr(self, "_t0", 0.0)
+        since, self._t0 = now - self._t0, now
+        return since
 
     @contextmanager
     def waiting_for_data(self):

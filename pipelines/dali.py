@@ -39,7 +39,6 @@ all clean.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections import deque

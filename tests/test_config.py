@@ -1,5 +1,4 @@
 """Configs: every recipe file loads, overrides are typed, mistakes name the key."""
-from pathlib import Path
 
 import pytest
 

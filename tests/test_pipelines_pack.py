@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 
@@ -16,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import DataConfig, LoaderSpec, build_loader, train_shard_indices
+from pipelines import DataConfig, LoaderSpec, build_loader
 from pipelines import folder as folder_module
 from pipelines.folder import load_samples
 from pipelines.pack import INDEX, PackError, load_pack, pack
 from pipelines.read_ahead import ReadAhead
-from pipeline_data import flat_colour_folder, flat_colour_ids, write_jpeg_folder
+from pipeline_data import write_jpeg_folder
 from trainer_utils import REPO, base_overrides, make_folder, run_training, step_losses
 
 pytest.importorskip("pipelines.dali")
@@ -124,26 +123,6 @@ def test_loaders_give_the_folders_batches_from_its_pack(source, packed, backend)
         assert len(batches[0]) == len(batches[1]) > 1
         for (a, la), (b, lb) in zip(*batches):
             assert torch.equal(a, b) and torch.equal(la, lb)
-
-
-def test_two_ranks_partition_a_packed_epoch_and_replay_it(tmp_path):
-    root = flat_colour_folder(tmp_path / "flat", 40)
-    shutil.copytree(root / "train", root / "val")
-    pack(str(root), str(tmp_path / "pk"), shard_mb=1, progress=False)
-    cfg = DataConfig(root=str(tmp_path / "pk"), backend="dali", workers=1, image_size=32,
-                     min_crop_area=0.25)
-    loaders = [build_loader(cfg, LoaderSpec("train", batch_size=5, rank=r, world_size=2, seed=11))
-               for r in range(2)]
-    for epoch in (0, 1):
-        seen = []
-        for rank, loader in enumerate(loaders):
-            loader.set_epoch(epoch)
-            ids = [i for images, _ in loader for i in flat_colour_ids(images)]
-            assert ids == train_shard_indices(40, 5, rank, 2, 11, epoch).tolist()
-            seen += ids
-            loader.set_epoch(epoch, 2)
-            assert [i for images, _ in loader for i in flat_colour_ids(images)] == ids[10:]
-        assert sorted(seen) == list(range(40))
 
 
 def test_pack_resumes_after_the_last_complete_shard(source, packed, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from PIL import Image
 
 from pipelines import DataConfig, LoaderSpec, build_loader, train_shard_indices
 from pipelines.default_data import CLASSES, ensure_default_dataset, generate
+from pipelines.pack import pack
 from pipelines.torch_backend import CorruptImageError
 from devices import cuda_case, torch_device
 from pipeline_data import flat_colour_folder, flat_colour_ids, write_jpeg_folder
@@ -164,11 +166,17 @@ json.dump(seen, open(out, "w"))
 """
 
 
+@pytest.mark.parametrize("layout", ["folder", "pack"])
 @pytest.mark.parametrize("device", ["cpu", cuda_case(id="cuda")])
-def test_two_simulated_ranks_partition_an_epoch_and_replay_it_mid_way(tmp_path, device):
+def test_two_simulated_ranks_partition_an_epoch_and_replay_it_mid_way(tmp_path, device, layout):
     """Rank 0 and rank 1 of one job, in one process: each image once per epoch, in the order
-    train_shard_indices gives; set_epoch(e, k) starts at the k-th batch of the same order."""
+    train_shard_indices gives; set_epoch(e, k) starts at the k-th batch of the same order. The
+    same from the folder's pack (python -m pipelines pack)."""
     root = flat_colour_folder(tmp_path / "flat", 40)
+    if layout == "pack":
+        shutil.copytree(root / "train", root / "val")
+        pack(str(root), str(tmp_path / "pack"), shard_mb=1, progress=False)
+        root = tmp_path / "pack"
     cfg = DataConfig(root=str(root), backend="dali", workers=1, image_size=32, min_crop_area=0.25)
     loaders = [build_loader(cfg, LoaderSpec("train", batch_size=5, rank=r, world_size=2, seed=11,
                                             device=torch_device(device))) for r in range(2)]
