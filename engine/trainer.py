@@ -193,7 +193,7 @@ class Trainer:
         setup_logging(self.dist, self.out)
         self.watchdog = Watchdog(cfg.train.hang_timeout_s, self.dist.rank, self.dist.world_size,
                                  self.out, rank_store(self.dist.rank, self.dist.world_size)
-                                 if cfg.train.hang_timeout_s > 0 else None).start()
+                                 if cfg.train.hang_timeout_s > 0 else None)
         self.hosts = all_gather_object(socket.gethostname())
         resolve_auto(cfg, self.dist)
         d, t = self.dist, cfg.train
@@ -334,11 +334,15 @@ class Trainer:
     # ----------------------------------------------------------------------- loop
     def fit(self) -> dict:
         seed_process(self.cfg.train.seed, self.dist.rank)
-        self.watchdog.progress(phase="checkpoint")
-        self.resume()
-        self.watchdog.progress(phase="start")
+        # started here, stopped in the finally below: no watchdog outlives the run (a Trainer
+        # that failed to build, in a process that goes on, must not exit it 15 minutes later)
+        self.watchdog.start()
         t0, status = time.time(), "finished"
         try:
+            self.watchdog.progress(phase="checkpoint")
+            self.resume()
+            self.watchdog.progress(phase="start")
+            t0 = time.time()
             while self.state.epoch < self.cfg.train.epochs:
                 status = self.train_epoch()
                 if status != "epoch_done":
