@@ -240,24 +240,26 @@ def test_a_stopped_rank_is_named_its_stacks_written_and_the_job_restarts(data, r
 @pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2,
                     reason="needs taskset and 2 cores")
 def test_a_rank_throttled_from_outside_is_named_and_only_it(data, tmp_path):
-    """Rank 1 shares core 0 with a busy loop (taskset), rank 0 has core 1 to itself: the log
+    """Rank 1 shares core 0 with two busy loops (taskset), rank 0 has core 1 to itself: the log
     names rank 1 as a straggler, never rank 0, and metrics.jsonl keeps every rank's figures."""
     out = tmp_path / "straggler"
     proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
                      f"--master_port={free_port()}"],
-                    base_overrides(data, out, **{"train.epochs": 6, "run.log_every_steps": 3,
-                                                 "run.eval_every_epochs": 6}))
+                    base_overrides(data, out, **{"train.epochs": 8, "run.log_every_steps": 3,
+                                                 "run.eval_every_epochs": 8}))
     wait_for_step(out, 1, proc)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     for pid in map(int, workers.stdout.split()):
         subprocess.run(["taskset", "-a", "-p", "-c", "1" if rank_of(pid) == 0 else "0", str(pid)],
                        check=True, capture_output=True)
-    busy = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
+    busy = [subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
+            for _ in range(2)]                  # rank 1 gets a third of core 0
     try:
         log = proc.communicate(timeout=300)[0]
     finally:
-        busy.kill()
-        busy.wait()
+        for loop in busy:
+            loop.kill()
+            loop.wait()
     assert proc.returncode == 0, log[-3000:]
     named = re.findall(r"straggler: rank (\d+) on \S+ is ([\d.]+)x", log)
     assert named and {rank for rank, _ in named} == {"1"}, log[-3000:]
