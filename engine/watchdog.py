@@ -155,7 +155,9 @@ class Watchdog:
         return out
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        first = True   # publish at once: a rank stopped in its first seconds is named too
+        while first or not self._stop.wait(self.interval):
+            first = False
             try:
                 records = self.records()
             except Exception as e:  # noqa: BLE001 - the store gone: the job is ending anyway

@@ -266,3 +266,59 @@ def test_a_rank_throttled_from_outside_is_named_and_only_it(data, tmp_path):
     records = [m for m in read_metrics(out) if m["type"] == "train"]
     assert all(len(m["rank_forward_s"]) == len(m["rank_data_wait_s"]) == 2 for m in records)
     assert all(0 <= m["data_wait"] <= 1 for m in records)
+
+
+def stop_rank(proc, rank: int) -> int:
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    victim = next(int(p) for p in workers.stdout.split() if rank_of(int(p)) == rank)
+    os.kill(victim, signal.SIGSTOP)
+    return victim
+
+
+def hang_line(log: str) -> str:
+    return next(line for line in log.splitlines() if "HANG: no rank made progress" in line)
+
+
+def test_a_rank_stopped_during_evaluation_is_found(tmp_path):
+    """Rank 1 stopped while both evaluate (1,800 validation images): rank 0's table shows it
+    waiting in evaluation, rank 1 named; the restarted job finishes."""
+    data = make_folder(tmp_path / "data", val_per_class=600)
+    out = tmp_path / "run"
+    proc = torchrun(["--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=eval-hang"],
+                    base_overrides(data, out, **{"train.epochs": 2, "train.hang_timeout_s": 10}))
+    wait_for_step(out, 6, proc)                 # epoch 1's last step: its evaluation follows
+    stop_rank(proc, 1)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-4000:]
+    line = hang_line(log)
+    assert "Stuck: rank 1 (" in line, log[-6000:]
+    table = log[log.index(line):].splitlines()[1:3]
+    assert "evaluation" in table[1] and table[1].split()[0] == "0", table
+    assert len(epochs(out)) == 2 and epochs(out)[-1]["val_samples"] == 1800
+
+
+def test_a_rank_stopped_while_writing_a_checkpoint_leaves_none_half_written(tmp_path):
+    """Rank 0 stopped while it writes a WRN-50-2 checkpoint (~0.8 GB, seconds): rank 1, waiting
+    for it, names it; the restarted job resumes from a complete checkpoint (or from scratch),
+    and every checkpoint left verifies against its checksum."""
+    from engine import checkpoint as ckpt
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    proc = torchrun(["--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=ckpt-hang"],
+                    base_overrides(data, out, **{
+                        "model.name": "wrn50_2_bottleneck", "model.kwargs": "{}",
+                        "train.epochs": 1, "run.checkpoint_every_steps": 2,
+                        "train.hang_timeout_s": 10}))
+    folder, deadline = out / "checkpoints", time.time() + 240
+    while not (folder.is_dir() and list(folder.glob(".step_*.tmp*"))):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.005)
+    stop_rank(proc, 0)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-4000:]
+    assert "Stuck: rank 0 (" in hang_line(log) and "killed rank 0" in log
+    saved = ckpt.list_checkpoints(out)
+    assert saved and all(ckpt.verify(p) is None for p in saved)
+    assert max(step_losses(out)) == 6          # the one epoch, completed after the restart

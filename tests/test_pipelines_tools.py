@@ -172,11 +172,7 @@ def test_two_simulated_ranks_partition_an_epoch_and_replay_it_mid_way(tmp_path, 
     """Rank 0 and rank 1 of one job, in one process: each image once per epoch, in the order
     train_shard_indices gives; set_epoch(e, k) starts at the k-th batch of the same order. The
     same from the folder's pack (python -m pipelines pack)."""
-    root = flat_colour_folder(tmp_path / "flat", 40)
-    if layout == "pack":
-        shutil.copytree(root / "train", root / "val")
-        pack(str(root), str(tmp_path / "pack"), shard_mb=1, progress=False)
-        root = tmp_path / "pack"
+    root = flat_colour_layout(tmp_path, layout)
     cfg = DataConfig(root=str(root), backend="dali", workers=1, image_size=32, min_crop_area=0.25)
     loaders = [build_loader(cfg, LoaderSpec("train", batch_size=5, rank=r, world_size=2, seed=11,
                                             device=torch_device(device))) for r in range(2)]
@@ -192,9 +188,20 @@ def test_two_simulated_ranks_partition_an_epoch_and_replay_it_mid_way(tmp_path, 
         assert sorted(seen) == list(range(40))
 
 
-@pytest.mark.slow
-def test_two_processes_partition_every_epoch(tmp_path):
+def flat_colour_layout(tmp_path, layout: str):
+    """40 flat-colour JPEGs (``flat_colour_ids``) as a folder, or as that folder's pack."""
     root = flat_colour_folder(tmp_path / "flat", 40)
+    if layout == "folder":
+        return root
+    shutil.copytree(root / "train", root / "val")
+    pack(str(root), str(tmp_path / "pack"), shard_mb=1, progress=False)
+    return tmp_path / "pack"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["folder", "pack"])
+def test_two_processes_partition_every_epoch(tmp_path, layout):
+    root = flat_colour_layout(tmp_path, layout)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(root), str(r),
                                str(tmp_path / f"rank{r}.json")], cwd=REPO,
                               env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
