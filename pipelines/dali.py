@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import deque
 
 import numpy as np
@@ -59,6 +60,26 @@ from .sample_rng import sample_uniforms
 from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 
 log = logging.getLogger(__name__)
+
+
+_INHERITED: list = []   # a forked child's copies of its parent's pipelines, never destroyed
+
+
+def _forget_pipelines_in_a_forked_child() -> None:
+    """A process forked from one with DALI pipelines (a DataLoader worker, a verify pool) has
+    none of their threads: destroying a parent pipeline there (its ``__del__`` when garbage
+    collected, or its C++ object's destructor) would wait for them forever. The child keeps
+    the C++ objects alive and detaches them from their Python pipelines (DALI keeps weak
+    references to all); fork children end with os._exit, which runs no destructor."""
+    from nvidia.dali.pipeline import Pipeline
+    for ref in list(Pipeline._pipes):
+        pipe = ref()
+        if pipe is not None and pipe._pipe is not None:
+            _INHERITED.append(pipe._pipe)
+            pipe._pipe = None
+
+
+os.register_at_fork(after_in_child=_forget_pipelines_in_a_forked_child)
 ATTEMPTS = 10  # RandomResizedCrop tries before falling back to a centre crop (as torchvision)
 RATIO = (3 / 4, 4 / 3)
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

@@ -376,3 +376,31 @@ def test_a_truncated_jpeg_is_named_before_any_decoder_sees_it(tmp_path):
     from pipelines.torch_backend import CorruptImageError
     with pytest.raises(CorruptImageError, match=r"a_cls_001.JPEG \(truncated: the JPEG ends"):
         list(loader)
+
+
+FORKED_CHILD = """
+import gc, os, sys
+from pipelines import DataConfig, LoaderSpec, build_loader
+loader = build_loader(DataConfig(root=sys.argv[1], backend="dali", workers=1, image_size=32),
+                      LoaderSpec("train", batch_size=4))
+batches = iter(loader)
+next(batches)                       # a live pipeline, held by a suspended generator
+pid = os.fork()                     # what a torch DataLoader worker or a verify pool does
+if pid == 0:
+    del batches
+    gc.collect()                    # the parent's pipeline is collected in the child
+    os._exit(0)
+print("child", os.waitpid(pid, 0)[1])
+"""
+
+
+def test_a_forked_child_lets_go_of_its_parents_pipelines(folder):
+    """A DALI pipeline garbage-collected in a forked child (a DataLoader worker started after a
+    DALI loader ran in the same process) waited forever for threads the child does not have."""
+    import subprocess
+    import sys
+    from trainer_utils import REPO
+    proc = subprocess.run([sys.executable, "-c", FORKED_CHILD, str(folder)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "child 0" in proc.stdout, proc.stderr[-2000:]
