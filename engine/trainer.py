@@ -488,6 +488,7 @@ class Trainer:
                               cfg.schedule)}
         last = st.epoch + 1 == cfg.train.epochs
         if last or (st.epoch + 1) % cfg.run.eval_every_epochs == 0:
+            self.watchdog.progress(phase="evaluation")   # its BatchNorm sync included
             self.sync_buffers()
             record.update(self.run_eval())
         st.history.append(record)
