@@ -235,7 +235,7 @@ def latency_main(root: Path, a) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from latency_fs import fuse_unavailable, mounted
     from pipelines.pack import is_pack, pack
-    why = fuse_unavailable()
+    why = fuse_unavailable(a.fuse_engine)
     if why:
         print(f"latency mode needs FUSE: {why}", file=sys.stderr)
         return 1
@@ -252,7 +252,7 @@ def latency_main(root: Path, a) -> int:
             for fs, seconds in (("0 ms", 0.0), (slow, a.latency_ms / 1000)):
                 where[layout, fs] = stack.enter_context(mounted(
                     source, tmp / f"{layout}-{seconds}", seconds, kernel_cache=True,
-                    cache_seconds=3600))
+                    cache_seconds=3600, engine=a.fuse_engine))
         cases = [(loader, layout, fs) for loader in ("dali-cpu", "torch-pil")
                  for layout in ("folder", "pack") for fs in filesystems]
         rounds = []
@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(REPO / "data" / "bench_jpegs"))
     p.add_argument("--read-ahead", type=int, default=DataConfig.read_ahead,
                    help="data.read_ahead of the loaders (default %(default)s)")
+    p.add_argument("--fuse-engine", choices=("c", "python"), default="c",
+                   help="the latency file system's daemon: tests/latency_fs.c (microseconds of CPU "
+                        "per call, the default) or the fusepy one of the tests")
     p.add_argument("--latency-ms", type=float,
                    help="latency mode: folder and pack, local and through FUSE at this latency")
     p.add_argument("--one", help=argparse.SUPPRESS)
