@@ -44,3 +44,26 @@ def test_loaders_over_2ms_per_open_return_the_local_batches(layouts, tmp_path, b
             assert len(local) == len(remote) > 1
             for (a, la), (b, lb) in zip(local, remote):
                 assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_the_c_daemon_serves_the_same_tree_with_its_latency(layouts, tmp_path):
+    """tests/latency_fs.c (the benchmark's mount): the same names and bytes as the folder,
+    read-only, and an open waits the latency."""
+    import os
+    import time
+    why = fuse_unavailable("c")
+    if why:
+        pytest.skip(why)
+    source = layouts["folder"]
+    with mounted(source, tmp_path / "mnt", latency=0.05, ops=("open",), engine="c") as slow:
+        local = sorted(p.relative_to(source) for p in source.rglob("*"))
+        assert sorted(p.relative_to(slow) for p in slow.rglob("*")) == local
+        for rel in local:
+            if (source / rel).is_file():
+                assert (slow / rel).read_bytes() == (source / rel).read_bytes()
+        first = next(p for p in local if (source / p).is_file())
+        t0 = time.perf_counter()
+        (slow / first).open("rb").close()
+        assert time.perf_counter() - t0 >= 0.05
+        with pytest.raises(OSError):
+            os.open(slow / first, os.O_WRONLY)
