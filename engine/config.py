@@ -112,6 +112,21 @@ class RunConfig:
 
 
 @dataclass
+class PaperConfig:
+    """The paper's number for this config, which reproduce.py sets ours beside: test error in %
+    on the config's data.dataset (cifar10, cifar100, svhn) or ImageNet top-1/top-5 error."""
+    table: str | None = None        # e.g. "6"
+    row: str | None = None          # the row's label there, e.g. "WRN-28-10, dropout 0.3"
+    cifar10: float | None = None
+    cifar100: float | None = None
+    svhn: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    runs: int = 1                   # the runs the paper's statistic is over
+    statistic: Literal["median", "mean", "single", "unstated"] = "single"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -120,6 +135,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
+
+
+PAPER_METRICS = ("cifar10", "cifar100", "svhn", "top1", "top5")
 
 
 class ConfigError(ValueError):
@@ -214,6 +233,10 @@ def read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[Path, dict]]:
         raise ConfigError(f"{path}: circular 'base:' chain")
     try:
         values = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a config file: it is binary (a YAML recipe such as "
+                          f"configs/quickstart.yaml is meant; a checkpoint goes to "
+                          f"model.pretrained or run.resume)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(values, dict):
@@ -268,14 +291,28 @@ def config_from_dict(values: dict, where: str) -> Config:
 def validate(cfg: Config) -> None:
     if cfg.train.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
+    paper = cfg.paper
+    for key in PAPER_METRICS:
+        value = getattr(paper, key)
+        if value is not None and not 0 <= value <= 100:
+            raise ConfigError(f"paper.{key}: a test error in %, got {value}")
+    if paper.runs < 1 or (paper.statistic in ("median", "mean")) == (paper.runs == 1):
+        raise ConfigError(f"paper.runs={paper.runs} with paper.statistic={paper.statistic}: "
+                          "'single' (and 'unstated') is one run, 'median'/'mean' are over more")
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, path: str | os.PathLike, provenance: dict | None = None) -> None:
+    """The resolved config; ``provenance`` (engine/provenance.py) heads it as comments."""
+    head = ""
+    if provenance:
+        head = "".join(f"# {key}: {value}\n" for key, value in provenance.items()
+                       if key != "versions")
+        head += "# versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()) + "\n"
+    Path(path).write_text(head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe_keys(obj=None, prefix: str = "") -> list[str]:

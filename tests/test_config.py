@@ -55,6 +55,9 @@ def test_overrides_are_typed():
     ("optim.nesterov=maybe", r"optim.nesterov: expected true/false"),
     ("train.amp=fp8", r"train.amp: 'fp8' is not one of"),
     ("train.epochs", r"not of the form key=value"),
+    ("paper.cifar10=120", r"paper.cifar10: a test error in %, got 120"),
+    ("paper.cifar1O=3.9", r"unknown key 'paper.cifar1O'.*Did you mean cifar10"),
+    ("paper.statistic=median", r"paper.runs=1 with paper.statistic=median"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -72,6 +75,27 @@ def test_bad_file_names_the_file(tmp_path):
     broken.write_text("train: [\n")
     with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
         load_config(broken)
+
+
+def test_table_configs_carry_the_papers_numbers():
+    """Every table's config names its table, row and at least one number of the paper; those
+    over several runs say how many."""
+    tables = [p for p in RECIPES if any(part.startswith("table") for part in p.parts)
+              or p.name.startswith("wrn") and "imagenet" in p.parts or "dropout" in p.name]
+    assert len(tables) > 20
+    for path in tables:
+        paper = load_config(path).paper
+        numbers = [paper.cifar10, paper.cifar100, paper.svhn, paper.top1, paper.top5]
+        assert paper.table and paper.row and any(n is not None for n in numbers), path
+    t6 = load_config("configs/cifar/table6/wrn_28_10_dropout.yaml").paper
+    assert (t6.cifar10, t6.cifar100, t6.runs, t6.statistic) == (3.89, 18.85, 5, "median")
+
+
+def test_a_binary_file_given_as_config_is_named(tmp_path):
+    checkpoint = tmp_path / "step_00000010.pt"
+    checkpoint.write_bytes(b"PK\x03\x04\x00\xff\xfe" * 10)
+    with pytest.raises(ConfigError, match="step_00000010.pt is not a config file: it is binary"):
+        load_config(checkpoint)
 
 
 def test_saved_config_reloads_identically(tmp_path):
