@@ -22,6 +22,7 @@ from pipelines import LoaderSpec, build_loader
 
 from . import checkpoint as ckpt
 from .config import Config, save_config, to_dict
+from .provenance import provenance, write_json
 from .distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier,
                           broadcast_object, cleanup, init_distributed, stop_with_parent,
                           sync_buffers)
@@ -228,8 +229,11 @@ class Trainer:
         self.stop = StopRequested()
         if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive the agent
             stop_with_parent(signal.SIGTERM)
+        self.provenance = provenance(cfg, d.world_size, d.device,
+                                     PRECISION_NAMES[self.engine.amp_dtype])
         if d.is_main:
-            save_config(cfg, self.out / "config.yaml")
+            save_config(cfg, self.out / "config.yaml", self.provenance)
+            write_json(self.out / "provenance.json", self.provenance)
             log.info("model %s: %.2fM parameters, %d classes; %s engine, %d process(es) on %s; "
                      "global batch %d (%d x %d accum x %d procs), lr %.4g; data backend %s; "
                      "precision %s, channels_last %s, torch.compile %s",
@@ -539,6 +543,9 @@ class Trainer:
                     ("outputs", f"{self.out}/ (metrics.jsonl, tensorboard/, training_curves.png, "
                                 "checkpoints/)")]
             print(summary_table(rows), flush=True)
+            if status == "finished":   # reproduce.py's mark of a finished run
+                write_json(self.out / "result.json", {**result, **self.provenance,
+                                                      "final": last})
         return result
 
 

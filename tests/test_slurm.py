@@ -10,7 +10,8 @@ import time
 import pytest
 
 from slurm_cluster import SlurmCluster
-from trainer_utils import REPO, base_overrides, free_port, make_folder
+from trainer_utils import (REPO, base_overrides, free_port, make_folder, sweep_overrides,
+                           write_table_configs)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 _reason = SlurmCluster.skip_reason()
@@ -199,6 +200,36 @@ def test_a_stopped_rank_restarts_the_group_and_the_job_completes(cluster, clone,
     assert state == "COMPLETED", log_of(out, job)
     assert "HANG: no rank made progress" in log and "Stuck: rank 1" in log, log_of(out, job)
     assert "resumed from" in log and steps_done(out) == 48
+
+
+def test_reproduce_as_a_job_array_with_an_element_requeued(cluster, clone, data):
+    """reproduce.py --slurm: 2 configs x 2 seeds as one array; element 0 is requeued mid-run
+    (it checkpoints, and resumes); when the array has ended, the same command writes the whole
+    table."""
+    configs = write_table_configs(clone / "runs" / "table_configs")
+    out = clone / "runs" / "sweep"
+    cmd = [sys.executable, "reproduce.py", *map(str, configs), "--seeds", "2", "--out", str(out),
+           "--slurm", "--sbatch-args=--nodes=1",
+           *sweep_overrides(data, **{"train.epochs": 6, "run.checkpoint_every_steps": 2})]
+    env = {"PYTHON": sys.executable, "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "1"}
+    submitted = cluster.run(cmd, cwd=clone, env=env, timeout=120)
+    array = submitted.stdout.split("submitted job array ")[1].split(":")[0]
+    first = out / "net_a" / "imagenet" / "seed0"       # element 0: the plan's first run
+    element = f"{array}_0"
+    wait_for_step(cluster, element, first, 3)
+    cluster.run(["scontrol", "requeue", element])
+    saved = requeued(cluster, element, first, timeout=200)
+    deadline = time.time() + 900
+    while cluster.run(["squeue", "-h", "-j", array], check=False).stdout.strip():
+        assert time.time() < deadline, cluster.run(["squeue", "-j", array]).stdout
+        time.sleep(1)
+    assert f"resumed from {first}/checkpoints/step_{saved:08d}" in (first / "train.log").read_text()
+    again = cluster.run(cmd, cwd=clone, env=env, timeout=120)
+    assert "4 of 4 runs finished" in again.stdout, again.stdout + again.stderr
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 2
+    md = (out / "results.md").read_text()
+    assert "n=2) | 40.00 |" in md and "n=2) | 30.00 |" in md
 
 
 def environ_of(pid: int) -> dict:

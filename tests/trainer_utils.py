@@ -41,6 +41,30 @@ def base_overrides(data: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# ----------------------------------------------------------------- reproduce.py
+PAPER = {"a": {"top1": 40.0, "top5": 1.5}, "b": {"top1": 30.0, "top5": 0.5}}
+
+
+def write_table_configs(folder: Path) -> list[Path]:
+    """Two networks of a made-up table, each with its paper numbers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, width in (("a", 1), ("b", 2)):
+        path = folder / f"net_{name}.yaml"
+        path.write_text(
+            f"base: {REPO / 'configs' / 'quickstart.yaml'}\n"
+            f"model: {{name: wrn_cifar, kwargs: {{depth: 10, widen_factor: {width}}}}}\n"
+            f"paper: {{table: T1, row: 'WRN-10-{width}', top1: {PAPER[name]['top1']}, "
+            f"top5: {PAPER[name]['top5']}, runs: 3, statistic: median}}\n")
+        paths.append(path)
+    return paths
+
+
+def sweep_overrides(data: Path, **extra) -> list[str]:
+    skip = ("model.name", "model.kwargs", "run.output_dir")
+    return [o for o in base_overrides(data, Path("unused"), **extra) if o.split("=")[0] not in skip]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

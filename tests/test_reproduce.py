@@ -1,0 +1,144 @@
+"""reproduce.py: a tiny table (2 configs x 3 seeds on a learnable JPEG folder), its numbers
+against the runs' own metrics.jsonl, a sweep killed in the middle of a run and finished by the
+same command, and two fresh runs of one seed that agree exactly."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer_utils import (PAPER, REPO, base_overrides, epochs, make_folder, read_metrics,
+                           run_training, sweep_overrides, write_table_configs)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("folder"))
+
+
+def reproduce(args: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"reproduce.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def final_errors(run_dir: Path) -> dict:
+    last = [e for e in epochs(run_dir) if "top1" in e][-1]
+    return {"top1": 100 - last["top1"], "top5": 100 - last["top5"]}
+
+
+def test_tiny_table_equals_the_runs_own_metrics(tmp_path, data):
+    configs = write_table_configs(tmp_path / "configs")
+    out = tmp_path / "sweep"
+    # one epoch: the seeds' errors differ, so median, mean and spread are told apart
+    args = [*map(str, configs), "--seeds", "3", "--out", str(out),
+            *sweep_overrides(data, **{"train.epochs": 1})]
+    reproduce(args)
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * 3 * 2                       # configs x seeds x (top-1, top-5)
+    md = (out / "results.md").read_text()
+    spread = False
+    for name, width in (("a", 1), ("b", 2)):
+        runs = [out / f"net_{name}" / "imagenet" / f"seed{s}" for s in range(3)]
+        truth = [final_errors(r) for r in runs]
+        mine = [r for r in rows if r["network"] == f"WRN-10-{width}"]
+        for metric in ("top1", "top5"):
+            values = [t[metric] for t in truth]
+            spread |= statistics.median(values) != statistics.mean(values)
+            listed = sorted(float(r["test_error"]) for r in mine if r["metric"] == metric)
+            assert listed == pytest.approx(sorted(values), abs=1e-4)
+            med, mean, std = statistics.median(values), statistics.mean(values), statistics.stdev(values)
+            paper = PAPER[name][metric]
+            line = next(l for l in md.splitlines() if l.startswith(f"| WRN-10-{width} "))
+            assert (f"{med:.2f} ({mean:.2f} ± {std:.2f}, {min(values):.2f}-{max(values):.2f}, "
+                    f"n=3) | {paper:.2f} | {med - paper:+.2f}") in line
+        digests = {r["config_digest"] for r in mine}
+        assert len(digests) == 1 and {r["seed"] for r in mine} == {"0", "1", "2"}
+        assert all(r["world_size"] == "1" and r["precision"] == "fp32" and "torch=" in r["versions"]
+                   and r["commit"] for r in mine)
+    assert spread, "the runs agree: this table cannot tell median from mean"
+    assert "## Table T1" in md and "median of 3 runs" in md
+    assert (out / "results.png").stat().st_size > 0
+    assert any(line.startswith("# versions: ") and "torch " in line
+               for line in (runs[0] / "config.yaml").read_text().splitlines())
+
+    # the same command again: nothing runs
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed*/result.json")}
+    again = reproduce(args)
+    assert "starts" not in again.stdout and "resumes" not in again.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed*/result.json")}
+
+    # a run of another commit under one row: refused, or shown apart
+    moved = out / "net_a" / "imagenet" / "seed1" / "result.json"
+    result = json.loads(moved.read_text())
+    moved.write_text(json.dumps({**result, "commit": "0" * 40}))
+    refused = reproduce(args + ["--table"], check=False)
+    assert refused.returncode == 2 and "seed1" in refused.stderr and "differ" in refused.stderr
+    reproduce(args + ["--table", "--split-mixed"])
+    assert "[00000000 " in (out / "results.md").read_text()
+
+    # another config asked of the same run directories: refused, naming the key
+    changed = reproduce(args + ["optim.lr=0.01"], check=False)
+    assert changed.returncode == 2 and "optim.lr" in changed.stderr
+
+
+def test_a_killed_sweep_is_finished_by_the_same_command(tmp_path, data):
+    config = write_table_configs(tmp_path / "configs")[0]
+    out = tmp_path / "sweep"
+    extra = {"train.epochs": 3, "run.checkpoint_every_steps": 2}
+    args = [str(config), "--seeds", "2", "--out", str(out), *sweep_overrides(data, **extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    second = out / "net_a" / "imagenet" / "seed1"
+    deadline = time.time() + 600
+    while not list((second / "checkpoints").glob("step_*.pt")):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)                  # the sweep and its run, at once
+    proc.wait()
+    first = out / "net_a" / "imagenet" / "seed0"
+    assert (first / "result.json").is_file() and not (second / "result.json").exists()
+    stamp = (first / "result.json").stat().st_mtime_ns
+
+    again = reproduce(args)
+    assert f"seed 1 resumes in {second}" in again.stdout and "seed 0" not in again.stdout
+    assert (first / "result.json").stat().st_mtime_ns == stamp
+    assert "resumed from" in (second / "train.log").read_text()
+
+    # the interrupted run ends where an uninterrupted one of the same seed does
+    whole = tmp_path / "whole"
+    reproduce([str(config), "--seeds", "1", "--first-seed", "1", "--out", str(whole),
+               *sweep_overrides(data, **extra)])
+    assert final_errors(second) == final_errors(whole / "net_a" / "imagenet" / "seed1")
+    assert epochs(second)[-1]["train_loss"] == epochs(whole / "net_a" / "imagenet" / "seed1")[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_two_fresh_runs_of_one_seed_are_identical(tmp_path, data, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        run_training(base_overrides(data, out, **{"data.backend": backend, "train.seed": 7,
+                                                 "data.workers": 2}))
+        runs.append([(m["type"], m["step"], m.get("loss"), m.get("top1"), m.get("val_loss"))
+                     for m in read_metrics(out) if m["type"] in ("train", "epoch")])
+    assert len(runs[0]) > 4 and runs[0] == runs[1]
