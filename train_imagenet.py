@@ -62,16 +62,18 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     if args.eval_only:
+        from engine.checkpoint import CheckpointError
         from engine.evaluate import run_evaluation
         try:
             run_evaluation(cfg, per_class=args.per_class)
-        except (FileNotFoundError, ValueError) as e:   # no such checkpoint, wrong model
+        except (FileNotFoundError, NotADirectoryError, ValueError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
     from engine.checkpoint import CheckpointError, ResumeMismatch
     from engine.trainer import RunDirInUse, TrainingDiverged, train
     from pipelines.quarantine import TooManyBadImages
+    from wrn_large.weights import WeightsError
 
     try:
         result = train(cfg)
@@ -87,6 +89,9 @@ def main(argv=None) -> int:
     except TooManyBadImages as e:                   # data.max_bad_images: a broken mount
         print(f"error: {e}", file=sys.stderr)
         return 6
+    except (FileNotFoundError, NotADirectoryError, WeightsError) as e:  # data.root, model.pretrained
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0 if result["status"] in ("finished", "max_steps") else 143  # 143: preempted (SIGTERM)
 
 

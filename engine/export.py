@@ -1,4 +1,4 @@
-"""``python -m wrn_large export CHECKPOINT --format torchscript|onnx|exported``: a checkpoint of
+"""``python -m engine export CHECKPOINT --format torchscript|onnx|exported``: a checkpoint of
 ``train_imagenet.py`` as a file for serving, with its class names and preprocessing inside
 (``meta.json``: TorchScript and torch.export extra files, ONNX metadata), proven before it is
 kept: the exported model's logits on real images, at two batch sizes (the batch dimension is
@@ -21,16 +21,26 @@ SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "exported": ".pt2"}
 
 
 def meta_json(trained: Trained, transform) -> str:
-    """The names and the preprocessing a server must apply; mean/std in 0-255 units, as the
-    run used them (fitted on its training set where its config left them null)."""
+    """The names and the preprocessing a server must apply, every number of it: mean/std in
+    0-255 units as the run used them (ImageNet's constants, or fitted on its training set where
+    its config left them null), the resize, the crop and the interpolation."""
     d = trained.cfg.data
     mean, std = d.mean, d.std
+    if d.dataset == "imagenet":     # pipelines/torch_backend.imagenet_transform, the val split
+        from pipelines.torch_backend import IMAGENET_MEAN, IMAGENET_STD
+        mean, std = [m * 255 for m in IMAGENET_MEAN], [s * 255 for s in IMAGENET_STD]
+        geometry = {"resize": d.val_resize, "resize_to": "shorter side",
+                    "crop": d.image_size, "crop_at": "center",
+                    "interpolation": "bilinear, antialiased"}
+    else:                           # SmallImageTransform: the whole image to image_size
+        geometry = {"resize": [d.image_size, d.image_size], "resize_to": "height and width",
+                    "crop": None, "interpolation": "bilinear, antialiased"}
     if isinstance(transform, SmallImageTransform):
         normalizer = transform.normalizer
         if normalizer.kind == "zca":
             raise ValueError("export writes the preprocessing into the file as mean/std; this "
                              "run's ZCA whitening (a 3072x3072 matrix fitted on its training "
-                             "set) is not: classify with python -m wrn_large predict, which "
+                             "set) is not: classify with python -m engine predict, which "
                              "applies it")
         if normalizer.kind == "meanstd":
             mean, std = normalizer.mean.tolist(), normalizer.std.tolist()
@@ -38,8 +48,10 @@ def meta_json(trained: Trained, transform) -> str:
         "model": trained.cfg.model.name, "classes": trained.classes,
         "class_names": trained.names, "input": "float32 (N, 3, H, W), RGB",
         "preprocessing": {"dataset": d.dataset, "image_size": d.image_size,
-                          "val_resize": d.val_resize, "normalization": d.normalization,
-                          "mean": mean, "std": std}})
+                          "val_resize": d.val_resize, **geometry,
+                          "normalization": d.normalization, "scale": "0-255 RGB",
+                          "mean": mean, "std": std,
+                          "formula": "(pixel - mean) / std, per channel"}})
 
 
 def export_torchscript(model, example, path: Path, meta: str):
@@ -103,7 +115,7 @@ def export(checkpoint: str, fmt: str, out: str | None = None, images: list[str] 
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m wrn_large export", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m engine export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a step_N.pt of a run")
     p.add_argument("--format", choices=sorted(EXPORTERS), required=True)

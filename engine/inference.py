@@ -1,6 +1,6 @@
 """Using a trained checkpoint: the model, its preprocessing and its class names, all read from
 the checkpoint itself (the trainer saves the resolved config, ``num_classes``, ``classes`` and
-``class_names`` in every checkpoint), and ``python -m wrn_large predict``."""
+``class_names`` in every checkpoint), and ``python -m engine predict``."""
 from __future__ import annotations
 
 import argparse
@@ -124,7 +124,7 @@ def predict(trained: Trained, files: list[Path], topk: int = 5, batch_size: int 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m wrn_large predict",
+        prog="python -m engine predict",
         description="Classify images with a checkpoint of train_imagenet.py: its own model, "
                     "validation preprocessing (resize, crop, mean/std) and class names.")
     p.add_argument("checkpoint", help="a step_N.pt of a run")

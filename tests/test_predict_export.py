@@ -1,4 +1,4 @@
-"""python -m wrn_large predict / export on a checkpoint of a real (tiny) run: the checkpoint
+"""python -m engine predict / export on a checkpoint of a real (tiny) run: the checkpoint
 holds the class names (and the data set's readable names), predict uses the run's validation
 preprocessing, and each export format is checked against the eager model on real images."""
 import json
@@ -28,8 +28,8 @@ def checkpoint(tmp_path_factory):
     return data, list_checkpoints(out)[0]
 
 
-def wrn_large_cli(*args):
-    return subprocess.run([sys.executable, "-m", "wrn_large", *map(str, args)], cwd=REPO,
+def engine_cli(*args):
+    return subprocess.run([sys.executable, "-m", "engine", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -47,7 +47,7 @@ def test_predict_uses_the_runs_preprocessing_and_names(checkpoint):
     images, labels = next(iter(loader))
     with torch.no_grad():
         want = trained.model(images).softmax(1)
-    proc = wrn_large_cli("predict", path, data / "val", "--json", "--topk", "3")
+    proc = engine_cli("predict", path, data / "val", "--json", "--topk", "3")
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     # both in path order: class folders, then file names
@@ -57,9 +57,9 @@ def test_predict_uses_the_runs_preprocessing_and_names(checkpoint):
         k = trained.classes.index(top["class"])
         assert top["probability"] == pytest.approx(probs[k].item(), abs=1e-5)
         assert k == probs.argmax().item() and top["name"] == NAMES[top["class"]]
-    text = wrn_large_cli("predict", path, data / "val" / "class_0" / "000.jpg")
+    text = engine_cli("predict", path, data / "val" / "class_0" / "000.jpg")
     assert "(class_" in text.stdout and "%" in text.stdout
-    missing = wrn_large_cli("predict", path, data / "nope.jpg")
+    missing = engine_cli("predict", path, data / "nope.jpg")
     assert missing.returncode == 2 and "no such image or folder" in missing.stderr
 
 
@@ -67,7 +67,7 @@ def test_predict_uses_the_runs_preprocessing_and_names(checkpoint):
 def test_export_is_checked_against_the_model(checkpoint, tmp_path, fmt):
     _, path = checkpoint
     out = tmp_path / f"model.{fmt}"
-    proc = wrn_large_cli("export", path, "--format", fmt, "--out", out)
+    proc = engine_cli("export", path, "--format", fmt, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checked on 4 real images at batch sizes 1 and 4" in proc.stdout
     if fmt == "torchscript":
@@ -83,6 +83,12 @@ def test_export_is_checked_against_the_model(checkpoint, tmp_path, fmt):
         meta = json.loads(extra["meta.json"])
     assert meta["class_names"] == list(NAMES.values())
     assert meta["preprocessing"]["image_size"] == 32
+    # every number of the preprocessing (ImageNet's constants, in 0-255 units)
+    pre = meta["preprocessing"]
+    assert pre["mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert pre["std"] == pytest.approx([58.395, 57.12, 57.375])
+    assert (pre["resize"], pre["crop"], pre["crop_at"]) == (36, 32, "center")
+    assert pre["interpolation"].startswith("bilinear")
 
 
 @pytest.mark.parametrize("normalization", ["zca", "meanstd"])

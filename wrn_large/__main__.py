@@ -2,8 +2,8 @@
 (on the meta device, so even 100M-parameter ones are instant) and prints a table of depth,
 width, parameters (ours and the paper's) and GFLOPs.
 
-``python -m wrn_large predict CHECKPOINT IMAGE...`` and ``python -m wrn_large export CHECKPOINT
---format torchscript|onnx|exported`` use a checkpoint of train_imagenet.py (``--help`` each)."""
+Commands on a trained checkpoint (predict, export) are ``python -m engine ...``: this registry
+depends on nothing of ours."""
 from __future__ import annotations
 
 import argparse
@@ -38,9 +38,10 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("predict", "export"):  # using a trained checkpoint (engine/)
-        from engine import export, inference
-        return {"predict": inference.main, "export": export.main}[argv[0]](argv[1:])
+    if argv and argv[0] in ("predict", "export"):   # they moved to the engine's layer
+        print(f"error: {argv[0]} is `python -m engine {argv[0]} ...` (this command lists the "
+              f"registry's models)", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m wrn_large", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'wrn_40*'")

@@ -19,15 +19,55 @@ _PREFIXES = ("module.", "_orig_mod.")
 _CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be read: not a torch file, truncated, or not weights."""
+
+
+def not_a_torch_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a file of torch.save (a zip archive, or a legacy pickle), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"cannot open it ({e.strerror})"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "it is empty"
+    try:
+        text = head.decode()
+    except UnicodeDecodeError:
+        return "it is neither a zip archive nor a pickle (what torch.save writes)"
+    kind = "a YAML or text file" if ":" in text else "a text file"
+    if text.lstrip().startswith(("{", "[")):
+        kind = "a JSON file"
+    return (f"it is {kind} (a .pt file is meant: a step_N.pt of a run's checkpoints/, or a "
+            f"torchvision state dict)")
+
+
+def unreadable(path, error: Exception) -> str:
+    """One line on why torch.load failed, without torch's advice to load with
+    weights_only=False (which runs whatever code the file holds)."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        return (f"{path} holds Python objects other than tensors and plain containers: not a "
+                f"checkpoint of ours or a torchvision state dict (not loaded, as it could run code)")
+    first = text.splitlines()[0] if text else ""
+    return f"cannot read checkpoint {path} (truncated or corrupt?): {type(error).__name__}: {first}"
+
+
 def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The model weights inside a checkpoint file, with wrapper prefixes removed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    not_torch = not_a_torch_file(path)
+    if not_torch:
+        raise WeightsError(f"{path} is not a checkpoint: {not_torch}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickle of arbitrary objects, not a torch file
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # truncated file, pickle of arbitrary objects
+        raise WeightsError(unreadable(path, e)) from e
     return extract_state_dict(obj, source=path, use_ema=use_ema)
 
 
