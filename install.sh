@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 # slurm-wlm and munge (a throwaway SLURM cluster), fuse and libfuse2 (a file system with a
 # parallel file system's latency), libfuse-dev, gcc and pkg-config (its C daemon, which the
 # benchmarks use). Without them those tests skip with the reason. Needs root.
-if [ "${1:-}" = "--test-system" ] || [ "${1:-}" = "--with-slurm" ]; then
+if [[ " $* " == *" --test-system "* ]] || [[ " $* " == *" --with-slurm "* ]]; then
     missing=()
     command -v slurmctld >/dev/null || missing+=(slurm-wlm munge)
     { command -v fusermount >/dev/null && ldconfig -p | grep -q libfuse.so.2; } \
@@ -19,7 +19,7 @@ if [ "${1:-}" = "--test-system" ] || [ "${1:-}" = "--with-slurm" ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
         else
-            echo "install.sh: $1 needs root and apt-get for ${missing[*]}; their tests will skip" >&2
+            echo "install.sh: --test-system needs root and apt-get for ${missing[*]}; their tests will skip" >&2
         fi
     fi
 fi
@@ -40,8 +40,19 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-"$PY" -m pip install -q "setuptools>=64,<81" wheel
-"$PY" -m pip install -q -e ".[all,test]"
+# requirements.lock: every dependency at an exact version with its sha256 (pip-compile; README
+# "The lock file" says how to refresh it). It was resolved for Linux x86_64 and Python 3.11;
+# elsewhere, or with --no-lock, the ranges of pyproject.toml are installed instead.
+platform=$("$PY" -c 'import platform, sys; print(platform.system(), platform.machine(), *sys.version_info[:2])')
+if [ "$platform" = "Linux x86_64 3 11" ] && [[ " $* " != *" --no-lock "* ]]; then
+    "$PY" -m pip install -q --require-hashes --no-deps -r requirements.lock
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+else
+    echo "install.sh: requirements.lock is for Linux x86_64 / Python 3.11 (this is $platform):" \
+        "installing pyproject.toml's ranges, not the locked versions" >&2
+    "$PY" -m pip install -q "setuptools>=64,<81" wheel
+    "$PY" -m pip install -q -e ".[all,test]"
+fi
 
 if ! "$PY" -c "import detectron2" 2>/dev/null; then
     tmp=$(mktemp -d)

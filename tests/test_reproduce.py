@@ -142,3 +142,34 @@ def test_two_fresh_runs_of_one_seed_are_identical(tmp_path, data, backend):
         runs.append([(m["type"], m["step"], m.get("loss"), m.get("top1"), m.get("val_loss"))
                      for m in read_metrics(out) if m["type"] in ("train", "epoch")])
     assert len(runs[0]) > 4 and runs[0] == runs[1]
+
+
+def test_table6_layout_from_the_real_configs(tmp_path):
+    """Table 6's three configs over CIFAR-10 and CIFAR-100 (result.json files as the trainer
+    writes them, no training): networks down, both data sets across, the paper's numbers read
+    from the configs."""
+    from engine.results_table import read_run, write_table
+    from engine.sweep import plan
+    configs = sorted(str(p) for p in (REPO / "configs" / "cifar" / "table6").glob("*.yaml"))
+    runs = []
+    for dataset in ("cifar10", "cifar100"):
+        runs += plan(configs, [0, 1, 2], tmp_path, [f"data.dataset={dataset}"])
+    for k, run in enumerate(runs):
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "result.json").write_text(json.dumps({
+            "status": "finished", "final_top1": 95.0 - k % 3, "final_top5": 99.0,
+            "dataset": run.values["data"]["dataset"], "seed": run.seed,
+            "config_digest": run.name, "commit": "c" * 40, "world_size": 8,
+            "precision": "bf16", "deterministic": False, "hardware": "A100",
+            "versions": {"torch": "2.14.1"}}))
+    results = [read_run(r.run_dir, r.name, r.order, r.paper) for r in runs]
+    write_table(results, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| network | CIFAR-10 ours | CIFAR-10 paper | CIFAR-10 Δ | CIFAR-100 ours |" in md
+    assert "median of 5 runs" in md
+    row = next(line for line in md.splitlines() if line.startswith("| WRN-28-10, dropout |"))
+    # errors 5, 6, 7 per network and data set: median 6
+    assert "6.00 (6.00 ± 1.00, 5.00-7.00, n=3) | 3.89 | +2.11 |" in row
+    assert "| 18.85 | -12.85 |" in row
+    assert [line.split(" |")[0] for line in md.splitlines() if line.startswith("| WRN")] == \
+        ["| WRN-16-4, dropout", "| WRN-28-10, dropout", "| WRN-52-1, dropout"]
