@@ -140,17 +140,21 @@ def markdown(rows: list[Row]) -> str:
         metrics = list(dict.fromkeys(r.metric for r in table_rows))
         networks = list(dict.fromkeys(r.network for r in table_rows))
         cells = {(r.network, r.metric): r for r in table_rows}
-        first = table_rows[0].runs[0]
-        statistic = {"median": f"median of {first.paper_runs} runs",
-                     "mean": f"mean of {first.paper_runs} runs", "single": "a single run",
-                     "unstated": "how many runs is not stated"}.get(first.paper_statistic)
+        statistics_ = {}
+        for r in table_rows:
+            first = r.runs[0]
+            statistics_.setdefault(METRIC_TITLES.get(r.metric, r.metric), {
+                "median": f"median of {first.paper_runs} runs",
+                "mean": f"mean of {first.paper_runs} runs", "single": "a single run",
+                "unstated": "how many runs is not stated"}[first.paper_statistic])
+        statistic = "; ".join(f"{m}: {s}" for m, s in statistics_.items())
         head = ["network"] + [f"{METRIC_TITLES.get(m, m)} {c}" for m in metrics
                               for c in ("ours", "paper", "Δ")] + ["commit", "config"]
         out += ["", f"## Table {table}" if table != "-" else "## Runs",
                 f"The paper's numbers: {statistic}.", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for network in networks:
-            line, origin = [network], None
+            line, commits, digests = [network], {}, {}
             for metric in metrics:
                 row = cells.get((network, metric))
                 if row is None:
@@ -161,8 +165,8 @@ def markdown(rows: list[Row]) -> str:
                          f"{s['min']:.2f}-{s['max']:.2f}, n={s['n']})", fmt(s["paper"]),
                          "-" if s["diff"] is None else f"{s['diff']:+.2f}"]
                 p = row.runs[0].provenance
-                origin = (p["commit"][:12], p["config_digest"])
-            line += list(origin or ("", ""))
+                commits[p["commit"][:12]] = digests[p["config_digest"]] = None
+            line += [", ".join(commits), ", ".join(digests)]
             out.append("| " + " | ".join(line) + " |")
     return "\n".join(out) + "\n"
 

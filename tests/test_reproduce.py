@@ -154,6 +154,8 @@ def test_table6_layout_from_the_real_configs(tmp_path):
     runs = []
     for dataset in ("cifar10", "cifar100"):
         runs += plan(configs, [0, 1, 2], tmp_path, [f"data.dataset={dataset}"])
+    svhn = sorted(str(p) for p in (REPO / "configs" / "svhn" / "table6").glob("*.yaml"))
+    runs += plan(svhn, [0, 1, 2], tmp_path, [])
     for k, run in enumerate(runs):
         run.run_dir.mkdir(parents=True)
         (run.run_dir / "result.json").write_text(json.dumps({
@@ -165,11 +167,16 @@ def test_table6_layout_from_the_real_configs(tmp_path):
     results = [read_run(r.run_dir, r.name, r.order, r.paper) for r in runs]
     write_table(results, tmp_path)
     md = (tmp_path / "results.md").read_text()
-    assert "| network | CIFAR-10 ours | CIFAR-10 paper | CIFAR-10 Δ | CIFAR-100 ours |" in md
-    assert "median of 5 runs" in md
+    assert ("| network | CIFAR-10 ours | CIFAR-10 paper | CIFAR-10 Δ | CIFAR-100 ours | "
+            "CIFAR-100 paper | CIFAR-100 Δ | SVHN ours | SVHN paper | SVHN Δ |") in md
+    assert "CIFAR-10: median of 5 runs" in md and "SVHN: how many runs is not stated" in md
     row = next(line for line in md.splitlines() if line.startswith("| WRN-28-10, dropout |"))
     # errors 5, 6, 7 per network and data set: median 6
     assert "6.00 (6.00 ± 1.00, 5.00-7.00, n=3) | 3.89 | +2.11 |" in row
-    assert "| 18.85 | -12.85 |" in row
+    assert "| 18.85 | -12.85 |  |  |  |" in row                      # no SVHN number
+    assert "| cifar/table6/wrn_28_10_dropout |" in row
+    row = next(line for line in md.splitlines() if line.startswith("| WRN-52-1, dropout |"))
+    assert "| 1.70 | +4.30 |" in row
+    assert "| cifar/table6/wrn_52_1_dropout, svhn/table6/wrn_52_1_dropout |" in row
     assert [line.split(" |")[0] for line in md.splitlines() if line.startswith("| WRN")] == \
         ["| WRN-16-4, dropout", "| WRN-28-10, dropout", "| WRN-52-1, dropout"]
