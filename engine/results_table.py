@@ -10,6 +10,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .metrics import fmt
+
 DATASET_METRICS = {"cifar10": ("cifar10",), "cifar100": ("cifar100",), "svhn": ("svhn",),
                    "imagenet": ("top1", "top5")}
 METRIC_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN",
@@ -104,10 +106,6 @@ def group(runs: list[RunResult], split_mixed: bool = False) -> list[Row]:
                                 f"commit: {listing}. Run them again in another --out, or show "
                                 f"them apart with --split-mixed")
     return list(rows.values())
-
-
-def fmt(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def write_csv(runs: list[RunResult], path: Path) -> None:

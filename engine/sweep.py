@@ -59,9 +59,9 @@ def plan(configs: list[str], seeds: list[int], out: Path, overrides: list[str]) 
         for seed in seeds:
             run_dir = out / name / dataset / f"seed{seed}"
             extra = [f"train.seed={seed}", f"run.output_dir={run_dir}"]
-            cfg = load_config(config, overrides + extra)
+            values = to_dict(load_config(config, overrides + extra))
             runs.append(PlannedRun(config, name, order, seed, run_dir, overrides + extra,
-                                   to_dict(cfg), to_dict(cfg)["paper"]))
+                                   values, values["paper"]))
     return runs
 
 

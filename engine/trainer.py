@@ -229,9 +229,10 @@ class Trainer:
         self.stop = StopRequested()
         if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive the agent
             stop_with_parent(signal.SIGTERM)
-        self.provenance = provenance(cfg, d.world_size, d.device,
-                                     PRECISION_NAMES[self.engine.amp_dtype])
+        self.provenance = {}     # rank 0's: a git call per rank would be start-up for nothing
         if d.is_main:
+            self.provenance = provenance(cfg, d.world_size, d.device,
+                                         PRECISION_NAMES[self.engine.amp_dtype])
             save_config(cfg, self.out / "config.yaml", self.provenance)
             write_json(self.out / "provenance.json", self.provenance)
             log.info("model %s: %.2fM parameters, %d classes; %s engine, %d process(es) on %s; "
