@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from wrn_large.weights import not_a_torch_file, unreadable
+from wrn_large.weights import load_torch_file
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
@@ -118,13 +118,7 @@ def verify(path: str | os.PathLike) -> None:
 
 def load_file(path: str | os.PathLike) -> dict:
     """A checkpoint file, loaded with ``weights_only=True``; CheckpointError names the file."""
-    not_torch = not_a_torch_file(path)
-    if not_torch:
-        raise CheckpointError(f"{path} is not a checkpoint: {not_torch}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(unreadable(path, e)) from e
+    state = load_torch_file(path, CheckpointError)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint of this project")
     return state

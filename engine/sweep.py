@@ -42,8 +42,8 @@ class PlannedRun:
         return ["--config", self.config, *self.overrides]
 
 
-def config_name(path: str) -> str:
-    found = find_config(path).resolve()
+def config_name(found: Path) -> str:
+    """A resolved config's path under configs/, without .yaml (its file name elsewhere)."""
     try:
         return str(found.relative_to(REPO_ROOT / "configs").with_suffix(""))
     except ValueError:
@@ -54,7 +54,8 @@ def plan(configs: list[str], seeds: list[int], out: Path, overrides: list[str]) 
     """Every (config, seed) run, each config checked (unknown keys, bad values) before any run."""
     runs = []
     for order, given in enumerate(configs):
-        name, config = config_name(given), str(find_config(given).resolve())
+        found = find_config(given).resolve()
+        name, config = config_name(found), str(found)
         dataset = load_config(config, overrides).data.dataset
         for seed in seeds:
             run_dir = out / name / dataset / f"seed{seed}"

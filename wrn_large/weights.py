@@ -56,19 +56,24 @@ def unreadable(path, error: Exception) -> str:
     return f"cannot read checkpoint {path} (truncated or corrupt?): {type(error).__name__}: {first}"
 
 
+def load_torch_file(path: str | os.PathLike, error: type[Exception] = WeightsError):
+    """``torch.load(path, weights_only=True)`` on the CPU; ``error`` names the file when it is
+    not a torch file or cannot be read (truncated, or a pickle of arbitrary objects)."""
+    not_torch = not_a_torch_file(path)
+    if not_torch:
+        raise error(f"{path} is not a checkpoint: {not_torch}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise error(unreadable(path, e)) from e
+
+
 def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The model weights inside a checkpoint file, with wrapper prefixes removed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    not_torch = not_a_torch_file(path)
-    if not_torch:
-        raise WeightsError(f"{path} is not a checkpoint: {not_torch}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickle of arbitrary objects
-        raise WeightsError(unreadable(path, e)) from e
-    return extract_state_dict(obj, source=path, use_ema=use_ema)
+    return extract_state_dict(load_torch_file(path), source=path, use_ema=use_ema)
 
 
 def extract_state_dict(obj: Mapping, source: str = "<state dict>",
