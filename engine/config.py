@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipelines.base import DataConfig
+from pipelines.config import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A three-way switch. YAML 1.1 reads a bare on/off (and yes/no, true/false) as a boolean, so
@@ -227,6 +227,14 @@ def find_config(path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
+def yaml_error_place(e: yaml.YAMLError) -> str:
+    """" at line L, column C: what" in one line (PyYAML's message spans several)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None:
+        return f": {e}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[Path, dict]]:
     """[(file, values)] from the deepest ``base:`` to ``path`` itself."""
     if path.resolve() in seen:
@@ -238,7 +246,7 @@ def read_yaml_chain(path: Path, seen: tuple = ()) -> list[tuple[Path, dict]]:
                           f"configs/quickstart.yaml is meant; a checkpoint goes to "
                           f"model.pretrained or run.resume)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        raise ConfigError(f"{path}: invalid YAML{yaml_error_place(e)}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
     base = values.pop("base", None)

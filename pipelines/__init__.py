@@ -1,16 +1,20 @@
 """Input pipelines: DALI (GPU "mixed" decoding or the same graph on the CPU), torchvision, and
-synthetic data, behind one small interface (``pipelines.base``)."""
-from .base import (DataConfig, Loader, LoaderSpec, available_backends, build_loader,
-                   register_backend, resolve_backend, train_shard_indices,
-                   val_shard_indices)
+synthetic data, behind one small interface (``pipelines.base``).
 
-from . import synthetic, torch_backend  # noqa: F401,E402  (register the backends)
+Importing the package imports no torch: ``DataConfig`` is plain data (``pipelines.config``),
+and the rest comes from ``pipelines.base`` on first use, the backends on the first
+``build_loader``/``resolve_backend``. Reading a config stays a fraction of a second."""
+from .config import DataConfig
 
-try:  # register "dali" only where DALI imports; "auto" then picks it
-    from . import dali  # noqa: F401,E402
-except ImportError as _e:  # pragma: no cover - depends on the install
-    if not (getattr(_e, "name", "") or "").startswith("nvidia"):
-        raise
+_FROM_BASE = ("Loader", "LoaderSpec", "available_backends", "build_loader", "register_backend",
+              "resolve_backend", "train_shard_indices", "val_shard_indices")
 
-__all__ = ["DataConfig", "Loader", "LoaderSpec", "available_backends", "build_loader",
-           "register_backend", "resolve_backend", "train_shard_indices", "val_shard_indices"]
+
+def __getattr__(name: str):
+    if name in _FROM_BASE:
+        from . import base
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DataConfig", *_FROM_BASE]

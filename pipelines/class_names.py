@@ -7,7 +7,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from .base import DataConfig
+from .config import DataConfig
 
 SVHN_DIGITS = [str(d) for d in range(10)]
 CLASSES_TSV = "classes.tsv"

@@ -1,5 +1,8 @@
 """Configs: every recipe file loads, overrides are typed, mistakes name the key."""
 
+import subprocess
+import sys
+
 import pytest
 
 import wrn_large
@@ -72,9 +75,10 @@ def test_bad_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml")
     broken = tmp_path / "broken.yaml"
-    broken.write_text("train: [\n")
-    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
+    broken.write_text("train:\n  epochs: 3\n optim: 1\n")
+    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML at line 3, column 2: ") as e:
         load_config(broken)
+    assert "\n" not in str(e.value)                       # one line, not PyYAML's three
 
 
 def test_table_configs_carry_the_papers_numbers():
@@ -146,3 +150,14 @@ def test_overrides_before_and_after_config(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["run"]["output_dir"] == "/tmp/run_x" and printed["train"]["epochs"] == 3
     assert printed["data"]["dataset"] == "cifar10"
+
+
+def test_reading_a_config_imports_neither_torch_nor_dali():
+    """A mistyped key is reported before torch and DALI load (seconds saved on every mistake):
+    engine.config and pipelines import them only when a loader is built."""
+    code = ("import sys; from engine.config import load_config; import pipelines; "
+            "load_config('configs/quickstart.yaml', ['train.epochs=1']); "
+            "print(sorted(m for m in ('torch', 'nvidia.dali', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
