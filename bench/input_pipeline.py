@@ -2,7 +2,8 @@
 
     python bench/input_pipeline.py [--images 2000] [--threads 2] [--batch 64] [--repeats 5] [--passes 3]
 
-Generates (once) a set of ~500x375 JPEGs (~50 KB, like ImageNet's) under data/bench_jpegs,
+Generates (once) a set of ~500x375 JPEGs (~50 KB, like ImageNet's) under data/bench_jpegs (one
+folder per --images: data/bench_jpegs1k for 1000),
 then measures, side by side in one run, each loader in its own subprocess (so each gets its own
 peak RSS, workers included), alternating the order over ``--repeats`` rounds. Ratios are taken
 within each round and their median is reported (the machine's speed drifts between rounds):
@@ -70,6 +71,13 @@ def make_set(root: Path, count: int, quality: int = 85) -> Path:
         img.save(folder / f"{i:05d}.JPEG", quality=quality)
     link_val(root)
     return root
+
+
+def default_set(images: int) -> Path:
+    """Where ``--images N`` lives: one folder per size, so no size overwrites another's."""
+    name = "bench_jpegs" if images == 2000 else (
+        f"bench_jpegs{images // 1000}k" if images % 1000 == 0 else f"bench_jpegs_{images}")
+    return REPO / "data" / name
 
 
 def link_val(root: Path) -> None:
@@ -301,7 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--passes", type=int, default=3, help="epochs over the images per measurement")
-    p.add_argument("--data", default=str(REPO / "data" / "bench_jpegs"))
+    p.add_argument("--data", help="the images' folder (default: data/bench_jpegs for 2000, "
+                                   "data/bench_jpegs1k for 1000, ...)")
     p.add_argument("--read-ahead", type=int, default=DataConfig.read_ahead,
                    help="data.read_ahead of the loaders (default %(default)s)")
     p.add_argument("--fuse-engine", choices=("c", "python"), default="c",
@@ -312,7 +321,7 @@ def main(argv=None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
-    root = Path(a.data)
+    root = Path(a.data) if a.data else default_set(a.images)
     if a.one:
         print(json.dumps(measure(a.one, root, a)))
         return 0
