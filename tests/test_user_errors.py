@@ -30,7 +30,7 @@ def things(tmp_path_factory):
 def command(name: str, t: dict, case: str) -> tuple[list[str], str]:
     """(argv, the path the error must name) of ``name`` given the ``case`` mistake."""
     train = [sys.executable, "train_imagenet.py", "--config", "configs/quickstart.yaml",
-             *base_overrides(t["data"], t["out"] / name)]
+             *base_overrides(t["data"], t["out"] / f"{name} {case}")]   # cases run side by side
     wrong = {"wrong path": t["missing"], "wrong kind": t["config"] if name != "train config"
              else t["checkpoint"], "missing folder": t["missing"]}[case]
     if name == "train config":                     # --config
@@ -47,7 +47,7 @@ def command(name: str, t: dict, case: str) -> tuple[list[str], str]:
                             f"data.root={t['missing']}"], str(t["missing"])
         return train + ["--eval-only", f"model.pretrained={wrong}"], str(wrong)
     if name == "reproduce":
-        cmd = [sys.executable, "reproduce.py", "--seeds", "1", "--out", str(t["out"] / name)]
+        cmd = [sys.executable, "reproduce.py", "--seeds", "1", "--out", str(t["out"] / f"{name} {case}")]
         if case == "missing folder":
             return cmd + ["configs/quickstart.yaml", f"data.root={t['missing']}"], str(t["missing"])
         return cmd + [str(t["missing"] if case == "wrong path" else t["checkpoint"])], \
