@@ -160,15 +160,24 @@ def check_coco_json(json_file: str, image_root: str | None = None, *, for_eval: 
     annotated = _check_annotations(data["annotations"], categories, images, for_eval, problems,
                                    quirks)
     quirks["image_without_annotations"] = [i for i in images if i not in annotated]
-    if strict:
-        for kind, ids in quirks.items():
-            for i in ids:
-                problems.add(f"{'image' if kind.startswith('image') else 'annotation'} id {i}: "
-                             f"{QUIRKS[kind].split(':')[0]} (--strict)")
     if problems.total:
         raise CocoFormatError(json_file, problems.items, problems.total)
-    return CocoReport(json_file, len(images), len(data["annotations"]), categories,
-                      {k: v for k, v in quirks.items() if v})
+    report = CocoReport(json_file, len(images), len(data["annotations"]), categories,
+                        {k: v for k, v in quirks.items() if v})
+    if strict:
+        refuse_quirks(report, max_problems)
+    return report
+
+
+def refuse_quirks(report: CocoReport, max_problems: int = 20) -> None:
+    """``--strict``: raise ``CocoFormatError`` naming each quirk of a usable file."""
+    problems = _Problems(max_problems)
+    for kind, ids in report.quirks.items():
+        for i in ids:
+            problems.add(f"{'image' if kind.startswith('image') else 'annotation'} id {i}: "
+                         f"{QUIRKS[kind].split(':')[0]} (--strict)")
+    if problems.total:
+        raise CocoFormatError(report.json_file, problems.items, problems.total)
 
 
 def check_once(json_file: str, image_root: str | None = None, *, for_eval: bool = False,
@@ -177,7 +186,8 @@ def check_once(json_file: str, image_root: str | None = None, *, for_eval: bool 
 
     The verdict is cached under ``cache_dir()`` (never in the data folder), keyed on the file's
     path, size and mtime and the options, so a restarted or second job does not pay for it
-    again. A new check of a large file runs in a child process: parsing train2017's
+    again; ``strict`` is applied to the verdict, so ``--strict`` after a plain run reads the
+    file no more. A new check of a large file runs in a child process: parsing train2017's
     annotations takes ~4 GB, which a child returns to the OS when it exits instead of keeping
     it for the whole training (files under ``IN_PROCESS_BYTES`` are checked here).
     """
@@ -185,23 +195,26 @@ def check_once(json_file: str, image_root: str | None = None, *, for_eval: bool 
     if stat is None:
         raise CocoFormatError(os.fspath(json_file), ["annotation file does not exist"])
     key = json.dumps([os.path.abspath(json_file), stat.st_size, stat.st_mtime_ns,
-                      image_root and os.path.abspath(image_root), for_eval, strict, CHECK_VERSION])
+                      image_root and os.path.abspath(image_root), for_eval, CHECK_VERSION])
     cached = cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.json"
     if cached.is_file():
         try:
             saved = json.loads(cached.read_text())
             saved["categories"] = {int(k): v for k, v in saved["categories"].items()}
-            return CocoReport(**saved)
+            report = CocoReport(**saved)
         except (ValueError, TypeError, KeyError, AttributeError):
-            pass  # a damaged cache entry: check again
+            report = None  # a damaged cache entry: check again
+        if report is not None:
+            if strict:
+                refuse_quirks(report)
+            return report
     if stat.st_size < IN_PROCESS_BYTES:
-        report = check_coco_json(json_file, image_root, for_eval=for_eval, strict=strict)
+        report = check_coco_json(json_file, image_root, for_eval=for_eval)
     else:
         # fork: no re-import of torch/detectron2 in the child (~6 s); train_net checks before
         # CUDA is initialised, and the child only parses JSON
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-            report = pool.submit(check_coco_json, json_file, image_root, for_eval=for_eval,
-                                 strict=strict).result()
+            report = pool.submit(check_coco_json, json_file, image_root, for_eval=for_eval).result()
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
@@ -209,6 +222,8 @@ def check_once(json_file: str, image_root: str | None = None, *, for_eval: bool 
         os.replace(tmp, cached)
     except OSError as e:  # an unwritable cache only costs the next job a check
         print(f"coco_check: cannot cache the verdict in {cached.parent}: {e}", file=sys.stderr)
+    if strict:
+        refuse_quirks(report)
     return report
 
 

@@ -62,6 +62,7 @@ def test_train2017_shaped_file_trains_with_its_quirks_checked_once(coco2017, tmp
     assert second.returncode == 0, second.stderr[-4000:]
     assert f"OK, {NUM_IMAGES} images, {NUM_ANNOTATIONS} annotations" in second.stdout
     assert cached[0].stat().st_mtime_ns == stamp
-    # --strict keeps the old refusal, naming the zero-height boxes
+    # --strict keeps the old refusal, naming the zero-height boxes, from the cached verdict
     strict = train(json_file, images, tmp_path / "run3", tmp_path / "cache", "--strict")
     assert strict.returncode != 0 and "bbox width or height 0 (--strict)" in strict.stderr
+    assert list((tmp_path / "cache" / "coco_check").glob("*.json")) == cached   # from the verdict

@@ -231,6 +231,13 @@ def test_check_once_caches_the_verdict_by_size_and_mtime(toy, tmp_path, monkeypa
     again = coco_check.check_once(path, images)
     assert again.num_images == 999 and again.quirks == first.quirks    # read from the cache
     assert again.categories == first.categories
+    # --strict after a plain check: the cached verdict's quirks refused, the file not read again
+    monkeypatch.setattr(coco_check, "_load", lambda f: pytest.fail("read the file again"))
+    with pytest.raises(CocoFormatError, match=r"bbox width or height 0 \(--strict\)"):
+        coco_check.check_once(path, images, strict=True)
+    assert len(list((tmp_path / "cache" / "coco_check").glob("*.json"))) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("WRN_LARGE_CACHE", str(tmp_path / "cache"))
     data["annotations"][0]["category_id"] = 77      # a new version of the file: checked again
     with pytest.raises(CocoFormatError, match="unknown category_id 77"):
         coco_check.check_once(write(tmp_path, data, "quirky.json"), images)
