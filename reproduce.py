@@ -11,7 +11,8 @@ medians and spreads beside the paper's numbers (each config's `paper:` section).
 
 Each run goes to OUT/<config>/<dataset>/seed<k> (OUT is --out). The same command after a crash,
 a kill or a cancelled array does only what is missing: a finished run is never run again, an
-interrupted one resumes from its last checkpoint. KEY=VALUE overrides apply to every run, as in
+interrupted one resumes from its last checkpoint. SIGTERM to this process is passed to the run
+in progress, which checkpoints and stops (exit 143). KEY=VALUE overrides apply to every run, as in
 train_imagenet.py. OUT/results.csv has one row per run with its commit, config digest, seed,
 world size, precision, hardware and versions; OUT/results.md the table in the paper's layout
 (networks down, data sets across); OUT/results.png each seed's point and the paper's value.
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from engine.config import ConfigError
     from engine.results_table import MixedRuns, read_run, write_table
-    from engine.sweep import claim, plan, queued_array, run_locally, submit_array
+    from engine.sweep import STOPPED, claim, plan, queued_array, run_locally, submit_array
 
     if args.seeds < 1:
         print("error: --seeds must be at least 1", file=sys.stderr)
@@ -92,10 +93,15 @@ def main(argv=None) -> int:
             state = "resumes" if run.started else "starts"
             print(f"[{k}/{len(missing)}] {run.name} seed {run.seed} {state} in {run.run_dir}",
                   flush=True)
-            code = run_locally(run, args.nproc)
-            if code == 143:   # stopped by SIGTERM with a checkpoint: the user stops the sweep
+            try:
+                code = run_locally(run, args.nproc)
+            except KeyboardInterrupt:
+                print("interrupted; the same command resumes the sweep from each run's last "
+                      "checkpoint", file=sys.stderr)
+                return 130
+            if code == STOPPED:   # SIGTERM, the run checkpointed: the user stops the sweep
                 print("stopped; the same command resumes the sweep", file=sys.stderr)
-                return 143
+                return STOPPED
             if code == 2:     # a user's mistake (its line above names it): every run meets it
                 return 2
             if code != 0 or not run.finished:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,15 +94,40 @@ def claim(run: PlannedRun) -> None:
                                 "digest": digest, "values": run.values}, indent=2) + "\n")
 
 
+STOPPED = 143   # the exit code of a run stopped by SIGTERM after its checkpoint
+
+
 def run_locally(run: PlannedRun, nproc: int, python: str = sys.executable) -> int:
-    """The run in a fresh process (torchrun for ``nproc`` > 1); its exit code."""
+    """The run in a fresh process (torchrun for ``nproc`` > 1); its exit code, or ``STOPPED``
+    when this process was sent SIGTERM meanwhile. The signal is passed on, and the run
+    waited for: the trainer checkpoints and stops (torchrun passes it to its ranks), so a
+    `kill` of the sweep neither loses the run's work nor leaves it running on its own."""
     script = str(REPO_ROOT / "train_imagenet.py")
     if nproc > 1:
         cmd = [python, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", script]
     else:
         cmd = [python, script]
-    return subprocess.call(cmd + run.train_args(), cwd=REPO_ROOT)
+    stopped, child = [], None
+
+    def pass_on(signum, frame):
+        stopped.append(signum)
+        if child is not None:
+            child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        child = subprocess.Popen(cmd + run.train_args(), cwd=REPO_ROOT)
+        if stopped:                 # it came before the child was there to pass it on to
+            child.send_signal(signal.SIGTERM)
+        code = child.wait()
+    except KeyboardInterrupt:       # Ctrl-C reached the run's process group too: let it end
+        if child is not None:
+            child.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return STOPPED if stopped else code
 
 
 # ---------------------------------------------------------------------------- SLURM

@@ -1,6 +1,7 @@
 """reproduce.py: a tiny table (2 configs x 3 seeds on a learnable JPEG folder), its numbers
 against the runs' own metrics.jsonl, a sweep killed in the middle of a run and finished by the
-same command, and two fresh runs of one seed that agree exactly."""
+same command, SIGTERM to a two-process sweep, and two fresh runs of one seed that agree
+exactly."""
 from __future__ import annotations
 
 import csv
@@ -128,6 +129,56 @@ def test_a_killed_sweep_is_finished_by_the_same_command(tmp_path, data):
                *sweep_overrides(data, **extra)])
     assert final_errors(second) == final_errors(whole / "net_a" / "imagenet" / "seed1")
     assert epochs(second)[-1]["train_loss"] == epochs(whole / "net_a" / "imagenet" / "seed1")[-1]["train_loss"]
+
+
+def processes_of(run_dir: Path) -> list[str]:
+    """Command lines of the processes still working for ``run_dir``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"run.output_dir={run_dir}" in cmd:
+            found.append(cmd)
+    return found
+
+
+def test_sigterm_to_a_two_process_sweep_stops_its_run_with_a_checkpoint(tmp_path, data):
+    """reproduce.py --nproc 2 (torchrun per run), SIGTERM to reproduce.py alone (a `kill PID`):
+    it is passed on, the run checkpoints and stops, nothing is left running, the sweep exits
+    143; the same command resumes the run with its 2 processes and finishes it."""
+    config = write_table_configs(tmp_path / "configs")[0]
+    out = tmp_path / "sweep"
+    args = [str(config), "--seeds", "1", "--nproc", "2", "--out", str(out),
+            *sweep_overrides(data, **{"train.epochs": 3, "run.checkpoint_every_steps": 2})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    run = out / "net_a" / "imagenet" / "seed0"
+    deadline = time.time() + 600
+    try:
+        while not list((run / "checkpoints").glob("step_*.pt")):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, output[-3000:]
+    assert "the same command resumes the sweep" in output
+    assert "checkpointing after this step" in (run / "train.log").read_text()
+    time.sleep(2)
+    assert not processes_of(run), processes_of(run)
+    assert not (run / "result.json").exists()
+
+    again = reproduce(args)
+    assert f"seed 0 resumes in {run}" in again.stdout
+    assert "resumed from" in (run / "train.log").read_text()
+    with open(out / "results.csv") as f:
+        assert {row["world_size"] for row in csv.DictReader(f)} == {"2"}
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
