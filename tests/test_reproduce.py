@@ -98,20 +98,30 @@ def test_tiny_table_equals_the_runs_own_metrics(tmp_path, data):
     assert changed.returncode == 2 and "optim.lr" in changed.stderr
 
 
+def sweep_until_a_checkpoint(args: list[str], run_dir: Path, threads: int = 2) -> subprocess.Popen:
+    """reproduce.py ARGS started in a session of its own, returned once ``run_dir`` holds a
+    checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while not list((run_dir / "checkpoints").glob("step_*.pt")):
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no checkpoint in {run_dir}:\n{proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.1)
+    return proc
+
+
 def test_a_killed_sweep_is_finished_by_the_same_command(tmp_path, data):
     config = write_table_configs(tmp_path / "configs")[0]
     out = tmp_path / "sweep"
     extra = {"train.epochs": 3, "run.checkpoint_every_steps": 2}
     args = [str(config), "--seeds", "2", "--out", str(out), *sweep_overrides(data, **extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
     second = out / "net_a" / "imagenet" / "seed1"
-    deadline = time.time() + 600
-    while not list((second / "checkpoints").glob("step_*.pt")):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.1)
+    proc = sweep_until_a_checkpoint(args, second)
     os.killpg(proc.pid, signal.SIGKILL)                  # the sweep and its run, at once
     proc.wait()
     first = out / "net_a" / "imagenet" / "seed0"
@@ -152,16 +162,9 @@ def test_sigterm_to_a_two_process_sweep_stops_its_run_with_a_checkpoint(tmp_path
     out = tmp_path / "sweep"
     args = [str(config), "--seeds", "1", "--nproc", "2", "--out", str(out),
             *sweep_overrides(data, **{"train.epochs": 3, "run.checkpoint_every_steps": 2})]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
     run = out / "net_a" / "imagenet" / "seed0"
-    deadline = time.time() + 600
+    proc = sweep_until_a_checkpoint(args, run, threads=1)
     try:
-        while not list((run / "checkpoints").glob("step_*.pt")):
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
-            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=120)[0].decode()
     finally:
