@@ -197,24 +197,35 @@ def check_once(json_file: str, image_root: str | None = None, *, for_eval: bool 
     key = json.dumps([os.path.abspath(json_file), stat.st_size, stat.st_mtime_ns,
                       image_root and os.path.abspath(image_root), for_eval, CHECK_VERSION])
     cached = cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.json"
-    if cached.is_file():
-        try:
-            saved = json.loads(cached.read_text())
-            saved["categories"] = {int(k): v for k, v in saved["categories"].items()}
-            report = CocoReport(**saved)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            report = None  # a damaged cache entry: check again
-        if report is not None:
-            if strict:
-                refuse_quirks(report)
-            return report
-    if stat.st_size < IN_PROCESS_BYTES:
-        report = check_coco_json(json_file, image_root, for_eval=for_eval)
-    else:
-        # fork: no re-import of torch/detectron2 in the child (~6 s); train_net checks before
-        # CUDA is initialised, and the child only parses JSON
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-            report = pool.submit(check_coco_json, json_file, image_root, for_eval=for_eval).result()
+    report = _read_verdict(cached)
+    if report is None:
+        if stat.st_size < IN_PROCESS_BYTES:
+            report = check_coco_json(json_file, image_root, for_eval=for_eval)
+        else:
+            # fork: no re-import of torch/detectron2 in the child (~6 s); train_net checks before
+            # CUDA is initialised, and the child only parses JSON
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+                report = pool.submit(check_coco_json, json_file, image_root,
+                                     for_eval=for_eval).result()
+        _write_verdict(cached, report)
+    if strict:
+        refuse_quirks(report)
+    return report
+
+
+def _read_verdict(cached: Path) -> CocoReport | None:
+    """The cached verdict; None if there is none or it is damaged (then the file is checked again)."""
+    if not cached.is_file():
+        return None
+    try:
+        saved = json.loads(cached.read_text())
+        saved["categories"] = {int(k): v for k, v in saved["categories"].items()}
+        return CocoReport(**saved)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _write_verdict(cached: Path, report: CocoReport) -> None:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
@@ -222,9 +233,6 @@ def check_once(json_file: str, image_root: str | None = None, *, for_eval: bool 
         os.replace(tmp, cached)
     except OSError as e:  # an unwritable cache only costs the next job a check
         print(f"coco_check: cannot cache the verdict in {cached.parent}: {e}", file=sys.stderr)
-    if strict:
-        refuse_quirks(report)
-    return report
 
 
 def cache_dir() -> Path:
