@@ -228,7 +228,7 @@ def find_config(path: str | os.PathLike) -> Path:
 
 
 def yaml_error_place(e: yaml.YAMLError) -> str:
-    """" at line L, column C: what" in one line (PyYAML's message spans several)."""
+    """' at line L, column C: what', one line (PyYAML's own message spans several)."""
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
     if mark is None:
         return f": {e}"
