@@ -108,6 +108,19 @@ def table(records: list[Record], now: float) -> str:
     return "\n".join(lines)
 
 
+def kill_then_exit(pids: list[int], code: int, exit_process) -> None:
+    """SIGKILL ``pids``, then exit at once with ``code``: torchrun reports the first failure it
+    sees, and a killed rank seen before this one's exit would hide the exit code that says why
+    (75, a hang). Everything to log is logged before."""
+    import signal
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass   # gone already
+    exit_process(code)
+
+
 class Watchdog:
     def __init__(self, timeout_s: float, rank: int, world_size: int, out_dir: Path,
                  store=None, interval: float | None = None, exit=os._exit):
@@ -166,25 +179,25 @@ class Watchdog:
             now = time.time()
             found = verdict(records, self.world_size, now, self.timeout, self.interval)
             if found is not None and not self._stop.is_set():
-                self.report(records, now, *found)
-                self._exit(HANG_EXIT_CODE)
+                silent = self.report(records, now, *found)
+                kill_then_exit(silent, HANG_EXIT_CODE, self._exit)
                 return
 
-    def kill_stopped_neighbours(self, records: list[Record], now: float) -> None:
-        """SIGKILL the silent ranks on this host: a stopped process acts on no SIGTERM, so
-        torchrun would wait its 30 s for each before killing it and restarting the group."""
-        import signal
+    def stopped_neighbours(self, records: list[Record], now: float) -> list[int]:
+        """The pids of the silent ranks on this host, to SIGKILL: a stopped process acts on no
+        SIGTERM, so torchrun would wait its 30 s for each before killing it and restarting the
+        group."""
+        silent = []
         for r in records:
             if r.host == self.host and r.pid != self.pid and now - r.beat > 3 * self.interval \
                     and is_rank(r.pid, r.rank):
-                try:
-                    os.kill(r.pid, signal.SIGKILL)
-                    log.error("killed rank %d (pid %d), silent for %.0f s", r.rank, r.pid,
-                              now - r.beat)
-                except OSError:
-                    pass
+                log.error("killed rank %d (pid %d), silent for %.0f s", r.rank, r.pid,
+                          now - r.beat)
+                silent.append(r.pid)
+        return silent
 
-    def report(self, records: list[Record], now: float, what: str, stuck: list[int]) -> None:
+    def report(self, records: list[Record], now: float, what: str, stuck: list[int]) -> list[int]:
+        """Log the hang and write this rank's stacks; the pids of the stopped ranks to kill."""
         started = max(r.since for r in records)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
         path = self.out / f"hang_{stamp}_rank{self.rank}.txt"
@@ -207,10 +220,12 @@ class Watchdog:
                       "torchrun restarts the job from its last checkpoint", now - started,
                       self.timeout, who, what, table(records, now), self.out, stamp,
                       HANG_EXIT_CODE)
-            self.kill_stopped_neighbours(records, now)
+            silent = self.stopped_neighbours(records, now)
         else:
             log.error("HANG: rank %d exits (code %d); stack in %s", self.rank, HANG_EXIT_CODE, path)
+            silent = []
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
+        return silent
