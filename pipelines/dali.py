@@ -194,38 +194,30 @@ def jpeg_is_truncated(data: bytes) -> bool:
     return True
 
 
-def problem(data, samples, index: int) -> str | None:
-    """Why sample ``index``'s bytes (or failed read) cannot be fed: None when they can. A
-    missing class folder is not a bad image: it raises, naming the folder."""
+def size_or_problem(data, samples, index: int) -> tuple[int, int] | str:
+    """(height, width) of sample ``index``'s image, or why its bytes (or failed read) cannot be
+    fed. A missing class folder is not a bad image: it raises, naming the folder."""
     if isinstance(data, OSError):
         raise_if_folder_gone(samples, index, data)
         return f"cannot read: {data.strerror or data}"
     if jpeg_is_truncated(data):
         return "truncated: the JPEG ends before its end-of-image marker"
-    if jpeg_size(data) is None:
-        import io
-        from PIL import Image
-        try:
-            with Image.open(io.BytesIO(data)):
-                pass
-        except Exception as e:  # noqa: BLE001 - what PIL cannot open, DALI cannot decode
-            return f"not an image ({type(e).__name__})"
-    return None
-
-
-def image_size(data: np.ndarray, index: int, describe) -> tuple[int, int]:
-    """(height, width) of sample ``index``; ``describe(index)`` names it if it is no image."""
     size = jpeg_size(data)
     if size is not None and size[0] > 0 and size[1] > 0:
         return size
+    return pil_size_or_problem(data)
+
+
+def pil_size_or_problem(data) -> tuple[int, int] | str:
+    """PNG and the other formats DALI also decodes, sized by PIL; what PIL cannot open, DALI
+    cannot decode."""
     import io
     from PIL import Image
-    try:  # PNG and other formats DALI also decodes
-        with Image.open(io.BytesIO(data.tobytes())) as im:
+    try:  # PIL refuses a header with a side of 0 as well
+        with Image.open(io.BytesIO(data)) as im:
             return im.size[1], im.size[0]
-    except Exception as e:
-        raise CorruptImageError(f"{describe(index)} is not a readable image ({type(e).__name__}: {e}). "
-                                f"{VERIFY_HINT}") from e
+    except Exception as e:  # noqa: BLE001 - any failure to open is the reason
+        return f"not an image ({type(e).__name__})"
 
 
 def rrc_window(h: int, w: int, u: np.ndarray, scale: tuple[float, float],
@@ -285,30 +277,33 @@ class EpochSource:
         files = self.read_ahead(wanted)
         for start in range(0, len(self.order), bs):
             slots = self.order[start:start + bs]
-            picked, data = [], []
+            picked, data, sizes = [], [], []
             for k, slot in enumerate(slots, start):
-                index, buf = self.checked(slot, wanted[k], next(files))
+                index, buf, size = self.checked(slot, wanted[k], next(files))
                 if buf is not None:
                     picked.append(index)
                     data.append(np.frombuffer(buf, dtype=np.uint8))
+                    sizes.append(size)
             self.in_flight.append(picked)
             batch = [data, np.array([self.samples.labels[i] for i in picked], dtype=np.int64)]
             if self.augment is not None:
-                batch += self.augment(picked, data, self.samples.describe)
+                batch += self.augment(picked, sizes)
             yield tuple(batch)
 
-    def checked(self, slot: int, read: int, got) -> tuple[int, bytes | None]:
-        """(sample used for ``slot``, its bytes): ``got``, read ahead for sample ``read``, or
-        read again here when the quarantine has grown since; None for a dropped sample."""
+    def checked(self, slot: int, read: int, got) -> tuple[int, bytes | None, tuple[int, int] | None]:
+        """(sample used for ``slot``, its bytes, its image's (height, width)): ``got``, read
+        ahead for sample ``read``, or read again here when the quarantine has grown since; no
+        bytes and no size for a dropped sample."""
         index = self.wanted(slot)
         if index != read:
             got = self.read_one(index)
         while True:
             if self.drop_bad and self.quarantine is not None and index in self.quarantine:
-                return index, None
-            reason = problem(got, self.samples, index)
-            if reason is None:
-                return index, got
+                return index, None, None
+            size = size_or_problem(got, self.samples, index)
+            if not isinstance(size, str):
+                return index, got, size
+            reason = size
             if self.quarantine is None:
                 raise CorruptImageError(f"{self.samples.describe(index)} ({reason}). {VERIFY_HINT}")
             self.quarantine.add(index, reason)
@@ -361,10 +356,10 @@ class TrainAugment:
     def __init__(self, seed: int, epoch: int, scale: tuple[float, float], flip: bool):
         self.seed, self.epoch, self.scale, self.flip = seed, epoch, scale, flip
 
-    def __call__(self, indices, data, describe):
+    def __call__(self, indices, sizes):
         u = sample_uniforms(self.seed, self.epoch, indices, 4 * ATTEMPTS + 1)
-        windows = np.array([rrc_window(*image_size(buf, i, describe), u[k], self.scale)
-                            for k, (buf, i) in enumerate(zip(data, indices))], dtype=np.int32)
+        windows = np.array([rrc_window(h, w, u[k], self.scale) for k, (h, w) in enumerate(sizes)],
+                           dtype=np.int32)
         flips = (u[:, -1] < 0.5) & self.flip
         # whole-batch arrays: DALI takes them in one piece, much cheaper than per-sample lists
         return [windows[:, :2].copy(), windows[:, 2:].copy(), flips.astype(np.int32)]
@@ -383,9 +378,8 @@ class ValGeometry:
     def __init__(self, resize: int, crop: int):
         self.resize, self.crop = resize, crop
 
-    def __call__(self, indices, data, describe):
-        sizes = np.array([resized_size(*image_size(buf, i, describe), self.resize)
-                          for buf, i in zip(data, indices)], dtype=np.float32)
+    def __call__(self, indices, sizes):
+        sizes = np.array([resized_size(h, w, self.resize) for h, w in sizes], dtype=np.float32)
         pos_y, pos_x = (np.array([self.position(int(n)) for n in sizes[:, axis]], np.float32)
                         for axis in (0, 1))
         return [sizes, pos_y, pos_x]

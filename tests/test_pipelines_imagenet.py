@@ -276,8 +276,20 @@ def test_jpeg_size_reads_the_frame_header(tmp_path):
         Image.new("RGB", size).save(tmp_path / "x.jpg", **kw)
         assert dali.jpeg_size(np.fromfile(tmp_path / "x.jpg", np.uint8)) == (size[1], size[0])
     Image.new("RGB", (9, 7)).save(tmp_path / "x.png")
-    data = np.fromfile(tmp_path / "x.png", np.uint8)
-    assert dali.jpeg_size(data) is None and dali.image_size(data, 0, str) == (7, 9)
+    data = (tmp_path / "x.png").read_bytes()
+    assert dali.jpeg_size(np.frombuffer(data, np.uint8)) is None
+    assert dali.size_or_problem(data, None, 0) == (7, 9)   # PNG: sized by PIL
+
+
+def test_size_or_problem_names_what_cannot_be_fed(tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.jpg")
+    jpeg = (tmp_path / "x.jpg").read_bytes()
+    assert dali.size_or_problem(jpeg, None, 0) == (30, 40)
+    assert dali.size_or_problem(jpeg[:len(jpeg) // 2], None, 0).startswith("truncated")
+    assert dali.size_or_problem(b"no image at all", None, 0).startswith("not an image")
+    sof = jpeg.index(b"\xff\xc0")
+    zero_height = jpeg[:sof + 5] + b"\x00\x00" + jpeg[sof + 7:]
+    assert dali.size_or_problem(zero_height, None, 0).startswith("not an image")
 
 
 def test_synthetic_backend(folder):
@@ -404,3 +416,4 @@ def test_a_forked_child_lets_go_of_its_parents_pipelines(folder):
                           capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and "child 0" in proc.stdout, proc.stderr[-2000:]
+
