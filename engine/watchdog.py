@@ -191,7 +191,7 @@ class Watchdog:
         for r in records:
             if r.host == self.host and r.pid != self.pid and now - r.beat > 3 * self.interval \
                     and is_rank(r.pid, r.rank):
-                log.error("killed rank %d (pid %d), silent for %.0f s", r.rank, r.pid,
+                log.error("killing rank %d (pid %d), silent for %.0f s", r.rank, r.pid,
                           now - r.beat)
                 silent.append(r.pid)
         return silent

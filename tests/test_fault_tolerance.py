@@ -229,7 +229,7 @@ def test_a_stopped_rank_is_named_its_stacks_written_and_the_job_restarts(data, r
     assert re.search(rf"exitcode\s*:\s*{HANG_EXIT_CODE}\b", log), log[-4000:]
     assert len(stacks) == 1 and "most recent call first" in stacks[0].read_text()
     assert "in train_epoch" in stacks[0].read_text()   # the main thread, where it waits
-    assert "killed rank 1" in log          # stopped: it would ignore torchrun's SIGTERM for 30 s
+    assert "killing rank 1" in log          # stopped: it would ignore torchrun's SIGTERM for 30 s
     assert "resumed from" in log and "step_00000008.pt" in log
     got = step_losses(out)
     assert max(got) == STEPS
@@ -318,7 +318,7 @@ def test_a_rank_stopped_while_writing_a_checkpoint_leaves_none_half_written(tmp_
     stop_rank(proc, 0)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log[-4000:]
-    assert "Stuck: rank 0 (" in hang_line(log) and "killed rank 0" in log
+    assert "Stuck: rank 0 (" in hang_line(log) and "killing rank 0" in log
     saved = ckpt.list_checkpoints(out)
     assert saved and all(ckpt.verify(p) is None for p in saved)
     assert max(step_losses(out)) == 6          # the one epoch, completed after the restart
