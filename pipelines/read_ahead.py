@@ -10,6 +10,7 @@ files read ahead of the consumer, each the size of one encoded image (~110 KB fo
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections import deque
@@ -19,13 +20,15 @@ from typing import Callable, Iterable, Iterator
 
 def read_or_error(read: Callable[[int], bytes]) -> Callable[[int], "bytes | OSError"]:
     """``read``, returning a failed read's OSError instead of raising it (a missing file is one
-    bad sample, not the end of the stream)."""
-    def read_one(index: int):
-        try:
-            return read(index)
-        except OSError as e:
-            return e
-    return read_one
+    bad sample, not the end of the stream). Picklable, for worker processes that are not forked."""
+    return functools.partial(_read_or_error, read)
+
+
+def _read_or_error(read, index: int):
+    try:
+        return read(index)
+    except OSError as e:
+        return e
 
 
 class ReadAhead:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
+import sys
 
 import torch
 from PIL import Image
@@ -164,6 +166,23 @@ class Found:
         self.items = items
 
 
+def worker_start(workers: int):
+    """How DataLoader workers start: plain fork, except in a rank of a distributed job, where
+    they are forked from a single-threaded fork server. A rank has native threads (gloo's,
+    NCCL's) that create a Python thread state without the GIL when they release a tensor; a
+    fork at that moment leaves the child waiting forever on the lock they held (CPython
+    gh-112275, fixed in 3.11.10 and 3.12): a worker stuck before it ran a line, and its rank
+    waiting for the batch until the hang watchdog ends the job. Each epoch's workers receive
+    the data set pickled, as it is at that epoch, and import the main script as spawned
+    processes do (ours guard their ``__main__``)."""
+    if (workers == 0 or sys.version_info >= (3, 11, 10) or sys.platform != "linux"
+            or not (torch.distributed.is_available() and torch.distributed.is_initialized())):
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # the server imports torch once, not each worker
+    return context
+
+
 class IndexedLoader(EpochOrder):
     """A Loader (pipelines.base) over any map-style dataset of (image, label) pairs."""
 
@@ -183,7 +202,8 @@ class IndexedLoader(EpochOrder):
         loader = DataLoader(self.dataset, batch_size=self.spec.batch_size, sampler=order,
                             num_workers=self.workers, pin_memory=self.spec.device.type == "cuda",
                             generator=torch.Generator(), persistent_workers=False,
-                            collate_fn=getattr(self.dataset, "collate", None))
+                            collate_fn=getattr(self.dataset, "collate", None),
+                            multiprocessing_context=worker_start(self.workers))
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         quarantine = getattr(self.dataset, "quarantine", None)
         for batch in loader:

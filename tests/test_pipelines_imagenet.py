@@ -1,6 +1,8 @@
 """ImageNet-layout pipelines with real DALI on the CPU, against torchvision."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -417,3 +419,37 @@ def test_a_forked_child_lets_go_of_its_parents_pipelines(folder):
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and "child 0" in proc.stdout, proc.stderr[-2000:]
 
+
+@pytest.mark.skipif(sys.version_info >= (3, 11, 10) or sys.platform != "linux",
+                    reason="CPython 3.11.10 fixed the fork deadlock (gh-112275): workers fork")
+def test_a_rank_starts_torch_workers_from_a_fork_server_with_the_same_batches(folder, tmp_path):
+    """In a process with a process group, the torch backend's workers come from the fork server
+    (a fork beside gloo's threads can deadlock the child); the batches are those of forked
+    workers, epoch for epoch."""
+    import torch.distributed as dist
+    from pipelines import torch_backend
+    cfg = DataConfig(root=str(folder), backend="torch", workers=2, image_size=32)
+
+    def two_epochs():
+        loader = build_loader(cfg, LoaderSpec("train", batch_size=8, seed=3))
+        epochs = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            epochs.append(list(loader))
+        return epochs
+
+    assert torch_backend.worker_start(2) is None      # no process group: plain fork
+    forked = two_epochs()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert torch_backend.worker_start(0) is None
+        assert torch_backend.worker_start(2).get_start_method() == "forkserver"
+        served = two_epochs()
+    finally:
+        dist.destroy_process_group()
+    assert len(forked) == len(served) == 2 and forked[0] and forked[1]
+    for epoch_f, epoch_s in zip(forked, served):
+        assert len(epoch_f) == len(epoch_s)
+        for (xf, yf), (xs, ys) in zip(epoch_f, epoch_s):
+            assert torch.equal(xf, xs) and torch.equal(yf, ys)
+    assert not torch.equal(forked[0][0][0], forked[1][0][0])  # the epochs differ
