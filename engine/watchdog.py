@@ -108,6 +108,31 @@ def table(records: list[Record], now: float) -> str:
     return "\n".join(lines)
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes started by ``pid`` and by them (Linux's /proc; elsewhere none): a hang's
+    exit must not leave them behind, e.g. a DataLoader worker stuck before it ran a line, which
+    would keep the job's output pipes open."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue   # not a process, or gone
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def exit_with_descendants(code: int) -> None:
+    """End this process at once, and the processes it started."""
+    kill_then_exit(descendants(os.getpid()), code, os._exit)
+
+
 def kill_then_exit(pids: list[int], code: int, exit_process) -> None:
     """SIGKILL ``pids``, then exit at once with ``code``: torchrun reports the first failure it
     sees, and a killed rank seen before this one's exit would hide the exit code that says why
@@ -123,7 +148,7 @@ def kill_then_exit(pids: list[int], code: int, exit_process) -> None:
 
 class Watchdog:
     def __init__(self, timeout_s: float, rank: int, world_size: int, out_dir: Path,
-                 store=None, interval: float | None = None, exit=os._exit):
+                 store=None, interval: float | None = None, exit=exit_with_descendants):
         self.timeout, self.rank, self.world_size = float(timeout_s), rank, world_size
         self.out, self.store, self._exit = Path(out_dir), store, exit
         self.interval = interval or max(0.5, min(10.0, self.timeout / 10))

@@ -1,7 +1,11 @@
 """The hang watchdog's and the straggler rule's decisions, on records as ranks publish them
 (the real processes, signals and restarts are in test_fault_tolerance.py)."""
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 from engine.step_times import StepTimes, stragglers
 from engine.watchdog import COLLECTIVE, Record, Watchdog, verdict
@@ -51,6 +55,42 @@ def test_a_hung_single_process_dumps_its_stacks_and_exits(tmp_path):
     text = stack.read_text()
     assert "step 7, phase data" in text and "most recent call first" in text
     assert "test_a_hung_single_process_dumps_its_stacks_and_exits" in text  # the main thread
+
+
+def test_a_hang_exit_takes_the_processes_it_started_with_it(tmp_path):
+    """The real exit, not an injected one: exit code 75, and the processes the hung one started
+    (a child, and its child), as a DataLoader worker stuck in its start-up, are gone with it."""
+    marker = f"{600 + os.getpid() % 1000 / 1000:.3f}"     # a sleep only this test starts
+    script = f"""
+import subprocess, sys, time
+sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+from engine.watchdog import Watchdog
+subprocess.Popen(["sleep", "{marker}"])
+subprocess.Popen(["bash", "-c", "sleep {marker} & wait"])
+time.sleep(0.5)
+Watchdog(0.6, 0, 1, {str(tmp_path)!r}, interval=0.1).start().progress(step=3, phase="data")
+time.sleep(60)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], timeout=50, capture_output=True, text=True)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    deadline = time.time() + 10
+    while time.time() < deadline and alive(marker):
+        time.sleep(0.1)
+    assert not alive(marker)
+
+
+def alive(marker: str) -> list[str]:
+    """The live (not zombie) processes whose command line holds ``marker``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and "sleep" in cmdline and state != "Z":
+            found.append(pid)
+    return found
 
 
 def test_a_progressing_process_is_left_alone(tmp_path):
