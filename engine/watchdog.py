@@ -128,27 +128,38 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def exit_with_descendants(code: int) -> None:
-    """End this process at once, and the processes it started."""
-    kill_then_exit(descendants(os.getpid()), code, os._exit)
+def kill_after_exit(pids: list[int], wait_s: float = 10.0) -> None:
+    """SIGKILL ``pids`` once this process has exited and its parent has reaped it (or after
+    ``wait_s``). torchrun reports the first failure it sees: a rank killed before this one's
+    exit code (75, a hang) is seen would hide why the job stopped, and killing first, then
+    exiting at once, still lost that race while this process's memory was being torn down. A
+    shell in a session of its own does the killing: no Python runs in a child of this threaded
+    process (pipelines/torch_backend.py says why), and torchrun's signals to this rank's
+    process group do not reach it."""
+    if not pids:
+        return
+    script = ('p=$1; shift; n=0; while kill -0 "$p" 2>/dev/null && [ "$n" -lt %d ]; do '
+              'sleep 0.01; n=$((n + 1)); done; kill -9 "$@" 2>/dev/null' % int(wait_s * 100))
+    quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    try:   # its output to /dev/null: it must not hold the job's output open
+        os.posix_spawn("/bin/sh", ["sh", "-c", script, "sh", str(os.getpid()), *map(str, pids)],
+                       os.environ, file_actions=quiet, setsid=True)
+    except OSError:  # no shell: kill now, at the risk of the order
+        kill_now(pids)
 
 
-def kill_then_exit(pids: list[int], code: int, exit_process) -> None:
-    """SIGKILL ``pids``, then exit at once with ``code``: torchrun reports the first failure it
-    sees, and a killed rank seen before this one's exit would hide the exit code that says why
-    (75, a hang). Everything to log is logged before."""
+def kill_now(pids: list[int]) -> None:
     import signal
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass   # gone already
-    exit_process(code)
 
 
 class Watchdog:
     def __init__(self, timeout_s: float, rank: int, world_size: int, out_dir: Path,
-                 store=None, interval: float | None = None, exit=exit_with_descendants):
+                 store=None, interval: float | None = None, exit=None):
         self.timeout, self.rank, self.world_size = float(timeout_s), rank, world_size
         self.out, self.store, self._exit = Path(out_dir), store, exit
         self.interval = interval or max(0.5, min(10.0, self.timeout / 10))
@@ -204,9 +215,19 @@ class Watchdog:
             now = time.time()
             found = verdict(records, self.world_size, now, self.timeout, self.interval)
             if found is not None and not self._stop.is_set():
-                silent = self.report(records, now, *found)
-                kill_then_exit(silent, HANG_EXIT_CODE, self._exit)
+                self.end_the_job(self.report(records, now, *found))
                 return
+
+    def end_the_job(self, silent: list[int]) -> None:
+        """Exit 75 at once, with the processes this one started (a DataLoader worker stuck in its
+        start-up would keep the job's output open); right after, SIGKILL the stopped ranks of
+        this host. ``exit`` given (tests): call it instead, and leave this process's children."""
+        if self._exit is None:
+            kill_now(descendants(os.getpid()))
+            kill_after_exit(silent)
+            os._exit(HANG_EXIT_CODE)
+        kill_after_exit(silent)
+        self._exit(HANG_EXIT_CODE)
 
     def stopped_neighbours(self, records: list[Record], now: float) -> list[int]:
         """The pids of the silent ranks on this host, to SIGKILL: a stopped process acts on no
