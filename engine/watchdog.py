@@ -224,10 +224,8 @@ class Watchdog:
         this host. ``exit`` given (tests): call it instead, and leave this process's children."""
         if self._exit is None:
             kill_now(descendants(os.getpid()))
-            kill_after_exit(silent)
-            os._exit(HANG_EXIT_CODE)
         kill_after_exit(silent)
-        self._exit(HANG_EXIT_CODE)
+        (self._exit or os._exit)(HANG_EXIT_CODE)
 
     def stopped_neighbours(self, records: list[Record], now: float) -> list[int]:
         """The pids of the silent ranks on this host, to SIGKILL: a stopped process acts on no
