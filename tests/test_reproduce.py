@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer_utils import (PAPER, REPO, base_overrides, epochs, make_folder, read_metrics,
-                           run_training, sweep_overrides, write_table_configs)
+from trainer_utils import (PAPER, REPO, base_overrides, epochs, live_processes_mentioning,
+                           make_folder, read_metrics, run_training, sweep_overrides,
+                           write_table_configs)
 
 pytestmark = pytest.mark.slow
 
@@ -141,19 +142,6 @@ def test_a_killed_sweep_is_finished_by_the_same_command(tmp_path, data):
     assert epochs(second)[-1]["train_loss"] == epochs(whole / "net_a" / "imagenet" / "seed1")[-1]["train_loss"]
 
 
-def processes_of(run_dir: Path) -> list[str]:
-    """Command lines of the processes still working for ``run_dir``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if f"run.output_dir={run_dir}" in cmd:
-            found.append(cmd)
-    return found
-
-
 def test_sigterm_to_a_two_process_sweep_stops_its_run_with_a_checkpoint(tmp_path, data):
     """reproduce.py --nproc 2 (torchrun per run), SIGTERM to reproduce.py alone (a `kill PID`):
     it is passed on, the run checkpoints and stops, nothing is left running, the sweep exits
@@ -174,7 +162,8 @@ def test_sigterm_to_a_two_process_sweep_stops_its_run_with_a_checkpoint(tmp_path
     assert "the same command resumes the sweep" in output
     assert "checkpointing after this step" in (run / "train.log").read_text()
     time.sleep(2)
-    assert not processes_of(run), processes_of(run)
+    left = live_processes_mentioning(f"run.output_dir={run}")
+    assert not left, left
     assert not (run / "result.json").exists()
 
     again = reproduce(args)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine.step_times import StepTimes, stragglers
 from engine.watchdog import COLLECTIVE, Record, Watchdog, verdict
+from trainer_utils import live_processes_mentioning
 
 NOW = 1_000_000.0
 
@@ -74,23 +75,9 @@ time.sleep(60)
     proc = subprocess.run([sys.executable, "-c", script], timeout=50, capture_output=True, text=True)
     assert proc.returncode == 75, proc.stderr[-2000:]
     deadline = time.time() + 10
-    while time.time() < deadline and alive(marker):
+    while time.time() < deadline and live_processes_mentioning(f"sleep {marker}"):
         time.sleep(0.1)
-    assert not alive(marker)
-
-
-def alive(marker: str) -> list[str]:
-    """The live (not zombie) processes whose command line holds ``marker``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmdline and "sleep" in cmdline and state != "Z":
-            found.append(pid)
-    return found
+    assert not live_processes_mentioning(f"sleep {marker}")
 
 
 def test_a_progressing_process_is_left_alone(tmp_path):

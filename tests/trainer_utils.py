@@ -90,6 +90,20 @@ def run_training(overrides: list[str], nproc: int = 1, timeout: int = 600,
     return proc
 
 
+def live_processes_mentioning(text: str) -> list[str]:
+    """Command lines of the live (not zombie) processes whose command line holds ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue   # not a process, or gone
+        if text in cmd and state != "Z":
+            found.append(cmd)
+    return found
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
