@@ -10,7 +10,8 @@ prefix), or, in a job of one process, nowhere but here. When no rank has made pr
 - logs one table (host, pid, last step, phase, seconds since its last progress) and names the
   stuck rank(s): those whose records stopped coming (a stopped or frozen process), else those
   not waiting in a collective while the others are;
-- writes the Python stacks of all its threads to ``RUN_DIR/hang_<time>_rank<r>.txt``;
+- writes the Python stacks of all its threads, the main thread's first, to
+  ``RUN_DIR/hang_<time>_rank<r>.txt``;
 - (the reporting rank) kills the silent ranks on its own host: a stopped process ignores the
   SIGTERM torchrun sends first, which would cost another 30 s;
 - exits with ``HANG_EXIT_CODE``, so torchrun (``--max-restarts``) restarts the group, which
@@ -29,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +66,18 @@ def rank_store(rank: int, world_size: int):
                           is_master=False, timeout=timedelta(seconds=60))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"wrn_large/attempt_{attempt}/watchdog", store)
+
+
+def write_stacks(f) -> None:
+    """The main thread's stack first, then every thread's. faulthandler lists at most 100
+    threads, newest first, so in a process with many threads it would leave out the main one,
+    the one that hangs."""
+    main = sys._current_frames().get(threading.main_thread().ident)
+    if main is not None:
+        f.write("Main thread (most recent call last):\n")
+        f.write("".join(traceback.format_stack(main)) + "\n")
+    f.flush()
+    faulthandler.dump_traceback(file=f, all_threads=True)
 
 
 def is_rank(pid: int, rank: int) -> bool:
@@ -249,8 +263,7 @@ class Watchdog:
             with open(path, "w") as f:
                 f.write(f"rank {self.rank} on {self.host}, pid {self.pid}: step {self.step}, "
                         f"phase {self.phase}, no progress anywhere for {now - started:.0f} s\n\n")
-                f.flush()
-                faulthandler.dump_traceback(file=f, all_threads=True)
+                write_stacks(f)
         except OSError as e:
             log.error("watchdog: cannot write %s: %s", path, e)
         live = [r.rank for r in records if now - r.beat <= 3 * self.interval]

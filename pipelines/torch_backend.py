@@ -224,7 +224,7 @@ def torch_loader(cfg: DataConfig, spec: LoaderSpec) -> IndexedLoader:
         from .small_datasets import small_dataset_loader
         return small_dataset_loader(cfg, spec)
     samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
-                                    spec.pinned_listing())
+                           spec.pinned_listing())
     quarantine = quarantine_for(cfg, spec.split, samples)
     dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed, cfg.read_ahead,
                          quarantine, drop_bad=spec.split != "train")
