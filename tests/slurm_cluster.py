@@ -30,6 +30,8 @@ class SlurmCluster:
     # how long a requeued job is held before it may start again (SLURM's default: 120 s). The
     # hold is what lets the nodes revoke the previous run's credential: releasing a requeued
     # job early (scontrol update StartTime=now) can fail it with "Job credential revoked".
+    # sched_interval=2 (SchedulerParameters): a requeued job whose hold has ended starts at the
+    # next pass of the main scheduler; by default that pass comes every 60 s
     CRED_EXPIRE_S = 10
     # a job of partition "urgent" preempts those of "debug" (PreemptMode=REQUEUE): they get
     # SIGTERM, then SIGKILL after GraceTime
@@ -93,6 +95,7 @@ JobRequeue=1
 KillWait=60
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
+SchedulerParameters=sched_interval=2
 {nodes}
 PartitionName=debug Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE PriorityTier=1 PreemptMode=REQUEUE GraceTime={self.GRACE_TIME_S}
 PartitionName=urgent Nodes={','.join(self.NODES)} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
