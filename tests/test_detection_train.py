@@ -127,7 +127,6 @@ def test_num_classes_from_the_data_and_conflicts(data, tmp_path):
         train_net.setup(args_for(FRCNN, d, tmp_path / "o", "t5"))
 
 
-@pytest.mark.slow
 def assert_same_detections(found, expected, tol=1e-3):
     """Each detection has its twin in the other list: same image and category, box and score
     within ``tol``. Matched, not sorted: an untrained model scores many boxes alike, and two
@@ -143,6 +142,7 @@ def assert_same_detections(found, expected, tol=1e-3):
         twins.remove(twin)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_and_evaluate_like_one(data, tmp_path):
     """`--num-gpus 2` without a GPU: two gloo processes (distributed sampler, DDP, gathered
     COCO evaluation, rank-0 checkpoints). The final evaluation of the 2-process run scores the
