@@ -172,13 +172,16 @@ def kill_now(pids: list[int]) -> None:
 
 
 class Watchdog:
+    """``clock`` (wall time, seconds) and ``exit`` are for tests: with a clock of their own they
+    call ``check_once`` themselves, with no thread and no sleep."""
+
     def __init__(self, timeout_s: float, rank: int, world_size: int, out_dir: Path,
-                 store=None, interval: float | None = None, exit=None):
+                 store=None, interval: float | None = None, exit=None, clock=time.time):
         self.timeout, self.rank, self.world_size = float(timeout_s), rank, world_size
-        self.out, self.store, self._exit = Path(out_dir), store, exit
+        self.out, self.store, self._exit, self.clock = Path(out_dir), store, exit, clock
         self.interval = interval or max(0.5, min(10.0, self.timeout / 10))
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.step, self.phase, self.since = 0, "start", time.time()
+        self.step, self.phase, self.since = 0, "start", clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -188,7 +191,7 @@ class Watchdog:
             self.step = step
         if phase is not None:
             self.phase = phase
-        self.since = time.time()
+        self.since = self.clock()
 
     def start(self) -> "Watchdog":
         if self.timeout > 0:
@@ -202,7 +205,7 @@ class Watchdog:
     # ---------------------------------------------------------------- the thread's side
     def record(self) -> Record:
         return Record(self.rank, self.host, self.pid, self.step, self.phase, self.since,
-                      time.time())
+                      self.clock())
 
     def records(self) -> list[Record]:
         mine = self.record()
@@ -221,16 +224,24 @@ class Watchdog:
         first = True   # publish at once: a rank stopped in its first seconds is named too
         while first or not self._stop.wait(self.interval):
             first = False
-            try:
-                records = self.records()
-            except Exception as e:  # noqa: BLE001 - the store gone: the job is ending anyway
-                log.debug("watchdog: %s", e)
-                continue
-            now = time.time()
-            found = verdict(records, self.world_size, now, self.timeout, self.interval)
-            if found is not None and not self._stop.is_set():
-                self.end_the_job(self.report(records, now, *found))
+            if self.check_once():
                 return
+
+    def check_once(self) -> bool:
+        """One round of the thread: publish this rank's record, read the others', and end the job
+        if no rank has made progress for the timeout. True when it ended the job (returns only
+        with an injected ``exit``)."""
+        try:
+            records = self.records()
+        except Exception as e:  # noqa: BLE001 - the store gone: the job is ending anyway
+            log.debug("watchdog: %s", e)
+            return False
+        now = self.clock()
+        found = verdict(records, self.world_size, now, self.timeout, self.interval)
+        if found is None or self._stop.is_set():
+            return False
+        self.end_the_job(self.report(records, now, *found))
+        return True
 
     def end_the_job(self, silent: list[int]) -> None:
         """Exit 75 at once, with the processes this one started (a DataLoader worker stuck in its

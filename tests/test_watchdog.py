@@ -43,29 +43,104 @@ def test_every_rank_in_the_collective_names_no_single_rank():
     assert stuck == [] and "network" in what
 
 
+class Clock:
+    """Wall time that moves only when the test moves it: the decisions run on it with no thread
+    and no sleep (``Watchdog.check_once`` is one round of the thread)."""
+
+    def __init__(self, now: float = NOW):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_hung_single_process_dumps_its_stacks_and_exits(tmp_path):
-    """A job of one (no store): its own record decides. The exit is the injected one. 120 idle
-    threads stand for a process with many (faulthandler alone lists 100, the newest): the main
-    thread's stack is in the file all the same."""
+    """A job of one (no store): its own record decides, at the timeout and not before. The exit
+    is the injected one. 120 idle threads stand for a process with many (faulthandler alone
+    lists 100, the newest): the main thread's stack is in the file all the same."""
+    clock, exits = Clock(), []
+    dog = Watchdog(60, 0, 1, tmp_path, interval=2, exit=exits.append, clock=clock)
+    dog.progress(step=7, phase="data")
+    clock.now += 59.9
+    assert not dog.check_once() and exits == [] and not list(tmp_path.glob("hang_*"))
     done = threading.Event()
     crowd = [threading.Thread(target=done.wait, name="idle") for _ in range(120)]
     for t in crowd:
         t.start()
-    exits = []
     try:
-        dog = Watchdog(0.6, 0, 1, tmp_path, interval=0.1, exit=exits.append).start()
-        dog.progress(step=7, phase="data")
-        deadline = time.time() + 10
-        while not exits and time.time() < deadline:
-            time.sleep(0.05)
+        clock.now += 0.2
+        assert dog.check_once()
     finally:
         done.set()
     assert exits == [75]
     (stack,) = tmp_path.glob("hang_*_rank0.txt")
     text = stack.read_text()
-    assert "step 7, phase data" in text and "most recent call first" in text
+    assert "step 7, phase data, no progress anywhere for 60 s" in text
+    assert "most recent call first" in text
     main_thread = text.split("most recent call first")[0]
     assert "test_a_hung_single_process_dumps_its_stacks_and_exits" in main_thread
+
+
+def test_a_progressing_process_is_left_alone(tmp_path):
+    """Progress every 2 s for 200 s (past the 60 s timeout): no exit; then none for 60 s: the
+    exit. A stopped watchdog ends nothing."""
+    clock, exits = Clock(), []
+    dog = Watchdog(60, 0, 1, tmp_path, interval=2, exit=exits.append, clock=clock)
+    for step in range(100):
+        clock.now += 2
+        dog.progress(step=step, phase="compute")
+        assert not dog.check_once()
+    clock.now += 59.5
+    assert not dog.check_once() and exits == [] and not list(tmp_path.glob("hang_*"))
+    clock.now += 1
+    assert dog.check_once() and exits == [75]
+    stopped = Watchdog(60, 0, 1, tmp_path / "stopped", interval=2, exit=exits.append,
+                       clock=clock)
+    stopped.stop()
+    clock.now += 61
+    assert not stopped.check_once() and exits == [75]
+
+
+def test_a_stopped_rank_is_named_through_the_store(tmp_path, caplog):
+    """Two ranks publishing through a real torch.distributed store (one in memory): rank 1
+    stops publishing mid-step while rank 0 waits for it in the all-reduce; at the timeout rank
+    0 names rank 1 as stopped, in a table of both."""
+    import logging
+    import torch.distributed as dist
+    store, clock, exits = dist.HashStore(), Clock(), []
+    dogs = [Watchdog(60, rank, 2, tmp_path, store=store, interval=2, exit=exits.append,
+                     clock=clock) for rank in range(2)]
+    for step in range(5):
+        clock.now += 2
+        for dog in dogs:
+            dog.progress(step=step, phase="compute")
+            assert not dog.check_once()
+    dogs[0].progress(phase=COLLECTIVE)            # rank 1 is stopped from here on
+    clock.now += 59
+    assert not dogs[0].check_once()
+    clock.now += 2
+    with caplog.at_level(logging.ERROR, logger="engine.watchdog"):
+        assert dogs[0].check_once()
+    assert exits == [75]
+    assert "Stuck: rank 1 (" in caplog.text and "step 4, compute): no record" in caplog.text
+    assert "stopped, frozen or gone" in caplog.text
+    table_rows = [line.split() for line in caplog.text.splitlines()
+                  if line.split()[:1] in (["0"], ["1"])]
+    assert [(row[0], row[3], row[4]) for row in table_rows] == [
+        ("0", "4", COLLECTIVE), ("1", "4", "compute")]
+
+
+def test_the_thread_ends_a_hung_process(tmp_path):
+    """The real thread on the real clock fires (no upper bound on when: CI is loaded)."""
+    exits = []
+    dog = Watchdog(0.6, 0, 1, tmp_path, interval=0.1, exit=exits.append)
+    dog.progress(step=3, phase="data")
+    dog.start()
+    deadline = time.time() + 60
+    while not exits and time.time() < deadline:
+        time.sleep(0.05)
+    assert exits == [75]
+    assert "step 3, phase data" in next(tmp_path.glob("hang_*_rank0.txt")).read_text()
 
 
 def test_a_hang_exit_takes_the_processes_it_started_with_it(tmp_path):
@@ -88,16 +163,6 @@ time.sleep(60)
     while time.time() < deadline and live_processes_mentioning(f"sleep {marker}"):
         time.sleep(0.1)
     assert not live_processes_mentioning(f"sleep {marker}")
-
-
-def test_a_progressing_process_is_left_alone(tmp_path):
-    exits = []
-    dog = Watchdog(0.5, 0, 1, tmp_path, interval=0.05, exit=exits.append).start()
-    for step in range(30):
-        dog.progress(step=step, phase="compute")
-        time.sleep(0.05)
-    dog.stop()
-    assert exits == [] and not list(tmp_path.glob("hang_*"))
 
 
 def test_stragglers_are_compared_with_the_other_ranks():
