@@ -57,12 +57,27 @@ def own_cuda_state(saved: list, device_index: int):
     return saved[device_index] if device_index < len(saved) else None
 
 
+def cuda_device() -> int | None:
+    """The device whose generator this rank restores: the current one (the rank's own, set at
+    start-up); None without CUDA, where no CUDA call may be made (torch would queue it)."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def cuda_state_to_restore(saved: list, device_index: int | None) -> tuple[int, torch.Tensor] | None:
+    """(device, state) for ``torch.cuda.set_rng_state``, or None: no CUDA here (``device_index``
+    None), no state saved, or none for this device in an older checkpoint."""
+    if device_index is None or not saved:
+        return None
+    state = own_cuda_state(saved, device_index)
+    return None if state is None else (device_index, state)
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        cuda = own_cuda_state(state["cuda"], torch.cuda.current_device())
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+    cuda = cuda_state_to_restore(state["cuda"], cuda_device())
+    if cuda is not None:
+        device, generator_state = cuda
+        torch.cuda.set_rng_state(generator_state, device)
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached"]))

@@ -190,16 +190,45 @@ def test_deepspeed_casts_batchnorm_statistics_with_the_parameters(json_file, amp
 
 def test_cuda_rng_state_is_the_ranks_own_device():
     """A checkpoint saved with 8 GPUs visible per process resumes where 4 are: only the rank's
-    own device's state is saved (one entry), and an older checkpoint's list of 8 gives the
-    entry of this device, or none, never an IndexError."""
-    from engine.state import own_cuda_state, rng_state, set_rng_state
+    own device's state is saved (one entry) and restored on the rank's device; an older
+    checkpoint's list of 8 gives the entry of this device, or none, never an IndexError."""
+    from engine.state import cuda_device, cuda_state_to_restore
     states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
-    assert own_cuda_state(states[:1], 5) is states[0]        # this format: the rank's own
-    assert own_cuda_state(states, 3) is states[3]            # older: one per visible device
-    assert own_cuda_state(states[:4], 5) is None
+    restore = cuda_state_to_restore(states[:1], 5)          # this format: the rank's own
+    assert restore[0] == 5 and restore[1] is states[0]
+    restore = cuda_state_to_restore(states, 3)              # older: one per visible device
+    assert restore[0] == 3 and restore[1] is states[3]
+    assert cuda_state_to_restore(states[:4], 5) is None     # saved where device 5 was not seen
+    assert cuda_state_to_restore([], 0) is None             # saved without CUDA
+    assert cuda_state_to_restore(states[:1], None) is None  # restored without CUDA
+    assert cuda_device() == (torch.cuda.current_device() if torch.cuda.is_available() else None)
+
+
+def test_rng_state_restores_torch_numpy_and_python_exactly():
+    """Draws after a restore repeat those after the save, for every generator the checkpoint
+    holds, numpy's cached Gaussian included; a checkpoint with CUDA states restores on a
+    machine without CUDA too."""
+    import random
+
+    import numpy as np
+    from engine.state import rng_state, set_rng_state
+
+    def draws():
+        return (torch.rand(3).tolist(), torch.randn(2).tolist(),
+                np.random.standard_normal(3).tolist(), np.random.randint(1 << 30),
+                random.random(), random.getrandbits(64))
+
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.standard_normal()           # an odd draw: numpy now holds a cached Gaussian
     saved = rng_state()
     assert len(saved["cuda"]) == (1 if torch.cuda.is_available() else 0)
-    set_rng_state({**saved, "cuda": states if not torch.cuda.is_available() else saved["cuda"]})
+    expected = draws()
+    assert draws() != expected            # the streams move on
+    cuda = saved["cuda"] if torch.cuda.is_available() else [torch.zeros(16, dtype=torch.uint8)] * 8
+    set_rng_state({**saved, "cuda": cuda})
+    assert draws() == expected
 
 
 @pytest.mark.gpu
