@@ -1,6 +1,7 @@
 """ImageNet-layout pipelines with real DALI on the CPU, against torchvision."""
 from __future__ import annotations
 
+import io
 import sys
 
 import numpy as np
@@ -208,9 +209,11 @@ def test_train_crops_are_torchvision_randomresizedcrop_windows(noisy, resize_wit
 
 @pytest.mark.parametrize("resize_with, device", RESIZE_DEVICES[1:] + [("torch", "cpu")])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_decoders_upsample_chroma_as_libjpeg_turbo_does(folder, split, resize_with, device):
+def test_every_decoder_of_every_graph_asks_for_fancy_upsampling(folder, split, resize_with,
+                                                                  device):
     """nvJPEG rebuilds 4:2:0 chroma its own way unless jpeg_fancy_upsampling is set; the
-    argument as DALI records it in the pipeline it runs, on every decoder of every graph."""
+    argument as DALI records it in the pipeline it runs, on every decoder of every graph (what
+    the decoders then do with decoder_args: the two tests below)."""
     cfg = cfg_for(folder, "dali", image_size=32, resize_with=resize_with)
     loader = build_loader(cfg, LoaderSpec(split, batch_size=4, device=torch_device(device)))
     decoders = [(name, dev, args) for name, dev, args in
@@ -220,6 +223,93 @@ def test_decoders_upsample_chroma_as_libjpeg_turbo_does(folder, split, resize_wi
         "decoders__ImageSlice" if split == "train" else "decoders__Image"]
     assert all(dev == ("mixed" if device == "cuda" else "cpu") for _, dev, _ in decoders)
     assert all(args.get("jpeg_fancy_upsampling") is True for _, _, args in decoders), decoders
+
+
+def noisy_420_jpeg() -> bytes:
+    """Colour noise saved with 4:2:0 chroma, where the ways of upsampling chroma differ most."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=95, subsampling=2)   # 2: 4:2:0
+    return out.getvalue()
+
+
+def dali_decoded(jpeg: bytes, decoder_device: str, **change) -> np.ndarray:
+    """One JPEG through fn.decoders.image with the graphs' decoder_args (``change``d)."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1,
+                  device_id=0 if decoder_device == "mixed" else None)
+    def one_image():
+        data = fn.external_source(source=lambda: [np.frombuffer(jpeg, np.uint8)], batch=True)
+        return fn.decoders.image(data, **{**dali.decoder_args(decoder_device), **change})
+
+    pipe = one_image()
+    pipe.build()
+    (images,) = pipe.run()
+    images = images.as_cpu() if decoder_device == "mixed" else images
+    return np.array(images.at(0)).astype(np.int64)
+
+
+def libjpeg_rgb(y, cb, cr) -> np.ndarray:
+    """libjpeg-turbo's YCbCr -> RGB, integer for integer (jdcolor.c, ycc_rgb_convert)."""
+    fix = lambda x: int(x * 65536 + 0.5)   # noqa: E731
+    y, cb, cr = y.astype(np.int64), cb.astype(np.int64) - 128, cr.astype(np.int64) - 128
+    half = 1 << 15
+    rgb = (y + ((fix(1.402) * cr + half) >> 16),
+           y + ((-fix(0.34414) * cb - fix(0.71414) * cr + half) >> 16),
+           y + ((fix(1.772) * cb + half) >> 16))
+    return np.clip(np.stack(rgb, -1), 0, 255)
+
+
+def decoded_ycbcr(jpeg: bytes, scale: int = 1) -> np.ndarray:
+    """Y, Cb, Cr as libjpeg-turbo decodes them (before its conversion to RGB), 1/``scale`` size."""
+    image = Image.open(io.BytesIO(jpeg))
+    image.draft("YCbCr", (image.width // scale, image.height // scale))
+    return np.asarray(image).transpose(2, 0, 1)
+
+
+def plainly_upsampled(jpeg: bytes) -> np.ndarray:
+    """The JPEG as libjpeg decodes it with do_fancy_upsampling off: each stored chroma sample
+    repeated over its 2x2 pixels, then the integer YCbCr -> RGB (jdmerge.c). PIL gives the
+    pieces: Y at full size; Cb and Cr at half size, where libjpeg-turbo computes chroma with
+    its full 8x8 IDCT instead of upsampling it (jdmaster.c), i.e. the stored samples (upsampled
+    with libjpeg's h2v2 fancy filter they gave PIL's full-size chroma exactly, 5 of 5 images)."""
+    (y, _, _), (_, cb, cr) = decoded_ycbcr(jpeg), decoded_ycbcr(jpeg, 2)
+    return libjpeg_rgb(y, *(c.repeat(2, 0).repeat(2, 1) for c in (cb, cr)))
+
+
+def test_decoders_upsample_chroma_as_libjpeg_turbo_does():
+    """The CPU graph decodes a 4:2:0 JPEG as PIL (libjpeg-turbo, fancy upsampling: what the
+    torch backend decodes) does, within 1 level (0 measured); a decode with plain upsampling is
+    tens of levels away (83 at most on this image), so the test would see the other way.
+    DALI's CPU decoder ignores jpeg_fancy_upsampling (made for the mixed one: "the same chroma
+    upsampling approach as the cpu one"), so the flag itself is checked on the GPU, below."""
+    jpeg = noisy_420_jpeg()
+    pil = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.int64)
+    assert np.array_equal(libjpeg_rgb(*decoded_ycbcr(jpeg)), pil)   # the reference's conversion
+    ours = dali_decoded(jpeg, "cpu")
+    assert np.abs(ours - pil).max() <= 1
+    assert np.abs(plainly_upsampled(jpeg) - pil).max() > 40
+    without = dali_decoded(jpeg, "cpu", jpeg_fancy_upsampling=False)
+    assert np.array_equal(without, ours), "DALI's CPU decoder now reads jpeg_fancy_upsampling"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_decoder_upsamples_chroma_as_the_cpu_one():
+    """nvJPEG with decoder_args("mixed") decodes the 4:2:0 JPEG within a bound of the CPU
+    decode, and beyond it without jpeg_fancy_upsampling (nvJPEG's own way, reported to be
+    nearest-neighbour). The bound is a quarter of the largest difference between plain and
+    fancy upsampling of this image, measured on the CPU (83 levels, so 20.75): about 3x what a
+    coarser IDCT changes (libjpeg-turbo's fast integer IDCT: 7 levels at most on this image),
+    a quarter of what a decode without the flag would be off by if nvJPEG's own upsampling is
+    the plain one. The second comparison checks the bound on the GPU itself."""
+    jpeg = noisy_420_jpeg()
+    cpu = dali_decoded(jpeg, "cpu")
+    bound = np.abs(plainly_upsampled(jpeg) - cpu).max() / 4
+    fancy = np.abs(dali_decoded(jpeg, "mixed") - cpu).max()
+    plain = np.abs(dali_decoded(jpeg, "mixed", jpeg_fancy_upsampling=False) - cpu).max()
+    assert fancy <= bound < plain, (fancy, bound, plain)
 
 
 def test_resize_with_picks_dali_on_the_gpu_and_torch_on_the_cpu():
