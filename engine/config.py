@@ -3,21 +3,28 @@
 A file may start from another with ``base: relative/path.yaml`` (recipes live in one file; the
 networks trained with it only name what differs). Unknown or mistyped keys are errors that name
 the key, the file it came from and the closest valid keys.
+
+Every value is checked as it is read, against its field's type: a closed set is a ``Literal``,
+a number's range a ``Range`` (``Count``: 1, 2, ...; pipelines/config.py). ``validate`` then
+checks combinations. Registries (``model.name``, ``engine.name``, ``data.backend``) are open
+sets, checked where they are built.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
 
-from pipelines.config import DataConfig
+from pipelines.config import (ChoiceOrPath, Count, DataConfig, Fraction, NonNegative, Positive,
+                              Range, Size)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A three-way switch. YAML 1.1 reads a bare on/off (and yes/no, true/false) as a boolean, so
@@ -29,20 +36,20 @@ Switch = Literal["auto", "on", "off"]
 class ModelConfig:
     name: str = "wrn18_x1"          # any name of `python -m wrn_large`
     kwargs: dict = field(default_factory=dict)  # builder arguments, e.g. {dropout: 0.3}
-    pretrained: str | None = None   # checkpoint of ours or a torchvision state dict
+    pretrained: str | None = None   # checkpoint file of ours or a torchvision state dict
     pretrained_ema: bool = False    # load the checkpoint's EMA weights instead of the model's
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1                 # learning rate for `lr_batch` images per step
-    lr_batch: int = 256             # linear scaling: lr * global_batch / lr_batch
-    momentum: float = 0.9
-    dampening: float = 0.0
-    nesterov: bool = True
-    weight_decay: float = 1e-4
+    lr: Positive = 0.1              # learning rate for `lr_batch` images per step
+    lr_batch: Count = 256           # linear scaling: lr * global_batch / lr_batch
+    momentum: Fraction = 0.9
+    dampening: Annotated[float, Range("[0, 1]")] = 0.0
+    nesterov: bool = True           # needs momentum > 0 and dampening 0
+    weight_decay: NonNegative = 1e-4
     no_weight_decay_on_bn: bool = False  # modern recipes skip wd on BN and biases
-    clip_grad_norm: float = 0.0     # 0 = off (the paper's recipes do not clip)
+    clip_grad_norm: NonNegative = 0.0  # 0 = off (the paper's recipes do not clip)
     # a fresh optimizer (empty momentum buffers) at every lr drop of the step schedule, as the
     # official WRN code (train.lua L182-183, pytorch/main.py L162-164); off: keep the momentum
     fresh_at_lr_drops: bool = False
@@ -51,31 +58,31 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: Literal["step", "cosine"] = "step"
-    milestones: list = field(default_factory=lambda: [30, 60, 80])  # epochs (step)
-    gamma: float = 0.1              # lr factor at each milestone (step)
+    milestones: list = field(default_factory=lambda: [30, 60, 80])  # epochs >= 0 (step)
+    gamma: Positive = 0.1           # lr factor at each milestone (step)
     # when milestone m takes effect: after_epochs = after m full epochs (fb.resnet.torch's
     # floor((epoch-1)/30), torch's MultiStepLR); start_of_epoch = when 1-based epoch m starts,
     # so m-1 epochs at the old lr (the official WRN CIFAR/SVHN code: train.lua L174-181)
     milestone_rule: Literal["after_epochs", "start_of_epoch"] = "after_epochs"
-    warmup_epochs: float = 0.0      # linear warmup from warmup_factor * lr
-    warmup_factor: float = 0.0
-    min_lr: float = 0.0             # floor of the cosine schedule
+    warmup_epochs: NonNegative = 0.0  # linear warmup from warmup_factor * lr
+    warmup_factor: Annotated[float, Range("[0, 1]")] = 0.0
+    min_lr: NonNegative = 0.0       # floor of the cosine schedule
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 90
-    batch_size: int = 256           # GLOBAL batch per optimizer step (all processes, all micro-steps)
-    grad_accum: int = 1             # micro-batches per optimizer step
-    label_smoothing: float = 0.0
-    mixup: float = 0.0              # timm Mixup alpha (0 = off)
-    cutmix: float = 0.0             # timm CutMix alpha (0 = off)
-    ema_decay: float = 0.0          # 0 = no EMA; e.g. 0.9998 (timm ModelEmaV3)
+    epochs: Count = 90
+    batch_size: Count = 256         # GLOBAL batch per optimizer step (all processes, all micro-steps)
+    grad_accum: Count = 1           # micro-batches per optimizer step (divides batch_size)
+    label_smoothing: Fraction = 0.0
+    mixup: NonNegative = 0.0        # timm Mixup alpha (0 = off)
+    cutmix: NonNegative = 0.0       # timm CutMix alpha (0 = off)
+    ema_decay: Fraction = 0.0       # 0 = no EMA; e.g. 0.9998 (timm ModelEmaV3)
     # auto = what suits the device: see "Precision and speed switches" in docs/switches.md
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on the CPU
     channels_last: Switch = "auto"  # auto: on with CUDA, off on the CPU
     compile: Switch = "auto"        # auto: torch.compile on with CUDA, off on the CPU
-    seed: int = 0
+    seed: Size = 0
     deterministic: bool = False     # deterministic algorithms (cuDNN, cuBLAS); off: cudnn.benchmark
     # BatchNorm statistics (model and EMA) made equal on all ranks before every evaluation and
     # checkpoint: reduce = mean over ranks (timm's default: every rank's batches count),
@@ -85,30 +92,34 @@ class TrainConfig:
     # stacks to RUN_DIR/hang_*.txt and exit 75 so torchrun restarts from the last checkpoint
     # (engine/watchdog.py; launch/README.md); 0 = off. Above any healthy step, evaluation
     # batch or checkpoint of the shipped recipes
-    hang_timeout_s: float = 900.0
+    hang_timeout_s: NonNegative = 900.0
     # a rank whose forward or data wait over a logging interval is this many times the median
     # rank's is named in the log as a straggler (0 = off)
-    straggler_factor: float = 1.5
+    straggler_factor: Annotated[float, Range("(1, inf)", off=0)] = 1.5
 
 
 @dataclass
 class EngineConfig:
     name: str = "ddp"               # ddp | deepspeed
     deepspeed_config: str = "launch/deepspeed/zero1.json"  # used by engine=deepspeed
-    zero_stage: int | None = None   # overrides the JSON's stage when set
+    zero_stage: Literal[0, 1, 2, 3] | None = None  # overrides the JSON's stage when set
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
 
 
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
-    resume: str = "auto"            # auto (newest valid checkpoint in output_dir) | none | PATH
-    checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
-    keep_checkpoints: int = 3
-    eval_every_epochs: int = 1
-    log_every_steps: int = 20
+    # auto (newest valid checkpoint in output_dir) | none | PATH
+    resume: Annotated[str, ChoiceOrPath(("auto", "none"), "a checkpoint")] = "auto"
+    checkpoint_every_steps: Size = 0  # 0 = only at the end of each epoch
+    keep_checkpoints: Count = 3
+    eval_every_epochs: Count = 1
+    log_every_steps: Count = 20
     progress: bool = True           # progress bar on rank 0
-    max_steps: int = 0              # stop (with a checkpoint) after this many optimizer steps; 0 = off
+    max_steps: Size = 0             # stop (with a checkpoint) after this many optimizer steps; 0 = off
+
+
+ErrorPercent = Annotated[float, Range("[0, 100]")]  # a test error in %
 
 
 @dataclass
@@ -117,12 +128,12 @@ class PaperConfig:
     on the config's data.dataset (cifar10, cifar100, svhn) or ImageNet top-1/top-5 error."""
     table: str | None = None        # e.g. "6"
     row: str | None = None          # the row's label there, e.g. "WRN-28-10, dropout 0.3"
-    cifar10: float | None = None
-    cifar100: float | None = None
-    svhn: float | None = None
-    top1: float | None = None
-    top5: float | None = None
-    runs: int = 1                   # the runs the paper's statistic is over
+    cifar10: ErrorPercent | None = None
+    cifar100: ErrorPercent | None = None
+    svhn: ErrorPercent | None = None
+    top1: ErrorPercent | None = None
+    top5: ErrorPercent | None = None
+    runs: Count = 1                 # the runs the paper's statistic is over
     statistic: Literal["median", "mean", "single", "unstated"] = "single"
 
 
@@ -159,6 +170,16 @@ def _coerce(value: Any, tp, where: str):
     origin = typing.get_origin(tp)
     if origin is Literal:
         return _coerce_choice(value, typing.get_args(tp), where)
+    if origin is Annotated:                      # a type and what its values must be (Range)
+        kind, *rules = typing.get_args(tp)
+        if isinstance(value, bool) and any(isinstance(r, ChoiceOrPath) for r in rules):
+            value = "on" if value else "off"     # YAML's reading of a bare on/off
+        value = _coerce(value, kind, where)
+        for rule in rules:
+            problem = rule.problem(value)
+            if problem:
+                raise ConfigError(f"{where}: {problem}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -181,6 +202,8 @@ def _coerce(value: Any, tp, where: str):
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+            value = float(value)                 # YAML 1.1 reads 5e-4 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -199,12 +222,12 @@ def _coerce_choice(value: Any, choices: tuple, where: str) -> str:
     if isinstance(value, bool):  # YAML's reading of a bare on/off
         value = "on" if value else "off"
     if value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
     return value
 
 
 def _apply(obj, values: dict, where: str, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
+    hints = typing.get_type_hints(type(obj), include_extras=True)
     fields = _fields(type(obj))
     for key, value in values.items():
         dotted = f"{prefix}{key}"
@@ -297,16 +320,31 @@ def config_from_dict(values: dict, where: str) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    if cfg.train.grad_accum < 1:
-        raise ConfigError("train.grad_accum must be >= 1")
-    paper = cfg.paper
-    for key in PAPER_METRICS:
-        value = getattr(paper, key)
-        if value is not None and not 0 <= value <= 100:
-            raise ConfigError(f"paper.{key}: a test error in %, got {value}")
-    if paper.runs < 1 or (paper.statistic in ("median", "mean")) == (paper.runs == 1):
-        raise ConfigError(f"paper.runs={paper.runs} with paper.statistic={paper.statistic}: "
-                          "'single' (and 'unstated') is one run, 'median'/'mean' are over more")
+    """The first combination of values that no data or machine can make right, as an error
+    (each value alone was checked as it was read)."""
+    problem = next(combination_problems(cfg), None)
+    if problem:
+        raise ConfigError(problem)
+
+
+def combination_problems(cfg: Config) -> Iterator[str]:
+    t, o, paper = cfg.train, cfg.optim, cfg.paper
+    if t.batch_size % t.grad_accum:
+        yield f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+    if o.nesterov and (o.momentum == 0 or o.dampening != 0):
+        yield (f"optim.nesterov=true needs optim.momentum > 0 and optim.dampening=0 (they are "
+               f"{o.momentum:g} and {o.dampening:g}); or optim.nesterov=false")
+    if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and m >= 0
+               for m in cfg.schedule.milestones):
+        yield f"schedule.milestones={cfg.schedule.milestones}: epochs, numbers >= 0"
+    if cfg.model.pretrained_ema and not cfg.model.pretrained:
+        yield "model.pretrained_ema=true needs model.pretrained: the checkpoint whose EMA to load"
+    if (paper.statistic in ("median", "mean")) == (paper.runs == 1):
+        yield (f"paper.runs={paper.runs} with paper.statistic={paper.statistic}: "
+               "'single' (and 'unstated') is one run, 'median'/'mean' are over more")
+    data = cfg.data.problem()
+    if data:
+        yield data
 
 
 def to_dict(cfg: Config) -> dict:
@@ -324,13 +362,30 @@ def save_config(cfg: Config, path: str | os.PathLike, provenance: dict | None = 
 
 
 def describe_keys(obj=None, prefix: str = "") -> list[str]:
-    """Every key with its default, for --help."""
+    """Every key with its default and, where the schema closes them, its allowed values, for
+    --list-keys: ``train.amp='auto'  # auto | off | bf16 | fp16``."""
     obj = obj if obj is not None else Config()
+    hints = typing.get_type_hints(type(obj), include_extras=True)
     lines = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             lines += describe_keys(value, f"{prefix}{f.name}.")
         else:
-            lines.append(f"{prefix}{f.name}={value!r}")
+            allowed = allowed_values(hints[f.name])
+            lines.append(f"{prefix}{f.name}={value!r}" + (f"  # {allowed}" if allowed else ""))
     return lines
+
+
+def allowed_values(tp) -> str:
+    """``auto | off | bf16 | fp16``, ``>= 1``, ``in (0, 1]``; '' for an open type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    if origin is Annotated:
+        return ", ".join(str(rule) for rule in typing.get_args(tp)[1:])
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        parts = [allowed_values(a) for a in args if a is not type(None)]
+        return " | ".join(parts + ["null"] * (type(None) in args)) if all(parts) else ""
+    return ""

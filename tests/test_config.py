@@ -43,8 +43,10 @@ def test_svhn_and_imagenet_recipes():
 def test_overrides_are_typed():
     cfg = load_config("configs/cifar/recipe.yaml",
                       ["train.epochs=3", "optim.lr=0.05", "schedule.milestones=[1,2]",
-                       "model.kwargs.dropout=0.3", "data.root=/tmp/x", "optim.nesterov=false"])
+                       "model.kwargs.dropout=0.3", "data.root=/tmp/x", "optim.nesterov=false",
+                       "optim.weight_decay=5e-4"])
     assert cfg.train.epochs == 3 and cfg.optim.lr == 0.05
+    assert cfg.optim.weight_decay == 5e-4                # YAML 1.1 reads 5e-4 as a string
     assert cfg.schedule.milestones == [1, 2]
     assert cfg.model.kwargs["dropout"] == 0.3 and cfg.data.root == "/tmp/x"
     assert cfg.optim.nesterov is False
@@ -58,7 +60,7 @@ def test_overrides_are_typed():
     ("optim.nesterov=maybe", r"optim.nesterov: expected true/false"),
     ("train.amp=fp8", r"train.amp: 'fp8' is not one of"),
     ("train.epochs", r"not of the form key=value"),
-    ("paper.cifar10=120", r"paper.cifar10: a test error in %, got 120"),
+    ("paper.cifar10=120", r"paper.cifar10: must be in \[0, 100\], got 120"),
     ("paper.cifar1O=3.9", r"unknown key 'paper.cifar1O'.*Did you mean cifar10"),
     ("paper.statistic=median", r"paper.runs=1 with paper.statistic=median"),
 ])
@@ -113,7 +115,11 @@ def test_cli_reports_config_errors(capsys):
     assert train_imagenet.main(["--config", "configs/cifar/recipe.yaml", "train.epoch=1"]) == 2
     assert "unknown key 'train.epoch'" in capsys.readouterr().err
     assert train_imagenet.main(["--list-keys"]) == 0
-    assert "optim.lr=0.1" in capsys.readouterr().out
+    keys = capsys.readouterr().out.splitlines()
+    assert "optim.lr=0.1  # > 0" in keys and "model.name='wrn18_x1'" in keys     # a registry: open
+    assert "train.amp='auto'  # auto | off | bf16 | fp16" in keys
+    assert "data.listing_cache='auto'  # auto | off | a folder" in keys
+    assert "data.num_classes=None  # >= 1 | null" in keys
 
 
 @pytest.mark.parametrize("override, key, value", [
@@ -161,3 +167,85 @@ def test_reading_a_config_imports_neither_torch_nor_dali():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", r"command line: train.epochs: must be >= 1, got 0$"),
+    ("train.batch_size=0", r"train.batch_size: must be >= 1"),
+    ("train.grad_accum=0", r"train.grad_accum: must be >= 1"),
+    ("optim.lr=0", r"optim.lr: must be > 0, got 0.0"),
+    ("optim.lr=-0.1", r"optim.lr: must be > 0"),
+    ("optim.lr=.nan", r"optim.lr: must be > 0, got nan"),
+    ("optim.lr_batch=0", r"optim.lr_batch: must be >= 1"),
+    ("optim.momentum=1", r"optim.momentum: must be in \[0, 1\), got 1.0"),
+    ("optim.weight_decay=-1e-4", r"optim.weight_decay: must be >= 0"),
+    ("schedule.gamma=0", r"schedule.gamma: must be > 0"),
+    ("schedule.warmup_factor=2", r"schedule.warmup_factor: must be in \[0, 1\]"),
+    ("run.log_every_steps=0", r"run.log_every_steps: must be >= 1"),
+    ("run.eval_every_epochs=0", r"run.eval_every_epochs: must be >= 1"),
+    ("run.keep_checkpoints=0", r"run.keep_checkpoints: must be >= 1"),
+    ("run.checkpoint_every_steps=-1", r"run.checkpoint_every_steps: must be >= 0"),
+    ("data.workers=-1", r"data.workers: must be >= 0, got -1"),
+    ("data.read_ahead=0", r"data.read_ahead: must be >= 1"),
+    ("data.image_size=0", r"data.image_size: must be >= 1"),
+    ("data.num_classes=0", r"data.num_classes: must be >= 1"),
+    ("data.max_bad_images=-1", r"data.max_bad_images: must be >= 0"),
+    ("data.min_crop_area=0", r"data.min_crop_area: must be in \(0, 1\], got 0.0"),
+    ("data.min_crop_area=1.5", r"data.min_crop_area: must be in \(0, 1\]"),
+    ("train.ema_decay=1", r"train.ema_decay: must be in \[0, 1\), got 1.0"),
+    ("train.label_smoothing=1", r"train.label_smoothing: must be in \[0, 1\)"),
+    ("train.hang_timeout_s=-1", r"train.hang_timeout_s: must be >= 0"),
+    ("train.straggler_factor=0.5", r"train.straggler_factor: must be 0 \(off\) or > 1, got 0.5"),
+    ("paper.runs=0", r"paper.runs: must be >= 1"),
+])
+def test_a_value_out_of_its_range_names_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/quickstart.yaml", [override])
+
+
+def test_the_edges_of_the_ranges_load():
+    cfg = load_config("configs/quickstart.yaml", [
+        "train.straggler_factor=0", "train.ema_decay=0", "data.min_crop_area=1", "data.workers=0",
+        "run.max_steps=0", "data.max_bad_images=0", "data.num_classes=null", "train.hang_timeout_s=0",
+        "optim.lr=1e12", "data.listing_cache=./cache", "run.resume=step_00000008.pt"])
+    assert (cfg.train.straggler_factor, cfg.data.min_crop_area, cfg.data.num_classes) == (0, 1, None)
+
+
+def test_a_range_in_a_file_names_the_file(tmp_path):
+    recipe = tmp_path / "zero.yaml"
+    recipe.write_text("base: " + str(REPO_ROOT / "configs/quickstart.yaml") + "\ntrain:\n  epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"zero.yaml: train.epochs: must be >= 1, got 0"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("quickstart", ["data.normalization=zca"],
+     r"^data.normalization=zca with data.dataset=imagenet: .*meanstd"),
+    ("quickstart", ["data.normalization=scale"], r"data.normalization=scale with data.dataset=imagenet"),
+    ("cifar/recipe", ["data.dataset=svhn", "data.normalization=zca"],
+     r"data.normalization=zca is for cifar10/cifar100, not svhn"),
+    ("cifar/recipe", ["data.dataset=imagenet"], r"data.mean/data.std set the CIFAR/SVHN"),
+    ("quickstart", ["data.mean=[120, 115, 100]"], r"data.mean/data.std set the CIFAR/SVHN"),
+    ("cifar/recipe", ["data.mean=[125.3, 123.0]"], r"data.mean=\[125.3, 123.0\]: three numbers"),
+    ("cifar/recipe", ["data.std=[63.0, 0, 66.7]"], r"data.std=.*: three numbers .*above 0"),
+    ("cifar/recipe", ["data.mean=[1, 2, 300]"], r"data.mean=.*0-255"),
+    ("quickstart", ["data.val_resize=60"], r"data.val_resize=60 is below data.image_size=64"),
+    ("quickstart", ["train.batch_size=64", "train.grad_accum=3"],
+     r"train.batch_size=64 is not divisible by train.grad_accum=3"),
+    ("quickstart", ["optim.dampening=0.5"], r"optim.nesterov=true needs optim.momentum > 0 and optim.dampening=0"),
+    ("quickstart", ["optim.momentum=0"], r"optim.nesterov=true needs"),
+    ("quickstart", ["schedule.milestones=[30, -1]"], r"schedule.milestones=\[30, -1\]: epochs, numbers >= 0"),
+    ("quickstart", ["schedule.milestones=[a]"], r"schedule.milestones=\['a'\]"),
+    ("quickstart", ["model.pretrained_ema=true"], r"model.pretrained_ema=true needs model.pretrained"),
+])
+def test_values_that_do_not_go_together_are_named(config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(f"configs/{config}.yaml", overrides)
+
+
+def test_combinations_are_checked_after_every_override():
+    """The order of overrides does not matter: an ImageNet recipe turned into a CIFAR one."""
+    cfg = load_config("configs/quickstart.yaml", ["data.normalization=zca", "data.dataset=cifar10"])
+    assert (cfg.data.dataset, cfg.data.normalization) == ("cifar10", "zca")
+    assert load_config("configs/quickstart.yaml", ["optim.nesterov=false", "optim.momentum=0"])
+
