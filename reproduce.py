@@ -57,7 +57,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.config import ConfigError
+    from engine.config import ConfigError, check_paths, load_config
     from engine.results_table import MixedRuns, read_run, write_table
     from engine.sweep import STOPPED, claim, plan, queued_array, run_locally, submit_array
 
@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     try:
         runs = plan(args.configs, list(range(args.first_seed, args.first_seed + args.seeds)),
                     out, args.overrides)
+        if not (args.table or args.slurm):  # the array's nodes check theirs (node-local data)
+            for run in {r.config: r for r in runs}.values():    # the seeds share their paths
+                check_paths(load_config(run.config, run.overrides))
         for run in runs:
             claim(run)
     except ConfigError as e:

@@ -47,13 +47,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.config import ConfigError, describe_keys, load_config, to_dict
+    from engine.config import ConfigError, check_paths, describe_keys, load_config, to_dict
 
     if args.list_keys:
         print("\n".join(describe_keys()))
         return 0
-    try:
+    try:  # every value, then the paths the run reads: before torch, before the run directory
         cfg = load_config(args.config, args.overrides)
+        if not args.print_config:
+            check_paths(cfg, training=not args.eval_only)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

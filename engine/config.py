@@ -7,7 +7,9 @@ the key, the file it came from and the closest valid keys.
 Every value is checked as it is read, against its field's type: a closed set is a ``Literal``,
 a number's range a ``Range`` (``Count``: 1, 2, ...; pipelines/config.py). ``validate`` then
 checks combinations. Registries (``model.name``, ``engine.name``, ``data.backend``) are open
-sets, checked where they are built.
+sets, checked where they are built. The paths a run reads are checked by ``check_paths``, which
+the commands call: not here, since a checkpoint's saved config is read again on machines where
+its data.root does not exist.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from typing import Annotated, Any, Iterator, Literal
 
 import yaml
 
-from pipelines.config import (ChoiceOrPath, Count, DataConfig, Fraction, NonNegative, Positive,
-                              Range, Size)
+from pipelines.config import (SMALL_DATASETS, ChoiceOrPath, Count, DataConfig, Fraction,
+                              NonNegative, Positive, Range, Size)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A three-way switch. YAML 1.1 reads a bare on/off (and yes/no, true/false) as a boolean, so
@@ -345,6 +347,74 @@ def combination_problems(cfg: Config) -> Iterator[str]:
     data = cfg.data.problem()
     if data:
         yield data
+
+
+URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def check_paths(cfg: Config, training: bool = True) -> None:
+    """The first path the run reads that is not there, as an error. The commands call it after
+    reading the config (train_imagenet.py, its --eval-only with ``training=False``, reproduce.py);
+    ``load_config`` does not, since a checkpoint's saved config is read again (predict, export)
+    on machines where its data.root no longer exists."""
+    problem = next(path_problems(cfg, training), None)
+    if problem:
+        raise ConfigError(problem)
+
+
+def path_problems(cfg: Config, training: bool = True) -> Iterator[str]:
+    d = cfg.data
+    reads_data = d.backend != "synthetic"
+    if reads_data and d.root is not None:
+        problem = data_root_problem(d.root)
+        if problem:
+            yield problem
+    elif reads_data and d.dataset in SMALL_DATASETS:
+        yield (f"data.dataset={d.dataset} has no built-in data set: set data.root to the folder "
+               f"of its files (pipelines/README.md)")
+    if d.file_list is not None and reads_data:
+        for split in ("train", "val") if training else ("val",):
+            path = d.file_list.replace("{split}", split)
+            if URL.match(path) or not os.path.isfile(path):
+                yield (f"data.file_list={d.file_list}: no file {path} (`python -m pipelines "
+                       f"verify DATA_DIR` writes the clean lists)")
+    pretrained = cfg.model.pretrained
+    if pretrained is not None:
+        if URL.match(pretrained):
+            yield f"model.pretrained={pretrained}: a URL; a local checkpoint file is meant"
+        elif os.path.isdir(pretrained):
+            yield (f"model.pretrained={pretrained} is a folder; a checkpoint file is meant (a "
+                   f"DeepSpeed checkpoint's weights: {Path(pretrained) / 'weights.pt'})")
+        elif not os.path.exists(pretrained):
+            yield f"model.pretrained: checkpoint not found: {pretrained}"
+    if not training:
+        return
+    resume = cfg.run.resume
+    if resume not in ("auto", "none") and (URL.match(resume) or not os.path.exists(resume)):
+        yield f"run.resume={resume}: no such checkpoint"
+    ds = cfg.engine.deepspeed_config
+    if cfg.engine.name == "deepspeed" and not any(p.is_file() for p in (Path(ds), REPO_ROOT / ds)):
+        yield f"engine.deepspeed_config={ds}: no such file (here or under {REPO_ROOT})"
+
+
+def data_root_problem(root: str) -> str | None:
+    """What makes ``data.root`` unreadable, or None: the data source that reads it decides
+    (pipelines/sources.py: a local path must exist; a URL's scheme needs a source that reads
+    it). Until that registry exists: a local path must be a folder, and no URL is read."""
+    try:
+        from pipelines.sources import root_problem
+    except ModuleNotFoundError as e:
+        if e.name != "pipelines.sources":
+            raise
+    else:
+        problem = root_problem(root)
+        return f"data.root: {problem}" if problem and "data.root" not in problem else problem
+    scheme = URL.match(root)
+    if scheme:
+        return f"data.root={root}: no data source reads {scheme.group(1).lower()}:// URLs"
+    if not os.path.isdir(root):
+        return f"data.root={root} {'is not a folder' if os.path.exists(root) else 'does not exist'}"
+    return None
 
 
 def to_dict(cfg: Config) -> dict:

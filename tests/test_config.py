@@ -6,7 +6,8 @@ import sys
 import pytest
 
 import wrn_large
-from engine.config import REPO_ROOT, ConfigError, load_config, save_config
+from engine.config import (REPO_ROOT, ConfigError, check_paths, config_from_dict, load_config,
+                           save_config, to_dict)
 
 RECIPES = sorted(p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "configs").rglob("*.yaml")
                  if "detection" not in p.parts)
@@ -249,3 +250,92 @@ def test_combinations_are_checked_after_every_override():
     assert (cfg.data.dataset, cfg.data.normalization) == ("cifar10", "zca")
     assert load_config("configs/quickstart.yaml", ["optim.nesterov=false", "optim.momentum=0"])
 
+
+# ------------------------------------------------------------------ paths (check_paths)
+@pytest.fixture
+def places(tmp_path):
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "val").mkdir()
+    checkpoint = tmp_path / "step_00000008.pt"
+    checkpoint.write_bytes(b"PK\x03\x04")
+    return {"data": data, "checkpoint": checkpoint, "missing": tmp_path / "no_such_thing",
+            "tmp": tmp_path}
+
+
+def paths_problem(overrides: list[str], config="quickstart", training=True) -> str | None:
+    cfg = load_config(f"configs/{config}.yaml", overrides)   # reading never looks at the paths
+    try:
+        check_paths(cfg, training=training)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        return str(e)
+    return None
+
+
+def test_paths_that_exist_pass(places):
+    assert paths_problem([f"data.root={places['data']}", f"model.pretrained={places['checkpoint']}",
+                          f"run.resume={places['checkpoint']}", "engine.name=deepspeed"]) is None
+    assert paths_problem([]) is None                      # the built-in data set, no checkpoint
+    assert paths_problem(["data.backend=synthetic"], "cifar/recipe") is None  # reads no data
+
+
+def test_a_missing_path_is_named(places):
+    missing = places["missing"]
+    assert paths_problem([f"data.root={missing}"]) == f"data.root={missing} does not exist"
+    assert paths_problem([f"model.pretrained={missing}"]) == f"model.pretrained: checkpoint not found: {missing}"
+    assert "is a folder; a checkpoint file is meant" in paths_problem([f"model.pretrained={places['data']}"])
+    assert paths_problem([f"run.resume={missing}"]) == f"run.resume={missing}: no such checkpoint"
+    assert paths_problem([f"run.resume={missing}"], training=False) is None   # --eval-only
+    assert paths_problem(["engine.name=deepspeed", "engine.deepspeed_config=launch/nope.json"]) \
+        .startswith("engine.deepspeed_config=launch/nope.json: no such file")
+    assert paths_problem(["engine.deepspeed_config=launch/nope.json"]) is None  # ddp reads none
+    assert paths_problem([], "cifar/recipe").startswith(
+        "data.dataset=cifar10 has no built-in data set: set data.root")
+
+
+def test_a_url_is_not_taken_for_a_local_path(places):
+    problem = paths_problem(["data.root=s3://bucket/imagenet"])
+    assert problem.startswith("data.root") and "no data source reads s3:// URLs" in problem
+    assert "a URL" in paths_problem(["model.pretrained=https://example.com/w.pt"])
+
+
+def test_a_file_list_is_checked_for_each_split_the_command_reads(places):
+    lists = places["tmp"] / "lists"
+    lists.mkdir()
+    (lists / "val_clean.txt").write_text("")
+    pattern = str(lists / "{split}_clean.txt")
+    overrides = [f"data.root={places['data']}", f"data.file_list={pattern}"]
+    assert paths_problem(overrides) == (f"data.file_list={pattern}: no file {lists / 'train_clean.txt'} "
+                                        f"(`python -m pipelines verify DATA_DIR` writes the clean lists)")
+    assert paths_problem(overrides, training=False) is None   # evaluation reads val only
+    (lists / "train_clean.txt").write_text("")
+    assert paths_problem(overrides) is None
+
+
+def test_a_saved_config_reads_where_its_paths_are_gone(places, tmp_path):
+    """predict/export read a checkpoint's config on another machine: reading must not need its
+    data.root or checkpoint there; only the commands that train or evaluate check them."""
+    cfg = load_config("configs/cifar/recipe.yaml", [f"data.root={places['missing']}",
+                                                     f"model.pretrained={places['missing']}"])
+    again = config_from_dict(to_dict(cfg), "step_00000008.pt (its config)")
+    assert again == cfg
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_paths(again)
+
+
+def test_commands_check_paths_before_the_run(places, capsys):
+    import reproduce
+    import train_imagenet
+    out = places["tmp"] / "out"
+    missing = places["missing"]
+    assert train_imagenet.main([f"run.output_dir={out}", f"data.root={missing}"]) == 2
+    assert capsys.readouterr().err == f"config error: data.root={missing} does not exist\n"
+    assert train_imagenet.main(["--eval-only", f"model.pretrained={missing}"]) == 2
+    assert capsys.readouterr().err == f"config error: model.pretrained: checkpoint not found: {missing}\n"
+    assert train_imagenet.main(["--print-config", f"data.root={missing}"]) == 0   # reads nothing
+    capsys.readouterr()
+    assert reproduce.main(["configs/quickstart.yaml", "--seeds", "1", "--out", str(out),
+                           f"data.root={missing}"]) == 2
+    assert capsys.readouterr().err == f"config error: data.root={missing} does not exist\n"
+    assert not out.exists()
