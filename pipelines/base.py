@@ -8,13 +8,14 @@ package is one file named in ``BUILTIN_BACKENDS``, imported on the first ``build
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
 from .config import DataConfig
+from .quarantine import Quarantine, quarantine_for
 
 
 @dataclass
@@ -28,8 +29,12 @@ class LoaderSpec:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # where the run pins its folder listings (RUN_DIR/listings): a resumed run reads the data
-    # set its first start listed (pipelines.folder.load_samples); None: list the folder
+    # set its first start listed (pipelines.sources.open_samples); None: list the folder
     listings: Path | None = None
+    # the split's bad images under data.on_bad_image=skip (pipelines.quarantine.quarantine_for):
+    # the caller keeps it (checkpoints its state(), writes its listing()); the backend binds it
+    # to the samples and fills it. None: build_loader makes one where data.on_bad_image=skip
+    quarantine: Quarantine | None = None
 
     def pinned_listing(self) -> Path | None:
         return self.listings / f"{self.split}.json" if self.listings is not None else None
@@ -49,7 +54,8 @@ class Loader(Protocol):
     - val: every sample is yielded by exactly one rank, exactly once (no padding duplicates);
       ranks may yield different numbers of batches;
     - ``set_epoch(epoch, start_batch)`` selects the epoch the next iteration yields and skips its
-      first ``start_batch`` batches (exact mid-epoch resume).
+      first ``start_batch`` batches (exact mid-epoch resume);
+    - bad images go into ``spec.quarantine`` (the caller's: a loader does not expose it).
     """
 
     num_classes: int
@@ -162,4 +168,12 @@ def build_loader(cfg: DataConfig, spec: LoaderSpec) -> Loader:
     if (cfg.mean is not None or cfg.std is not None) and cfg.dataset == "imagenet":
         raise ValueError("data.mean/data.std set the CIFAR/SVHN normalisation; ImageNet "
                          "pipelines use ImageNet's constants")
+    if spec.quarantine is None:
+        spec = replace(spec, quarantine=quarantine_for(cfg, spec.split))
+    elif cfg.on_bad_image != "skip":
+        raise ValueError(f"LoaderSpec.quarantine is given but data.on_bad_image="
+                         f"{cfg.on_bad_image!r}: a quarantine is for skip")
+    elif spec.quarantine.split != spec.split:
+        raise ValueError(f"the {spec.quarantine.split} quarantine given for the {spec.split} "
+                         f"split")
     return _backends[resolve_backend(cfg.backend)](cfg, spec)

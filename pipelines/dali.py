@@ -21,8 +21,9 @@ Val: decode the whole image. What follows depends on ``data.resize_with`` (``res
 
 - on the GPU (``auto``/``dali``): DALI resizes (antialiased bilinear) to ``image_size``, or
   for val to the size torchvision's ``Resize(val_resize)`` gives, and centre-crops at the
-  offset torchvision's ``CenterCrop`` uses (both computed in Python, ``ValGeometry``); one
-  fused ``crop_mirror_normalize`` flips, crops and normalises to float;
+  offset torchvision's ``CenterCrop`` uses (both computed in Python, ``ValGeometry``, from
+  the eval preset's sizes, ``presets.py``); one fused ``crop_mirror_normalize`` flips, crops
+  and normalises to float with the preset's mean/std;
 - on the CPU (``auto``/``torch``): the graph stops after decoding and ``torch_resize`` resizes,
   flips and normalises in torch's uint8 kernels, which are ~6x faster than DALI's CPU
   resampler here and are torchvision's own (results equal torchvision's tensor transforms).
@@ -53,11 +54,12 @@ from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 
 from . import torch_resize
 from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
-from .folder import Samples, load_samples
-from .quarantine import Quarantine, TooManyBadImages, quarantine_for, raise_if_folder_gone
-from .read_ahead import ReadAhead, read_or_error
+from .presets import eval_preset
+from .quarantine import (VERIFY_HINT, BadImage, BadImagePolicy, CorruptImageError,
+                         TooManyBadImages)
+from .read_ahead import ReadAhead
 from .sample_rng import sample_uniforms
-from .torch_backend import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
+from .sources import Samples, open_samples
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +88,11 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 
 
 # ---------------------------------------------------------------- the DALI graphs
-MEAN_255 = [m * 255 for m in IMAGENET_MEAN]
-STD_255 = [v * 255 for v in IMAGENET_STD]
-
-
-def normalize(images, layout: str, **crop_and_mirror):
-    """Flip, crop and normalise to float in one pass (crop_mirror_normalize)."""
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=MEAN_255,
-                                    std=STD_255, **crop_and_mirror)
+def normalize(images, layout: str, mean: list[float], std: list[float], **crop_and_mirror):
+    """Flip, crop and normalise to float in one pass (crop_mirror_normalize); mean/std in 0-255
+    units (``EvalPreset.mean_255``)."""
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean,
+                                    std=std, **crop_and_mirror)
 
 
 # nvJPEG ("mixed") upsamples 4:2:0 chroma its own way unless asked to do as libjpeg-turbo (the
@@ -115,7 +114,7 @@ def decode(jpegs, decoder_device: str):
 
 @pipeline_def
 def imagenet_train_pipe(source, decoder_device: str, size: int, layout: str,
-                        resize_in_pipe: bool):
+                        resize_in_pipe: bool, mean: list[float], std: list[float]):
     jpegs, labels, anchor, shape, flip = fn.external_source(
         source=source, num_outputs=5,
         dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32])
@@ -126,12 +125,12 @@ def imagenet_train_pipe(source, decoder_device: str, size: int, layout: str,
         return crops, labels, flip
     images = fn.resize(crops, size=[size, size], antialias=True,
                        interp_type=types.INTERP_LINEAR)
-    return normalize(images, layout, mirror=flip), labels
+    return normalize(images, layout, mean, std, mirror=flip), labels
 
 
 @pipeline_def
 def imagenet_val_pipe(source, decoder_device: str, crop: int, layout: str,
-                      resize_in_pipe: bool):
+                      resize_in_pipe: bool, mean: list[float], std: list[float]):
     if not resize_in_pipe:  # torch_resize finishes: Resize + CenterCrop, normalise
         jpegs, labels = fn.external_source(source=source, num_outputs=2,
                                            dtype=[types.UINT8, types.INT64])
@@ -143,7 +142,7 @@ def imagenet_val_pipe(source, decoder_device: str, crop: int, layout: str,
     # DALI's own resize_shorter / centre-crop rounding is up to a pixel off
     images = fn.resize(decode(jpegs, decoder_device), size=resized_hw, antialias=True,
                        interp_type=types.INTERP_LINEAR)
-    return normalize(images, layout, crop=(crop, crop), crop_pos_x=crop_x,
+    return normalize(images, layout, mean, std, crop=(crop, crop), crop_pos_x=crop_x,
                      crop_pos_y=crop_y), labels
 
 
@@ -194,12 +193,8 @@ def jpeg_is_truncated(data: bytes) -> bool:
     return True
 
 
-def size_or_problem(data, samples, index: int) -> tuple[int, int] | str:
-    """(height, width) of sample ``index``'s image, or why its bytes (or failed read) cannot be
-    fed. A missing class folder is not a bad image: it raises, naming the folder."""
-    if isinstance(data, OSError):
-        raise_if_folder_gone(samples, index, data)
-        return f"cannot read: {data.strerror or data}"
+def size_or_problem(data) -> tuple[int, int] | str:
+    """(height, width) of an encoded image, or why its bytes cannot be fed."""
     if jpeg_is_truncated(data):
         return "truncated: the JPEG ends before its end-of-image marker"
     size = jpeg_size(data)
@@ -243,8 +238,13 @@ def rrc_window(h: int, w: int, u: np.ndarray, scale: tuple[float, float],
     return (w - cw) // 2, (h - ch) // 2, cw, ch
 
 
-VERIFY_HINT = ("Run `python -m pipelines verify DATA_DIR` to list every bad file, and train on the "
-               "clean list it writes (data.file_list=...).")
+def fed_size(index: int, data) -> tuple[int, int]:
+    """The feed's check of a sample's bytes (``BadImagePolicy.resolve``): its (height, width),
+    or ``BadImage`` with the reason DALI could not use it."""
+    size = size_or_problem(data)
+    if isinstance(size, str):
+        raise BadImage(size)
+    return size
 
 
 # ---------------------------------------------------------------- feeding one epoch
@@ -253,34 +253,30 @@ class EpochSource:
     ahead by ``read_ahead``. Remembers the samples of the batches DALI has taken but not yet
     returned, to name a file that fails.
 
-    A sample that cannot be read, or is no image or a truncated JPEG, stops the run with its
-    name; with a ``quarantine`` (``data.on_bad_image=skip``) it is quarantined and replaced by
-    its substitute (training) or dropped (``drop_bad``: evaluation)."""
+    A sample that cannot be read, or is no image or a truncated JPEG, is handled by ``policy``
+    (``data.on_bad_image``, ``quarantine.BadImagePolicy``: stop with its name, or quarantine it
+    and feed its substitute or nothing); without a policy, it stops the run."""
 
     def __init__(self, samples: Samples, order: list[int], batch_size: int, augment=None,
-                 read_ahead: ReadAhead | None = None, quarantine: Quarantine | None = None,
-                 seed: int = 0, epoch: int = 0, drop_bad: bool = False):
+                 read_ahead: ReadAhead | None = None, policy: BadImagePolicy | None = None,
+                 epoch: int = 0):
         self.samples, self.order, self.batch_size, self.augment = samples, order, batch_size, augment
-        self.read_one = read_or_error(samples.read)
-        self.read_ahead = read_ahead or ReadAhead(self.read_one, 1)   # of read_or_error
-        self.quarantine, self.seed, self.epoch, self.drop_bad = quarantine, seed, epoch, drop_bad
+        self.policy = policy or BadImagePolicy(samples, None, seed=0, drop_bad=False)
+        self.read_ahead = read_ahead or ReadAhead(self.policy.read_one, 1)  # of read_or_error
+        self.epoch = epoch
         self.in_flight: deque[list[int]] = deque()
 
-    def wanted(self, slot: int) -> int:
-        if self.quarantine is None or self.drop_bad:
-            return slot
-        return self.quarantine.substitute(slot, self.seed, self.epoch)
-
     def __iter__(self):
-        bs = self.batch_size
-        wanted = [self.wanted(i) for i in self.order]   # as the quarantine is now
+        bs, policy = self.batch_size, self.policy
+        wanted = [policy.wanted(i, self.epoch) for i in self.order]   # as the quarantine is now
         files = self.read_ahead(wanted)
         for start in range(0, len(self.order), bs):
             slots = self.order[start:start + bs]
             picked, data, sizes = [], [], []
             for k, slot in enumerate(slots, start):
-                index, buf, size = self.checked(slot, wanted[k], next(files))
-                if buf is not None:
+                used = policy.resolve(slot, self.epoch, wanted[k], next(files), fed_size)
+                if used is not None:
+                    index, buf, size = used
                     picked.append(index)
                     data.append(np.frombuffer(buf, dtype=np.uint8))
                     sizes.append(size)
@@ -290,26 +286,6 @@ class EpochSource:
                 batch += self.augment(picked, sizes)
             yield tuple(batch)
 
-    def checked(self, slot: int, read: int, got) -> tuple[int, bytes | None, tuple[int, int] | None]:
-        """(sample used for ``slot``, its bytes, its image's (height, width)): ``got``, read
-        ahead for sample ``read``, or read again here when the quarantine has grown since; no
-        bytes and no size for a dropped sample."""
-        index = self.wanted(slot)
-        if index != read:
-            got = self.read_one(index)
-        while True:
-            if self.drop_bad and self.quarantine is not None and index in self.quarantine:
-                return index, None, None
-            size = size_or_problem(got, self.samples, index)
-            if not isinstance(size, str):
-                return index, got, size
-            reason = size
-            if self.quarantine is None:
-                raise CorruptImageError(f"{self.samples.describe(index)} ({reason}). {VERIFY_HINT}")
-            self.quarantine.add(index, reason)
-            index = self.wanted(slot)
-            got = self.read_one(index)
-
     def quarantine_undecodable(self) -> bool:
         """After DALI failed: quarantine the samples in flight that do not decode; whether any."""
         from .verify import check_sample
@@ -318,7 +294,7 @@ class EpochSource:
             for i in indices:
                 why = check_sample(self.samples, i)
                 if why is not None:
-                    self.quarantine.add(i, why)
+                    self.policy.quarantine.add(i, why)
                     found = True
         return found
 
@@ -411,14 +387,20 @@ def to_torch(tensor_list, dtype: torch.dtype) -> torch.Tensor:
 
 
 class DaliLoader(EpochOrder):
-    """A Loader (pipelines.base) over an ImageNet-layout folder or a verified file list."""
+    """A Loader (pipelines.base) over a source's samples (``pipelines.sources``: a folder, a
+    verified file list, a pack); the val graph's sizes and both graphs' mean/std are the eval
+    preset's (``presets.eval_preset``)."""
 
     def __init__(self, cfg: DataConfig, spec: LoaderSpec):
         self.cfg, self.spec = cfg, spec
-        self.samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
+        self.samples = open_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
                                     spec.pinned_listing())
-        self.read_ahead = ReadAhead(read_or_error(self.samples.read), cfg.read_ahead)
-        self.quarantine = quarantine_for(cfg, spec.split, self.samples)
+        if spec.quarantine is not None:
+            spec.quarantine.bind(self.samples)
+        self.policy = BadImagePolicy(self.samples, spec.quarantine, spec.seed,
+                                     drop_bad=spec.split != "train")
+        self.read_ahead = ReadAhead(self.policy.read_one, cfg.read_ahead)
+        self.preset = eval_preset(cfg)   # val sizes; the normalisation of both splits
         self.dataset_size = len(self.samples)
         self.num_classes = cfg.num_classes or len(self.samples.classes)
         self.classes = self.samples.classes
@@ -442,19 +424,21 @@ class DaliLoader(EpochOrder):
                       # both cores busy while torch resizes (+5-15%, docs/benchmarks.md)
                       exec_dynamic=cpu, prefetch_queue_depth=3 if cpu else 2)
         layout = "HWC" if cfg.channels_last else "CHW"
-        graph = imagenet_train_pipe if s.split == "train" else imagenet_val_pipe
-        return graph(source, self.decoder_device, cfg.image_size, layout, self.resize_in_pipe,
-                     **common)
+        p = self.preset
+        graph, size = ((imagenet_train_pipe, cfg.image_size) if s.split == "train"
+                       else (imagenet_val_pipe, p.crop_size))
+        return graph(source, self.decoder_device, size, layout, self.resize_in_pipe,
+                     p.mean_255, p.std_255, **common)
 
     def source(self, order: list[int]) -> EpochSource:
         s, cfg = self.spec, self.cfg
         if s.split == "train":
             augment = TrainAugment(s.seed, self.epoch, (cfg.min_crop_area, 1.0), cfg.augment)
         else:
-            augment = (ValGeometry(cfg.val_resize, cfg.image_size) if self.resize_in_pipe
-                       else None)
+            augment = (ValGeometry(self.preset.resize_size, self.preset.crop_size)
+                       if self.resize_in_pipe else None)
         return EpochSource(self.samples, order, s.batch_size, augment, self.read_ahead,
-                           self.quarantine, s.seed, self.epoch, drop_bad=s.split != "train")
+                           self.policy, self.epoch)
 
     def batch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) as the trainer wants them from one run of the pipeline."""
@@ -467,10 +451,9 @@ class DaliLoader(EpochOrder):
         with torch_resize.one_thread():
             if self.spec.split == "train":
                 x = torch_resize.resize_crops(images, cfg.image_size, outputs[2].as_array(),
-                                              cfg.channels_last)
+                                              cfg.channels_last, self.preset)
             else:
-                x = torch_resize.resize_center_crop(images, cfg.val_resize, cfg.image_size,
-                                                    cfg.channels_last)
+                x = torch_resize.resize_center_crop(images, self.preset, cfg.channels_last)
         return x.to(device), labels
 
     def __iter__(self):
@@ -490,7 +473,7 @@ class DaliLoader(EpochOrder):
                         raise                              # raised by our feed, already named
                     except RuntimeError as e:
                         # DALI cannot skip a sample (NVIDIA/DALI#1727): its pipeline is dead
-                        if self.quarantine is None or not source.quarantine_undecodable():
+                        if self.spec.quarantine is None or not source.quarantine_undecodable():
                             raise source.explain(e) from e
                         break
                     source.returned()

@@ -6,6 +6,9 @@ every rank of every job. So the listing is cached (``data.listing_cache``): one 
 the folder and writes the listing under a lock; every later start, on any rank, checks it by
 stat-ing the directories it walked (a directory's mtime changes when an entry is added, removed
 or renamed in it), a thousand stats in parallel instead of a walk.
+
+This is the ``folder`` source of ``pipelines.sources`` (a file list is the folder read through
+the list); ``open_samples`` there picks it for a local root that is not a pack.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LISTING_VERSION = 1
+URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 STAT_THREADS = 32  # metadata round trips in flight when checking a cached listing
 
 
@@ -153,7 +158,7 @@ def listed_folder(folder: Path, cache_setting: str = "auto") -> Samples:
     return samples
 
 
-# ---------------------------------------------------------------- file lists, and the entry point
+# ---------------------------------------------------------------- file lists, and the folder source
 def read_file_list(path: str | os.PathLike, folder: Path, classes: list[str]) -> Samples:
     """A list written by ``python -m pipelines verify``: ``relative/path label`` per line
     (DALI's readers.file format), relative to the split folder."""
@@ -170,20 +175,29 @@ def read_file_list(path: str | os.PathLike, folder: Path, classes: list[str]) ->
     return Samples(folder, files, labels, classes)
 
 
-def load_samples(root: str | os.PathLike, split: str, file_list: str | None = None,
-                 listing_cache: str = "auto", pinned: Path | None = None) -> Samples:
-    """A split's samples: a pack (``python -m pipelines pack``), a file list, or the folder.
+def url_scheme(root) -> str | None:
+    """``s3`` for ``s3://bucket/key``, None for a local path: a URL is never a local path (the
+    ``pipelines.sources`` registry picks the source that owns the scheme, if any)."""
+    match = URL.match(str(root)) if root is not None else None
+    return match.group(1).lower() if match else None
+
+
+def folder_problem(root) -> str | None:
+    """What stops ``root`` from being read as a local folder, or None (without listing it)."""
+    return None if os.path.isdir(root) else f"data.root={root} is a file, not a folder"
+
+
+def open_folder(root: str | os.PathLike, split: str, file_list: str | None = None,
+                listing_cache: str = "auto", pinned: Path | None = None) -> Samples:
+    """A split's samples from the folder, or through a file list (``data.file_list``).
 
     ``pinned``: where a run keeps the folder listing its first start used (the trainer's
     ``RUN_DIR/listings/<split>.json``): a resumed run reads the same samples in the same order
     even where files were deleted or added since (a deleted one is then a bad image), so the
     epoch's permutation, and the run, replay exactly."""
-    from .pack import is_pack, load_pack
-    if is_pack(root):
-        if file_list:
-            raise ValueError(f"data.file_list does not apply to the pack {root}: pack the clean "
-                             f"list instead (python -m pipelines pack DATA_DIR OUT --file-list ...)")
-        return load_pack(root, split)
+    if url_scheme(root):
+        raise ValueError(f"{root} is a URL, not a folder (pipelines.sources.open_samples picks "
+                         f"the source of a URL)")
     folder = split_dir(root, split)
     if file_list:
         listed = Path(str(file_list).replace("{split}", split))

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .class_names import CLASSES_TSV, read_classes_tsv, write_classes_tsv
+from .folder import open_folder, url_scheme
 from .read_ahead import ReadAhead
 
 PACK_JSON = "pack.json"
@@ -110,6 +111,28 @@ class PackedSamples:
 
     def __setstate__(self, state):
         self.__dict__.update(state, _lock=threading.Lock())
+
+
+def open_pack(root, split: str, file_list: str | None = None, **_) -> PackedSamples:
+    """The ``pack`` source of ``pipelines.sources``: a split of the pack (the folder source's
+    options, listing cache and pinned listing, do not apply: a pack's order is fixed)."""
+    if file_list:
+        raise ValueError(f"data.file_list does not apply to the pack {root}: pack the clean "
+                         f"list instead (python -m pipelines pack DATA_DIR OUT --file-list ...)")
+    return load_pack(root, split)
+
+
+def pack_problem(root) -> str | None:
+    """What stops ``root``'s ``pack.json`` from being read as a pack of this format, or None."""
+    try:
+        manifest = json.loads((Path(root) / PACK_JSON).read_text())
+    except (OSError, ValueError) as e:
+        return f"{Path(root) / PACK_JSON} cannot be read as a pack's manifest: {e}"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        return (f"{Path(root) / PACK_JSON} is of pack format {found!r}, this version "
+                f"reads {FORMAT}: pack the data again (python -m pipelines pack)")
+    return None
 
 
 def load_pack(root, split: str) -> PackedSamples:
@@ -242,7 +265,12 @@ def pack_split(samples, out: Path, shard_bytes: int, reader: ReadAhead, progress
 
 def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float = SHARD_MB,
          read_ahead: int = 64, progress: bool = True) -> dict[str, tuple[int, int]]:
-    from .folder import load_samples
+    if url_scheme(out):
+        raise PackError(f"{out}: no data source writes {url_scheme(out)}:// URLs yet: pack to a "
+                        f"local folder")
+    if url_scheme(data_dir):
+        raise PackError(f"{data_dir}: pack reads a local folder, not a "
+                        f"{url_scheme(data_dir)}:// URL")
     src, dst = Path(data_dir), Path(out)
     if is_pack(src):
         raise PackError(f"{src} is already a pack")
@@ -250,7 +278,7 @@ def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float 
     if missing:
         raise PackError(f"{src} has no {' or '.join(m + '/' for m in missing)}: pack needs the "
                         f"ImageNet layout ({src}/train/<class>/<image>, {src}/val/<class>/<image>)")
-    splits = {s: load_samples(src, s, file_list, listing_cache="off") for s in SPLITS}
+    splits = {s: open_folder(src, s, file_list, listing_cache="off") for s in SPLITS}
     for split, samples in splits.items():
         check_input(samples, split)
     plan = {"format": FORMAT, "source": str(src.resolve()), "file_list": file_list,

@@ -18,11 +18,19 @@ the job:
 label``, relative to the split folder, as ``verify``'s clean lists), each under a ``#`` line with
 the split and reason: ``python -m pipelines verify DATA_DIR --exclude RUN/bad_images.txt``
 writes clean lists without them for ``data.file_list``.
+
+Who holds what: the caller that builds a loader owns the split's ``Quarantine``
+(``quarantine_for(cfg, split)``, passed as ``LoaderSpec.quarantine``; ``build_loader`` makes one
+where the caller passes none) and reads its state from its own object; the backend binds it to
+the samples and fills it. The policy itself, which sample fills a slot and what a bad one
+costs, is ``BadImagePolicy``, the one loop both backends (DALI, torch) call.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
+from .read_ahead import read_or_error
 from .sample_rng import sample_uniforms
 
 log = logging.getLogger(__name__)
@@ -34,13 +42,46 @@ class TooManyBadImages(RuntimeError):
     pass
 
 
-class Quarantine:
-    """One split's quarantined samples (index -> reason) of a ``Samples``."""
+class CorruptImageError(RuntimeError):
+    """A sample that cannot be read or decoded under ``data.on_bad_image=stop``, named."""
 
-    def __init__(self, split: str, samples, limit: int | None = None):
-        self.split, self.samples, self.size = split, samples, len(samples)
-        self.limit = limit if limit is not None else max(1, self.size // 1000)
+
+VERIFY_HINT = ("Run `python -m pipelines verify DATA_DIR` to list every bad file, and train on the "
+               "clean list it writes (data.file_list=...).")
+
+
+class BadImage(Exception):
+    """Raised by a backend's check of one sample's bytes: ``reason`` is why they cannot be used
+    (what the quarantine records)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Quarantine:
+    """One split's quarantined samples (index -> reason).
+
+    Made before its samples are known (``quarantine_for``: by whoever builds the loader, who
+    keeps it and checkpoints ``state()``); the backend ``bind``s it to the split's samples."""
+
+    def __init__(self, split: str, limit: int | None = None):
+        self.split, self._limit = split, limit
+        self.samples, self.size = None, 0
         self.bad: dict[int, str] = {}
+
+    def bind(self, samples) -> "Quarantine":
+        """Its samples (``pipelines.sources.Samples``): what indices mean, and the default limit
+        (0.1% of the split, at least 1). Bound again, it must be to as many samples."""
+        if self.samples is not None and len(samples) != self.size:
+            raise ValueError(f"the {self.split} quarantine holds indices of {self.size} samples, "
+                             f"not of {len(samples)}: one quarantine per split and sample list")
+        self.samples, self.size = samples, len(samples)
+        return self
+
+    @property
+    def limit(self) -> int:
+        return self._limit if self._limit is not None else max(1, self.size // 1000)
 
     def __contains__(self, index: int) -> bool:
         return index in self.bad
@@ -48,14 +89,17 @@ class Quarantine:
     def __len__(self) -> int:
         return len(self.bad)
 
+    def describe(self, index: int) -> str:
+        return self.samples.describe(index) if self.samples is not None else f"sample {index}"
+
     def add(self, index: int, reason: str) -> None:
         if index in self.bad:
             return
         self.bad[index] = reason
         log.warning("bad image quarantined (%d of at most %d, data.max_bad_images): %s: %s",
-                    len(self.bad), self.limit, self.samples.describe(index), reason)
+                    len(self.bad), self.limit, self.describe(index), reason)
         if len(self.bad) > self.limit:
-            listing = "\n".join(f"  {self.samples.describe(i)}: {r}" for i, r in self.bad.items())
+            listing = "\n".join(f"  {self.describe(i)}: {r}" for i, r in self.bad.items())
             raise TooManyBadImages(
                 f"{len(self.bad)} bad images in the {self.split} split, more than "
                 f"data.max_bad_images={self.limit}: a broken mount or data set, not bad luck. "
@@ -69,7 +113,7 @@ class Quarantine:
             candidate = int(u * self.size)
             if candidate not in self.bad:
                 return candidate
-        raise TooManyBadImages(f"no good substitute for {self.samples.describe(index)} among "
+        raise TooManyBadImages(f"no good substitute for {self.describe(index)} among "
                                f"{CANDIDATES} candidates")
 
     # ---- the checkpoint's and the other ranks' view
@@ -86,9 +130,9 @@ class Quarantine:
         lines = []
         for index, reason in sorted(self.bad.items()):
             files = getattr(self.samples, "files", None)
-            relative = files[index] if files is not None else self.samples.describe(index)
-            lines += [f"# {self.split}: {self.samples.describe(index)}: {reason}",
-                      f"{relative} {self.samples.labels[index]}"]
+            relative = files[index] if files is not None else self.describe(index)
+            label = self.samples.labels[index] if self.samples is not None else -1
+            lines += [f"# {self.split}: {self.describe(index)}: {reason}", f"{relative} {label}"]
         return lines
 
 
@@ -102,11 +146,66 @@ def raise_if_folder_gone(samples, index: int, error: Exception) -> None:
                                     f"unmounted or deleted folder, not a bad image)")
 
 
-def quarantine_for(cfg, split: str, samples) -> Quarantine | None:
-    """The split's quarantine under ``data.on_bad_image=skip``; None under ``stop``."""
+def quarantine_for(cfg, split: str) -> Quarantine | None:
+    """The split's quarantine under ``data.on_bad_image=skip`` (unbound: the backend binds it
+    to the samples); None under ``stop``."""
     if cfg.on_bad_image not in ("skip", "stop"):
         raise ValueError(f"data.on_bad_image={cfg.on_bad_image!r}: valid: skip, stop")
-    return Quarantine(split, samples, cfg.max_bad_images) if cfg.on_bad_image == "skip" else None
+    return Quarantine(split, cfg.max_bad_images) if cfg.on_bad_image == "skip" else None
+
+
+class BadImagePolicy:
+    """``data.on_bad_image``, written once for every backend: which sample fills a slot of the
+    epoch's order, and what happens when its bytes cannot be used.
+
+    - ``stop`` (no quarantine): ``CorruptImageError`` naming the file;
+    - ``skip``, training: the sample is quarantined and the slot takes its substitute (a
+      function of (seed, epoch, slot) and the quarantine), checked in turn;
+    - ``skip``, evaluation (``drop_bad``): quarantined and left out (``resolve`` gives None).
+
+    A failed read (an ``OSError`` in place of the bytes, ``read_ahead.read_or_error``) is a bad
+    image unless its class folder is gone (an error naming the folder); the backend's ``check``
+    judges the bytes: it returns what the backend needs of them (a decoded image, a size) or
+    raises ``BadImage(reason)``. ``found``, if given, collects (index, reason) of what this
+    call quarantined, for a worker process to report to the loader's quarantine."""
+
+    def __init__(self, samples, quarantine: Quarantine | None, seed: int, drop_bad: bool):
+        self.samples, self.quarantine = samples, quarantine
+        self.seed, self.drop_bad = seed, drop_bad
+        self.read_one = read_or_error(samples.read)
+
+    def wanted(self, slot: int, epoch: int) -> int:
+        """The sample to read for ``slot`` as the quarantine is now."""
+        if self.quarantine is None or self.drop_bad:
+            return slot
+        return self.quarantine.substitute(slot, self.seed, epoch)
+
+    def resolve(self, slot: int, epoch: int, read: int, data, check: Callable,
+                found: list | None = None) -> tuple[int, object, object] | None:
+        """(sample used for ``slot``, its bytes, ``check``'s result), or None for a dropped one.
+        ``data``: what was read ahead for sample ``read`` (read again here if the quarantine has
+        grown since and the slot now wants another sample)."""
+        index = self.wanted(slot, epoch)
+        if index != read:
+            data = self.read_one(index)
+        while True:
+            if self.drop_bad and self.quarantine is not None and index in self.quarantine:
+                return None
+            try:
+                if isinstance(data, OSError):
+                    raise_if_folder_gone(self.samples, index, data)
+                    raise BadImage(f"cannot read: {data.strerror or data}")
+                return index, data, check(index, data)
+            except BadImage as bad:
+                if self.quarantine is None:
+                    cause = bad.__cause__ or (data if isinstance(data, OSError) else None)
+                    raise CorruptImageError(f"{self.samples.describe(index)} ({bad.reason}). "
+                                            f"{VERIFY_HINT}") from cause
+                self.quarantine.add(index, bad.reason)
+                if found is not None:
+                    found.append((index, bad.reason))
+            index = self.wanted(slot, epoch)
+            data = self.read_one(index)
 
 
 def read_bad_images(path) -> set[str]:

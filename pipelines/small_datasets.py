@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import DataConfig, EpochOrder, LoaderSpec
+from .folder import url_scheme
 from .sample_rng import sample_uniforms
 
 PAD = 4
@@ -247,4 +248,7 @@ class InMemoryLoader(EpochOrder):
 def small_dataset_loader(cfg: DataConfig, spec: LoaderSpec) -> InMemoryLoader:
     if cfg.root is None:
         raise ValueError(f"data.root must point at the {cfg.dataset} files (see pipelines/README.md)")
+    if url_scheme(cfg.root):
+        raise ValueError(f"data.root={cfg.root}: {cfg.dataset} is read from a local folder, "
+                         f"not a {url_scheme(cfg.root)}:// URL")
     return InMemoryLoader(cfg, spec)

@@ -5,7 +5,7 @@ DataLoader, the loader most users know. Deterministic by construction: the order
 
 A file that cannot be read or decoded is quarantined and replaced (``data.on_bad_image=skip``)
 or stops the run with an error naming it and the command that writes a clean file list
-(`python -m pipelines verify`)."""
+(`python -m pipelines verify`): ``quarantine.BadImagePolicy``, as in the DALI backend."""
 from __future__ import annotations
 
 import io
@@ -19,28 +19,24 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from torchvision.transforms import v2
 
 from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
-from .folder import Samples, load_samples
-from .quarantine import Quarantine, quarantine_for, raise_if_folder_gone
+from .presets import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, eval_preset  # noqa: F401
+from .quarantine import BadImage, BadImagePolicy, CorruptImageError, Quarantine  # noqa: F401
 from .read_ahead import ReadAhead, read_or_error
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .sources import Samples, open_samples
 
 
-class CorruptImageError(RuntimeError):
-    pass
-
-
-def imagenet_transform(cfg: DataConfig, split: str) -> v2.Compose:
-    if split == "train":
-        geometry = [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.min_crop_area, 1.0),
-                                         antialias=True)]
-        if cfg.augment:
-            geometry.append(v2.RandomHorizontalFlip())
-    else:
-        geometry = [v2.Resize(cfg.val_resize, antialias=True), v2.CenterCrop(cfg.image_size)]
+def imagenet_transform(cfg: DataConfig, split: str, preset: EvalPreset | None = None):
+    """PIL image -> normalised float CHW: RandomResizedCrop (+ flip) for train, the eval
+    preset (``presets.eval_preset``) for val; both normalise with the preset's mean/std."""
+    preset = preset or eval_preset(cfg)
+    if split != "train":
+        return preset
+    geometry = [v2.RandomResizedCrop(cfg.image_size, scale=(cfg.min_crop_area, 1.0),
+                                     antialias=True)]
+    if cfg.augment:
+        geometry.append(v2.RandomHorizontalFlip())
     return v2.Compose([v2.PILToTensor(), *geometry, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                       v2.Normalize(preset.mean, preset.std)])
 
 
 class BatchReads:
@@ -79,21 +75,19 @@ class BatchReads:
 
 
 class ImageFiles(Dataset):
-    """A folder's or a pack's images by index. Batches (``__getitems__``, what the DataLoader
-    asks of each worker) come through ``BatchReads``: with ``read_ahead`` reads in flight, a
-    slow file system's latency hides behind the decoding of the batch before.
+    """A source's images by index (``pipelines.sources``). Batches (``__getitems__``, what the
+    DataLoader asks of each worker) come through ``BatchReads``: with ``read_ahead`` reads in
+    flight, a slow file system's latency hides behind the decoding of the batch before.
 
-    A file that cannot be read or decoded stops the run with its name, or with a
-    ``quarantine`` (``data.on_bad_image=skip``) is quarantined and replaced by its substitute
-    (training) or dropped (``drop_bad``: evaluation); a batch carries what its worker found to
-    the loader (``collate``), whose quarantine is the one checkpoints keep."""
+    A file that cannot be read or decoded is handled by ``policy`` (``data.on_bad_image``,
+    ``quarantine.BadImagePolicy``); a batch carries what its worker quarantined to the loader
+    (``collate``), which adds it to the quarantine its caller keeps."""
 
     def __init__(self, samples: Samples, transform, seed: int, read_ahead: int = 1,
                  quarantine: Quarantine | None = None, drop_bad: bool = False):
         self.samples, self.transform, self.seed = samples, transform, seed
         self.reads = BatchReads(samples.read, read_ahead)
-        self.read_one = read_or_error(samples.read)
-        self.quarantine, self.drop_bad = quarantine, drop_bad
+        self.policy = BadImagePolicy(samples, quarantine, seed, drop_bad)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -103,7 +97,7 @@ class ImageFiles(Dataset):
         self.reads.schedule(order, batch_size)
 
     def __getitem__(self, index: int):
-        return self.sample(index, self.read_one(index), [])
+        return self.sample(index, self.policy.read_one(index), [])
 
     def __getitems__(self, indices: list[int]):
         found: list[tuple[int, str]] = []
@@ -112,42 +106,21 @@ class ImageFiles(Dataset):
 
     def sample(self, slot: int, data, found: list):
         """(image, label) for ``slot``: its sample, or its substitute; None if dropped."""
-        index = slot
-        while True:
-            if self.quarantine is not None and index in self.quarantine:
-                if self.drop_bad:
-                    return None
-                index, data = self.quarantine.substitute(slot, self.seed, self.epoch), None
-            if data is None:
-                data = self.read_one(index)
-            try:
-                image = self.decode(index, data)
-            except CorruptImageError as e:
-                if self.quarantine is None:
-                    raise
-                cause = e.__cause__
-                reason = (f"cannot read: {cause.strerror or cause}" if isinstance(cause, OSError)
-                          and data is cause else f"cannot decode ({type(cause).__name__}: {cause})")
-                self.quarantine.add(index, reason)
-                found.append((index, reason))
-                continue
-            with torch.random.fork_rng(devices=[]):  # per-sample RNG, global stream untouched
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-                return self.transform(image), self.samples.labels[index]
+        used = self.policy.resolve(slot, self.epoch, slot, data, self.decode, found)
+        if used is None:
+            return None
+        index, _, image = used
+        with torch.random.fork_rng(devices=[]):  # per-sample RNG, global stream untouched
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.transform(image), self.samples.labels[index]
 
-    def decode(self, index: int, data) -> Image.Image:
-        if isinstance(data, Exception):
-            raise_if_folder_gone(self.samples, index, data)
+    @staticmethod
+    def decode(index: int, data: bytes) -> Image.Image:
         try:
-            if isinstance(data, Exception):
-                raise data
             with Image.open(io.BytesIO(data)) as f:
                 return f.convert("RGB")
         except Exception as e:
-            raise CorruptImageError(
-                f"cannot decode {self.samples.describe(index)}: {type(e).__name__}: {e}. Run "
-                f"`python -m pipelines verify {self.samples.root.parent}` and train with the "
-                f"clean list it writes (data.file_list=...)") from e
+            raise BadImage(f"cannot decode ({type(e).__name__}: {e})") from e
 
     @staticmethod
     def collate(batch: list):
@@ -188,6 +161,7 @@ class IndexedLoader(EpochOrder):
 
     def __init__(self, dataset, spec: LoaderSpec, num_classes: int, workers: int,
                  channels_last: bool):
+        """``spec.quarantine`` receives what the dataset's workers quarantined."""
         self.dataset, self.spec, self.num_classes = dataset, spec, num_classes
         self.workers, self.channels_last = workers, channels_last
         self.dataset_size = len(dataset)
@@ -205,13 +179,12 @@ class IndexedLoader(EpochOrder):
                             collate_fn=getattr(self.dataset, "collate", None),
                             multiprocessing_context=worker_start(self.workers))
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        quarantine = getattr(self.dataset, "quarantine", None)
         for batch in loader:
             if batch is None:
                 continue
             images, labels, *found = batch
             for index, reason in (found[0] if found else []):
-                quarantine.add(index, reason)       # a worker's find, kept by the loader
+                self.spec.quarantine.add(index, reason)   # a worker's find, kept by the caller
             if images is None:
                 continue
             images = images.to(self.spec.device, non_blocking=True, memory_format=memory_format)
@@ -223,12 +196,13 @@ def torch_loader(cfg: DataConfig, spec: LoaderSpec) -> IndexedLoader:
     if cfg.dataset != "imagenet":
         from .small_datasets import small_dataset_loader
         return small_dataset_loader(cfg, spec)
-    samples = load_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
+    samples = open_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
                            spec.pinned_listing())
-    quarantine = quarantine_for(cfg, spec.split, samples)
+    if spec.quarantine is not None:
+        spec.quarantine.bind(samples)
     dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed, cfg.read_ahead,
-                         quarantine, drop_bad=spec.split != "train")
+                         spec.quarantine, drop_bad=spec.split != "train")
     loader = IndexedLoader(dataset, spec, cfg.num_classes or len(samples.classes), cfg.workers,
                            cfg.channels_last)
-    loader.classes, loader.quarantine = samples.classes, quarantine
+    loader.classes = samples.classes
     return loader

@@ -20,11 +20,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from .torch_backend import IMAGENET_MEAN, IMAGENET_STD
-
-_SCALE = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)  # (x - 255 mean) / (255 std)
-_SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255 * _SCALE  # = x * _SCALE + _SHIFT
-_SCALE3, _SHIFT3 = _SCALE.flatten().contiguous(), _SHIFT.flatten().contiguous()  # for _kernel
+from .presets import IMAGENET_MEAN, IMAGENET_STD, EvalPreset
 
 try:  # built by setup.py where a C compiler is found; torch's ops otherwise
     from . import _normalize as _kernel
@@ -50,12 +46,23 @@ def image_views(tensor_list) -> list[torch.Tensor]:
     return views
 
 
+@lru_cache(maxsize=8)
+def affine(mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+    """(scale, shift), each (3, 1, 1), with x * scale + shift = (x - 255 mean) / (255 std) for
+    0-255 pixels x and mean/std in 0-1 units (an ``EvalPreset``'s), and their flat contiguous
+    copies for ``_kernel``."""
+    scale = 1 / (torch.tensor(std).view(3, 1, 1) * 255)
+    shift = -torch.tensor(mean).view(3, 1, 1) * 255 * scale
+    return scale, shift, scale.flatten().contiguous(), shift.flatten().contiguous()
+
+
 def resize_crops(crops: list[torch.Tensor], size: int, flips: np.ndarray,
-                 channels_last: bool) -> torch.Tensor:
+                 channels_last: bool, preset: EvalPreset | None = None) -> torch.Tensor:
     """Train: each decoded crop window resized to ``size`` x ``size``, flipped where ``flips``
-    says so, normalised: one float batch."""
+    says so, normalised with the preset's mean/std (ImageNet's without one): one float batch."""
     out = empty_batch(len(crops), size, channels_last)
-    constants = normalization_constants(out)
+    mean, std = (preset.mean, preset.std) if preset else (IMAGENET_MEAN, IMAGENET_STD)
+    constants = normalization_constants(out, mean, std)
     for i, crop in enumerate(crops):
         image = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
                               align_corners=False)[0]
@@ -63,11 +70,13 @@ def resize_crops(crops: list[torch.Tensor], size: int, flips: np.ndarray,
     return out
 
 
-def resize_center_crop(images: list[torch.Tensor], resize: int, crop: int,
+def resize_center_crop(images: list[torch.Tensor], preset: EvalPreset,
                        channels_last: bool) -> torch.Tensor:
-    """Val: torchvision's Resize(resize) + CenterCrop(crop), normalised: one float batch."""
+    """Val: the eval preset (torchvision's Resize(resize_size) + CenterCrop(crop_size), its
+    mean/std) on decoded images: one float batch."""
+    resize, crop = preset.resize_size, preset.crop_size
     out = empty_batch(len(images), crop, channels_last)
-    constants = normalization_constants(out)
+    constants = normalization_constants(out, preset.mean, preset.std)
     for i, image in enumerate(images):
         normalize_into(out[i], TF.center_crop(TF.resize(image, [resize], antialias=True),
                                               [crop, crop])[0], constants)
@@ -82,19 +91,19 @@ def empty_batch(n: int, size: int, channels_last: bool) -> torch.Tensor:
 
 
 def normalize_into(out: torch.Tensor, image: torch.Tensor, constants, flip: bool = False) -> None:
-    """uint8 CHW (a channels_last view) -> float normalised with the ImageNet mean/std, mirrored
-    if ``flip``, written into ``out``. One image at a time, while it is in cache: 0.15 ms per
+    """uint8 CHW (a channels_last view) -> float normalised with the mean/std of ``constants``,
+    mirrored if ``flip``, written into ``out``. One image at a time, while it is in cache: 0.15 ms per
     224x224 image cheaper than a batch-wide pass. ``constants``: ``normalization_constants`` of
     the batch ``out`` belongs to.
 
     The compiled one-pass loop (``_normalize.c``) where it is built and the layouts are the
     usual ones, else torch's ops: the same values either way (tested)."""
+    scale, shift, scale3, shift3 = constants
     if _kernel is not None and _kernel_layouts(out, image):
         _kernel.normalize(image.data_ptr(), image.stride(1), image.shape[1], image.shape[2],
-                          out.data_ptr(), out.stride(2) == 1, _SCALE3.data_ptr(),
-                          _SHIFT3.data_ptr(), flip)
+                          out.data_ptr(), out.stride(2) == 1, scale3.data_ptr(),
+                          shift3.data_ptr(), flip)
         return
-    scale, shift = constants
     out.copy_(image.flip(-1) if flip else image).mul_(scale).add_(shift)
 
 
@@ -108,19 +117,23 @@ def _kernel_layouts(out: torch.Tensor, image: torch.Tensor) -> bool:
             and out.stride() in ((h * w, w, 1), (1, 3 * w, 3)))
 
 
-def normalization_constants(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_SCALE`` and ``_SHIFT`` shaped for the images of ``batch`` (torch's path). CHW:
-    broadcast (3, 1, 1) constants. HWC (channels_last): full-size constants in the same layout,
-    since torch's elementwise loop over a broadcast innermost dimension of 3 is ~5x slower."""
+def normalization_constants(batch: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
+                            std: tuple[float, ...] = IMAGENET_STD) -> tuple[torch.Tensor, ...]:
+    """``affine(mean, std)``, its scale and shift shaped for the images of ``batch`` (torch's
+    path). CHW: broadcast (3, 1, 1) constants. HWC (channels_last): full-size constants in the
+    same layout, since torch's elementwise loop over a broadcast innermost dimension of 3 is
+    ~5x slower."""
     shape, stride = tuple(batch.shape[1:]), batch.stride()[1:]  # one image's
+    scale, shift, scale3, shift3 = affine(tuple(mean), tuple(std))
     if stride[0] != 1:
-        return _SCALE, _SHIFT
-    return _layout_constants(shape, stride)
+        return scale, shift, scale3, shift3
+    return (*_layout_constants(shape, stride, tuple(mean), tuple(std)), scale3, shift3)
 
 
 @lru_cache(maxsize=8)
-def _layout_constants(shape: tuple[int, ...], stride: tuple[int, ...]):
-    return tuple(torch.empty_strided(shape, stride).copy_(c.expand(shape)) for c in (_SCALE, _SHIFT))
+def _layout_constants(shape: tuple[int, ...], stride: tuple[int, ...], mean, std):
+    return tuple(torch.empty_strided(shape, stride).copy_(c.expand(shape))
+                 for c in affine(mean, std)[:2])
 
 
 @contextmanager

@@ -28,7 +28,7 @@ import warnings
 from multiprocessing import get_context
 from pathlib import Path
 
-from .folder import IMAGE_EXTENSIONS, scan_folder, split_dir
+from .folder import IMAGE_EXTENSIONS, scan_folder, split_dir, url_scheme
 
 
 # what DALI's image decoder reads (PIL's format names; MPO is a multi-picture JPEG, PPM = PNM)
@@ -172,6 +172,10 @@ def write_file_list(path: Path, good: list[tuple[str, int]]) -> None:
 def verify(root: str, out: str | None = None, workers: int | None = None,
            splits: tuple[str, ...] = ("train", "val"), progress: bool = True,
            exclude: str | None = None) -> int:
+    if url_scheme(root):
+        print(f"error: {root}: verify reads a local folder or pack, not a {url_scheme(root)}:// "
+              f"URL", file=sys.stderr)
+        return 2
     root_path = Path(root)
     pattern = out or str(root_path / "{split}_clean.txt")
     workers = workers or os.cpu_count() or 1

@@ -370,18 +370,18 @@ def test_jpeg_size_reads_the_frame_header(tmp_path):
     Image.new("RGB", (9, 7)).save(tmp_path / "x.png")
     data = (tmp_path / "x.png").read_bytes()
     assert dali.jpeg_size(np.frombuffer(data, np.uint8)) is None
-    assert dali.size_or_problem(data, None, 0) == (7, 9)   # PNG: sized by PIL
+    assert dali.size_or_problem(data) == (7, 9)   # PNG: sized by PIL
 
 
 def test_size_or_problem_names_what_cannot_be_fed(tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "x.jpg")
     jpeg = (tmp_path / "x.jpg").read_bytes()
-    assert dali.size_or_problem(jpeg, None, 0) == (30, 40)
-    assert dali.size_or_problem(jpeg[:len(jpeg) // 2], None, 0).startswith("truncated")
-    assert dali.size_or_problem(b"no image at all", None, 0).startswith("not an image")
+    assert dali.size_or_problem(jpeg) == (30, 40)
+    assert dali.size_or_problem(jpeg[:len(jpeg) // 2]).startswith("truncated")
+    assert dali.size_or_problem(b"no image at all").startswith("not an image")
     sof = jpeg.index(b"\xff\xc0")
     zero_height = jpeg[:sof + 5] + b"\x00\x00" + jpeg[sof + 7:]
-    assert dali.size_or_problem(zero_height, None, 0).startswith("not an image")
+    assert dali.size_or_problem(zero_height).startswith("not an image")
 
 
 def test_synthetic_backend(folder):

@@ -17,7 +17,7 @@ import torch
 
 from pipelines import DataConfig, LoaderSpec, build_loader
 from pipelines import folder as folder_module
-from pipelines.folder import load_samples
+from pipelines.sources import open_samples
 from pipelines.pack import INDEX, PackError, load_pack, pack
 from pipelines.read_ahead import ReadAhead
 from pipeline_data import write_jpeg_folder
@@ -54,7 +54,7 @@ def packed_in_two(source, tmp_path_factory):
 
 def test_pack_keeps_every_file_byte_for_byte_in_the_folder_order(source, packed):
     for split in ("train", "val"):
-        folder, pk = load_samples(source, split, listing_cache="off"), load_pack(packed, split)
+        folder, pk = open_samples(source, split, listing_cache="off"), load_pack(packed, split)
         assert pk.classes == folder.classes and pk.labels == folder.labels
         for i in range(len(folder)):
             assert pk.read(i) == folder.read(i), folder.describe(i)
@@ -75,7 +75,7 @@ def test_index_files_are_what_dalis_wds2idx_writes(packed_in_two):
 
 
 def expected_samples(source, split):
-    folder = load_samples(source, split, listing_cache="off")
+    folder = open_samples(source, split, listing_cache="off")
     return sorted((folder.read(i), folder.labels[i]) for i in range(len(folder)))
 
 
@@ -231,17 +231,17 @@ def test_read_ahead_keeps_order_and_a_bounded_number_of_reads(tmp_path):
 def test_listing_cache_is_reused_until_a_directory_changes(tmp_path, monkeypatch):
     root = write_jpeg_folder(tmp_path / "d", per_class=2, size=(16, 16))
     cache = str(tmp_path / "cache")
-    first = load_samples(root, "train", listing_cache=cache)
+    first = open_samples(root, "train", listing_cache=cache)
     walks = []
     real_walk = folder_module.walk_folder
     monkeypatch.setattr(folder_module, "walk_folder", lambda f: walks.append(f) or real_walk(f))
-    again = load_samples(root, "train", listing_cache=cache)
+    again = open_samples(root, "train", listing_cache=cache)
     assert walks == [] and again.files == first.files and again.labels == first.labels
     time.sleep(0.01)
     shutil.copy(root / "train" / "b_cls" / "b_cls_000.JPEG", root / "train" / "b_cls" / "new.JPEG")
-    third = load_samples(root, "train", listing_cache=cache)
+    third = open_samples(root, "train", listing_cache=cache)
     assert len(walks) == 1 and "b_cls/new.JPEG" in third.files
-    assert load_samples(root, "train", listing_cache="off").files == third.files
+    assert open_samples(root, "train", listing_cache="off").files == third.files
 
 
 @pytest.fixture(scope="module")

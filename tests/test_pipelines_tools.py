@@ -106,9 +106,9 @@ def test_dali_decoder_failure_is_explained(tmp_path, damage, reason, device):
 
 def test_an_unexplained_dali_failure_names_the_files_of_its_batch(tmp_path):
     from pipelines.dali import EpochSource
-    from pipelines.folder import load_samples
+    from pipelines.sources import open_samples
     root = write_jpeg_folder(tmp_path / "data", per_class=2, splits=("val",))
-    source = EpochSource(load_samples(str(root), "val", None), [0, 1, 2], batch_size=3)
+    source = EpochSource(open_samples(str(root), "val"), [0, 1, 2], batch_size=3)
     next(iter(source))
     error = RuntimeError("Critical error in pipeline:\nError in CPU operator ...\n"
                          "nvImageCodec failure: '#4'\nCurrent pipeline object is no longer valid.")

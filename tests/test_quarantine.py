@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines import DataConfig, LoaderSpec, build_loader
-from pipelines.quarantine import TooManyBadImages, read_bad_images
+from pipelines.quarantine import TooManyBadImages, quarantine_for, read_bad_images
 from devices import cuda_case, torch_device
 from pipeline_data import write_jpeg_folder
 
@@ -35,13 +35,16 @@ def damage(root, split="train"):
 
 
 def loader_for(root, backend, split="train", rank=0, world=1, device="cpu", **kw):
-    """As the trainer builds it: the run pins the listing (root/../listings), so a process
-    started after a file was deleted reads the same samples in the same order."""
+    """(loader, its quarantine) as the trainer builds them: the run pins the listing
+    (root/../listings), so a process started after a file was deleted reads the same samples
+    in the same order, and keeps the quarantine it gives the loader."""
     cfg = DataConfig(root=str(root), backend=backend, image_size=32, val_resize=36,
                      workers=2 if backend == "torch" else 1, listing_cache="off", **kw)
-    return build_loader(cfg, LoaderSpec(split, batch_size=4, rank=rank, world_size=world, seed=3,
-                                        listings=root.parent / "listings",
-                                        device=torch_device(device)))
+    quarantine = quarantine_for(cfg, split)
+    loader = build_loader(cfg, LoaderSpec(split, batch_size=4, rank=rank, world_size=world,
+                                          seed=3, listings=root.parent / "listings",
+                                          device=torch_device(device), quarantine=quarantine))
+    return loader, quarantine
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
@@ -50,19 +53,19 @@ def test_bad_files_are_quarantined_and_replaced_the_same_way_every_time(folder, 
                for r in range(2)]
     names = damage(folder)                       # after the listing: a file that went bad
     found, epochs = {}, []
-    for loader in loaders:
+    for loader, quarantine in loaders:
         loader.set_epoch(1)
         batches = list(loader)
         assert len(batches) == len(loader) == 3 and all(len(b[1]) == 4 for b in batches)
         epochs.append(batches)
-        found.update({loader.quarantine.samples.files[i]: why
-                      for i, why in loader.quarantine.bad.items()})
+        found.update({quarantine.samples.files[i]: why for i, why in quarantine.bad.items()})
     assert sorted(found) == sorted(names)
     assert "truncated" in found[names[0]] or "cannot decode" in found[names[0]]
     assert "not an image" in found[names[1]] or "cannot identify" in found[names[1]]
     assert "No such file" in found[names[2]]
     for rank, batches in enumerate(epochs):    # a fresh process resuming mid-epoch: the same
-        again = loader_for(folder, backend, rank=rank, world=2, max_bad_images=5, device=device)
+        again, _ = loader_for(folder, backend, rank=rank, world=2, max_bad_images=5,
+                              device=device)
         again.set_epoch(1, 1)
         for (a, la), (b, lb) in zip(batches[1:], list(again)):
             assert torch.equal(a, b) and torch.equal(la, lb)
@@ -70,7 +73,7 @@ def test_bad_files_are_quarantined_and_replaced_the_same_way_every_time(folder, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_too_many_bad_images_stop_the_run_with_their_list(folder, backend):
-    loader = loader_for(folder, backend, max_bad_images=2)
+    loader, _ = loader_for(folder, backend, max_bad_images=2)
     names = damage(folder)
     with pytest.raises(TooManyBadImages) as info:
         list(loader)
@@ -81,7 +84,8 @@ def test_too_many_bad_images_stop_the_run_with_their_list(folder, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stop_names_the_file(folder, backend):
-    loader = loader_for(folder, backend, on_bad_image="stop")
+    loader, quarantine = loader_for(folder, backend, on_bad_image="stop")
+    assert quarantine is None
     damage(folder)
     with pytest.raises(Exception) as info:
         list(loader)
@@ -90,15 +94,40 @@ def test_stop_names_the_file(folder, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_bad_validation_image_is_dropped_and_counted(folder, backend):
-    loader = loader_for(folder, backend, split="val", max_bad_images=5)
+    loader, quarantine = loader_for(folder, backend, split="val", max_bad_images=5)
     damage(folder, "val")
     labels = torch.cat([b[1] for b in loader])
-    assert len(labels) == 24 - 3 and len(loader.quarantine) == 3   # evaluated over 21 images
+    assert len(labels) == 24 - 3 and len(quarantine) == 3   # evaluated over 21 images
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_quarantine_is_the_callers_made_before_the_samples_are_known(folder, backend):
+    """The trainer makes the quarantine (quarantine_for), merges a checkpoint's into it before
+    any loader exists, and gives it to build_loader; the backend binds it to the samples (the
+    default limit: 0.1% of the split, at least 1) and fills it. Loaders do not expose it."""
+    cfg = DataConfig(root=str(folder), backend=backend, image_size=32, val_resize=36,
+                     workers=2 if backend == "torch" else 1, listing_cache="off")
+    quarantine = quarantine_for(cfg, "val")
+    quarantine.merge({"4": "from a checkpoint"})        # state() as a checkpoint keeps it
+    assert quarantine.samples is None and len(quarantine) == 1
+    loader = build_loader(cfg, LoaderSpec("val", batch_size=4, quarantine=quarantine))
+    assert quarantine.size == 24 and quarantine.limit == 1
+    assert quarantine.listing()[1] == "a_cls/a_cls_004.JPEG 0"
+    assert not hasattr(loader, "quarantine")
+    assert sum(len(b[1]) for b in loader) == 23            # the merged sample: left out
+    (folder / "val" / "c_cls" / "c_cls_000.JPEG").write_bytes(b"")
+    with pytest.raises(TooManyBadImages, match="data.max_bad_images=1"):
+        list(loader)                                       # a second one: past the default limit
+    # without one, build_loader makes its own (benches and tests need not care)
+    assert sum(len(b[1]) for b in build_loader(cfg, LoaderSpec("val", batch_size=4))) == 23
+    with pytest.raises(ValueError, match="a quarantine is for skip"):
+        build_loader(DataConfig(root=str(folder), backend=backend, on_bad_image="stop"),
+                     LoaderSpec("val", batch_size=4, quarantine=quarantine))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_class_folder_gone_is_an_error_naming_it(folder, backend):
-    loader = loader_for(folder, backend)
+    loader, _ = loader_for(folder, backend)
     shutil.rmtree(folder / "train" / "b_cls")
     with pytest.raises(Exception, match=r"b_cls is gone \(a class folder"):
         list(loader)
@@ -106,11 +135,11 @@ def test_a_class_folder_gone_is_an_error_naming_it(folder, backend):
 
 def test_bad_images_list_is_a_file_list_verify_can_exclude(folder, tmp_path):
     from pipelines.verify import verify
-    loader = loader_for(folder, "dali", max_bad_images=5)
+    loader, quarantine = loader_for(folder, "dali", max_bad_images=5)
     names = damage(folder)
     list(loader)
     listing = tmp_path / "bad_images.txt"
-    listing.write_text("\n".join(loader.quarantine.listing()) + "\n")
+    listing.write_text("\n".join(quarantine.listing()) + "\n")
     assert read_bad_images(listing) == set(names)
     assert all(line.startswith("# train: ") for line in listing.read_text().splitlines()[::2])
     # the damaged files restored by a re-sync: verify leaves them out all the same
@@ -127,15 +156,15 @@ def test_a_file_only_dali_fails_on_rebuilds_the_pipeline_at_that_batch(folder, d
     """A GIF named .JPEG passes the feed's checks (PIL opens it) and fails inside DALI, whose
     pipeline is then dead: the loader quarantines it and rebuilds from the failing batch."""
     from PIL import Image
-    loader = loader_for(folder, "dali", max_bad_images=5, device=device)
+    loader, quarantine = loader_for(folder, "dali", max_bad_images=5, device=device)
     gif = folder / "train" / "b_cls" / "b_cls_003.JPEG"
     Image.open(gif).convert("P").save(gif, format="GIF")
     loader.set_epoch(2)
     batches = list(loader)
     assert len(batches) == len(loader) == 6 and all(len(b[1]) == 4 for b in batches)
-    (reason,) = loader.quarantine.bad.values()
+    (reason,) = quarantine.bad.values()
     assert "GIF is not a format DALI decodes" in reason
-    again = loader_for(folder, "dali", max_bad_images=5, device=device)  # finds it again
+    again, _ = loader_for(folder, "dali", max_bad_images=5, device=device)  # finds it again
     again.set_epoch(2)
     for (a, la), (b, lb) in zip(batches, again):
         assert torch.equal(a, b) and torch.equal(la, lb)
