@@ -13,45 +13,23 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .inference import (SmallImageTransform, Trained, image_files, load_images, load_trained,
-                        preprocess)
+from .inference import Trained, image_files, load_images, load_trained, preprocess
 
 RTOL, ATOL = 1e-4, 1e-4
 SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "exported": ".pt2"}
 
 
 def meta_json(trained: Trained, transform) -> str:
-    """The names and the preprocessing a server must apply, every number of it: mean/std in
-    0-255 units as the run used them (ImageNet's constants, or fitted on its training set where
-    its config left them null), the resize, the crop and the interpolation."""
+    """The names and the preprocessing a server must apply, every number of it, as ``transform``
+    (``inference.preprocess``: the run's eval preset, or a CIFAR/SVHN run's transform with its
+    fitted normalisation) describes itself."""
     d = trained.cfg.data
-    mean, std = d.mean, d.std
-    if d.dataset == "imagenet":     # pipelines/torch_backend.imagenet_transform, the val split
-        from pipelines.torch_backend import IMAGENET_MEAN, IMAGENET_STD
-        mean, std = [m * 255 for m in IMAGENET_MEAN], [s * 255 for s in IMAGENET_STD]
-        geometry = {"resize": d.val_resize, "resize_to": "shorter side",
-                    "crop": d.image_size, "crop_at": "center",
-                    "interpolation": "bilinear, antialiased"}
-    else:                           # SmallImageTransform: the whole image to image_size
-        geometry = {"resize": [d.image_size, d.image_size], "resize_to": "height and width",
-                    "crop": None, "interpolation": "bilinear, antialiased"}
-    if isinstance(transform, SmallImageTransform):
-        normalizer = transform.normalizer
-        if normalizer.kind == "zca":
-            raise ValueError("export writes the preprocessing into the file as mean/std; this "
-                             "run's ZCA whitening (a 3072x3072 matrix fitted on its training "
-                             "set) is not: classify with python -m engine predict, which "
-                             "applies it")
-        if normalizer.kind == "meanstd":
-            mean, std = normalizer.mean.tolist(), normalizer.std.tolist()
     return json.dumps({
         "model": trained.cfg.model.name, "classes": trained.classes,
         "class_names": trained.names, "input": "float32 (N, 3, H, W), RGB",
         "preprocessing": {"dataset": d.dataset, "image_size": d.image_size,
-                          "val_resize": d.val_resize, **geometry,
-                          "normalization": d.normalization, "scale": "0-255 RGB",
-                          "mean": mean, "std": std,
-                          "formula": "(pixel - mean) / std, per channel"}})
+                          "val_resize": d.val_resize, "normalization": d.normalization,
+                          **transform.describe()}})
 
 
 def export_torchscript(model, example, path: Path, meta: str):

@@ -52,10 +52,12 @@ def load_trained(path: str | os.PathLike, use_ema: bool = False) -> Trained:
 
 
 def preprocess(cfg: Config):
-    """PIL image -> normalised (C, H, W) tensor, as the run's validation pipeline."""
+    """PIL image -> normalised (C, H, W) tensor, as the run's validation pipeline: the eval
+    preset (``pipelines.presets``) of an ImageNet-layout run, ``SmallImageTransform`` of a
+    CIFAR/SVHN one. Both ``describe()`` themselves (export's ``meta.json``)."""
     if cfg.data.dataset == "imagenet":
-        from pipelines.torch_backend import imagenet_transform
-        return imagenet_transform(cfg.data, "val")
+        from pipelines.presets import eval_preset
+        return eval_preset(cfg.data)
     return SmallImageTransform(cfg)
 
 
@@ -68,8 +70,9 @@ class SmallImageTransform:
         from torchvision.transforms import v2
         from pipelines.small_datasets import Normalizer
         d = cfg.data
-        size = (d.image_size, d.image_size)
-        self.resize = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True)])
+        self.size = d.image_size
+        self.resize = v2.Compose([v2.PILToTensor(),
+                                  v2.Resize((self.size, self.size), antialias=True)])
         try:
             self.normalizer = Normalizer(d, torch.device("cpu"))
         except (FileNotFoundError, OSError) as e:
@@ -79,6 +82,22 @@ class SmallImageTransform:
     def __call__(self, image) -> torch.Tensor:
         hwc = self.resize(image).permute(1, 2, 0)
         return self.normalizer(hwc[None])[0]
+
+    def describe(self) -> dict:
+        """Every number of it, for a server (``meta.json``): mean/std in 0-255 units as the run
+        used them (given, or fitted on its training set). ZCA is refused: its 3072x3072 matrix
+        is no mean/std."""
+        n, size = self.normalizer, self.size
+        if n.kind == "zca":
+            raise ValueError("export writes the preprocessing into the file as mean/std; this "
+                             "run's ZCA whitening (a 3072x3072 matrix fitted on its training "
+                             "set) is not: classify with python -m engine predict, which "
+                             "applies it")
+        mean, std = ((n.mean.tolist(), n.std.tolist()) if n.kind == "meanstd"
+                     else ([0.0] * 3, [255.0] * 3))            # scale: divide by 255
+        return {"resize": [size, size], "resize_to": "height and width", "crop": None,
+                "interpolation": "bilinear, antialiased", "scale": "0-255 RGB",
+                "mean": mean, "std": std, "formula": "(pixel - mean) / std, per channel"}
 
 
 def image_files(paths: list[str]) -> list[Path]:

@@ -1,6 +1,8 @@
 """python -m engine predict / export on a checkpoint of a real (tiny) run: the checkpoint
 holds the class names (and the data set's readable names), predict uses the run's validation
-preprocessing, and each export format is checked against the eager model on real images."""
+preprocessing, and each export format is checked against the eager model on real images. The
+eval preset (pipelines/presets.py) is the one description of that preprocessing: predict,
+export's meta.json and the loaders' evaluation all follow a change of data.val_resize."""
 import json
 import os
 import subprocess
@@ -14,7 +16,6 @@ from engine.checkpoint import list_checkpoints, load_file
 from engine.inference import load_trained
 from trainer_utils import REPO, base_overrides, make_folder, run_training
 
-pytestmark = pytest.mark.slow
 NAMES = {"class_0": "red things", "class_1": "green things", "class_2": "blue things"}
 
 
@@ -33,12 +34,14 @@ def engine_cli(*args):
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_class_names(checkpoint):
     state = load_file(checkpoint[1])
     assert state["classes"] == list(NAMES) and state["class_names"] == list(NAMES.values())
     assert state["num_classes"] == 3
 
 
+@pytest.mark.slow
 def test_predict_uses_the_runs_preprocessing_and_names(checkpoint):
     from pipelines import LoaderSpec, build_loader
     data, path = checkpoint
@@ -63,6 +66,7 @@ def test_predict_uses_the_runs_preprocessing_and_names(checkpoint):
     assert missing.returncode == 2 and "no such image or folder" in missing.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx", "exported"])
 def test_export_is_checked_against_the_model(checkpoint, tmp_path, fmt):
     _, path = checkpoint
@@ -91,6 +95,7 @@ def test_export_is_checked_against_the_model(checkpoint, tmp_path, fmt):
     assert pre["interpolation"].startswith("bilinear")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["zca", "meanstd"])
 def test_predict_normalises_a_cifar_run_as_its_training_did(tmp_path, normalization):
     """ZCA, and mean/std left null in the config, are fitted on the run's training set: predict
@@ -132,3 +137,56 @@ def test_predict_normalises_a_cifar_run_as_its_training_did(tmp_path, normalizat
     train = train_x.reshape(-1, 3).astype(np.float64)
     assert meta["mean"] == pytest.approx(train.mean(0).tolist(), rel=1e-5)
     assert meta["std"] == pytest.approx(train.std(0, ddof=1).tolist(), rel=1e-5)
+
+
+def write_checkpoint(path, cfg, classes):
+    """A checkpoint as load_trained reads it (the trainer's keys), of an untrained model."""
+    import wrn_large
+    from engine.config import to_dict
+    model = wrn_large.create_model(cfg.model.name, num_classes=len(classes), **cfg.model.kwargs)
+    torch.save({"config": to_dict(cfg), "model": model.state_dict(),
+                "num_classes": len(classes), "classes": classes}, path)
+    return path
+
+
+def test_a_changed_val_resize_shows_in_predict_export_and_the_loaders(tmp_path):
+    """data.val_resize 36 -> 64 (crop 32): predict's preprocessing, the meta.json export
+    writes, and the evaluation batches of both loaders (DALI on the CPU, torch) change with it
+    and stay equal to one another: one preset, built from the config, used by all."""
+    from dataclasses import replace
+    from engine.config import load_config
+    from engine.export import meta_json
+    from engine.inference import image_files, load_images, preprocess
+    from pipelines import LoaderSpec, build_loader
+    from pipelines.presets import EvalPreset
+    data = make_folder(tmp_path / "data", train_per_class=1, val_per_class=3)
+    files = image_files([str(data / "val")])
+    seen = {}
+    for resize in (36, 64):
+        cfg = load_config(overrides=base_overrides(data, tmp_path / "run",
+                                                   **{"data.val_resize": resize}))
+        trained = load_trained(write_checkpoint(tmp_path / f"step_{resize}.pt", cfg,
+                                                ["class_0", "class_1", "class_2"]))
+        transform = preprocess(trained.cfg)                       # what predict applies
+        assert transform == EvalPreset(crop_size=32, resize_size=resize)
+        predicted = load_images(files, transform)
+        meta = json.loads(meta_json(trained, transform))["preprocessing"]
+        assert (meta["resize"], meta["crop"], meta["val_resize"]) == (resize, 32, resize)
+        assert meta["mean"] == pytest.approx([123.675, 116.28, 103.53])
+        # torch: PIL + the preset itself; DALI: its decoder, then torch_resize with the preset
+        # (within float rounding of torchvision), or its GPU graph run on the CPU with the
+        # preset's sizes and mean/std (DALI's resampler: within a level on average); in 8-bit
+        # levels, mean and max
+        for backend, resize_with, tolerance in (("torch", "auto", (1e-6, 1e-5)),
+                                                ("dali", "torch", (1e-4, 1e-3)),
+                                                ("dali", "dali", (0.5, 1.5))):
+            loader = build_loader(replace(trained.cfg.data, backend=backend, workers=1,
+                                          resize_with=resize_with),
+                                  LoaderSpec("val", batch_size=len(files)))
+            (images, labels), = list(loader)
+            assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+            levels = ((images - predicted) * torch.tensor(meta["std"]).view(3, 1, 1)).abs()
+            assert levels.mean() < tolerance[0] and levels.max() < tolerance[1], (
+                backend, resize_with, levels.mean(), levels.max())
+        seen[resize] = predicted
+    assert (seen[36] - seen[64]).abs().mean() > 0.05        # the change shows: another image
