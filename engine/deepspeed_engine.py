@@ -122,7 +122,7 @@ class DeepSpeedEngine(Engine):
             (tmp / LAYOUT_FILE).write_text(json.dumps(self.layout()) + "\n")
             write_manifest(tmp)
             (tmp / COMPLETE_MARKER).write_text("ok\n")
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         barrier()
 
     def fp32_state_dict(self) -> dict:
@@ -171,6 +171,19 @@ class DeepSpeedEngine(Engine):
         if loaded is None:
             raise CheckpointError(f"cannot read checkpoint {path}")
         return client
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """``new`` (complete) takes the name ``final``; a folder already there (the same step of an
+    earlier attempt, e.g. a run resumed from an older checkpoint) is deleted only after."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(new, final)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def fp16_optimizer_masters(optimizer) -> dict[int, torch.Tensor]:

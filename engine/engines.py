@@ -1,25 +1,25 @@
 """Training engines: who owns the model wrapper, the optimizer, precision and checkpoints.
 
-An engine is registered with ``@register_engine("name")``; the trainer only calls the methods of
-``Engine``. ``ddp`` lives here, ``deepspeed`` in ``deepspeed_engine.py``.
+An engine is one class registered with ``@register_engine("name")``; the loop only calls the
+methods of ``Engine``. An engine of this package is one file named in ``BUILTIN_ENGINES``,
+imported when a run first asks for it (``ddp.py``; ``deepspeed_engine.py``, whose import of
+DeepSpeed takes seconds, only for the runs that use it).
 """
 from __future__ import annotations
 
 import contextlib
-import logging
+import importlib
 import os
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import load_file, save_file_atomic
 from .config import Config
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo
 
-log = logging.getLogger(__name__)
 _engines: dict[str, Callable[..., "Engine"]] = {}
+BUILTIN_ENGINES = {"ddp": "ddp", "deepspeed": "deepspeed_engine"}   # name -> module of this package
 
 
 def register_engine(name: str):
@@ -30,12 +30,18 @@ def register_engine(name: str):
     return wrap
 
 
+def engine_class(name: str) -> Callable[..., "Engine"]:
+    """The engine registered as ``name`` (a built-in one is imported on first use)."""
+    if name not in _engines and name in BUILTIN_ENGINES:
+        importlib.import_module(f"{__package__}.{BUILTIN_ENGINES[name]}")
+    if name not in _engines:
+        valid = sorted(set(_engines) | set(BUILTIN_ENGINES))
+        raise ValueError(f"unknown engine {name!r}; valid: {', '.join(valid)}")
+    return _engines[name]
+
+
 def build_engine(cfg: Config, model: nn.Module, dist: DistInfo) -> "Engine":
-    if cfg.engine.name == "deepspeed" and "deepspeed" not in _engines:
-        from . import deepspeed_engine  # noqa: F401  (imported lazily: deepspeed is heavy)
-    if cfg.engine.name not in _engines:
-        raise ValueError(f"unknown engine {cfg.engine.name!r}; valid: ddp, deepspeed")
-    return _engines[cfg.engine.name](cfg, model, dist)
+    return engine_class(cfg.engine.name)(cfg, model, dist)
 
 
 def set_determinism(deterministic: bool) -> None:
@@ -143,79 +149,3 @@ class Engine:
 
     def load_checkpoint(self, path: str) -> dict:
         raise NotImplementedError
-
-
-def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, path: str) -> None:
-    """A checkpoint saved without fp16 has an empty scaler state: an fp16 run resuming from it
-    starts its loss scale afresh (what a new fp16 run does) instead of failing."""
-    if scaler.is_enabled() and not state:
-        log.warning("%s was saved without fp16 loss scaling: starting the fp16 GradScaler afresh "
-                    "(scale %g)", path, scaler.get_scale())
-        return
-    scaler.load_state_dict(state)
-
-
-@register_engine("ddp")
-class DDPEngine(Engine):
-    """DistributedDataParallel (NCCL on CUDA, gloo on the CPU); a plain model in one process."""
-
-    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo):
-        if cfg.train.channels_last == "on":
-            model = model.to(memory_format=torch.channels_last)
-        self.module = model
-        self.accum = cfg.train.grad_accum
-        self.clip = cfg.optim.clip_grad_norm
-        self.device = dist.device
-        self.amp_dtype = resolve_amp(cfg.train.amp, dist.device)
-        self.optimizer = build_optimizer(cfg, model)
-        self.scaler = torch.amp.GradScaler(dist.device.type,
-                                           enabled=self.amp_dtype == torch.float16)
-        self.skipped = False
-        self.ddp = None
-        if dist.distributed:
-            ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(model, device_ids=ids)
-        wrapped = self.ddp or model
-        self.model = torch.compile(wrapped) if cfg.train.compile == "on" else wrapped
-        self.is_main = dist.is_main
-
-    def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
-        total = torch.zeros((), device=self.device)
-        micro_batches = list(micro_batches)
-        for i, (images, targets) in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            # Gradients are all-reduced once, on the last micro-batch.
-            sync = self.ddp.no_sync() if self.ddp is not None and not last \
-                else contextlib.nullcontext()
-            with sync:
-                with self.autocast():
-                    loss = loss_fn(self.model(images), targets)
-                self.scaler.scale(loss / len(micro_batches)).backward()
-            total += loss.detach().float()
-        if self.clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # update() lowers the scale exactly when step() found inf/NaN and skipped
-        self.skipped = scale is not None and self.scaler.get_scale() < scale
-        self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches)
-
-    def step_was_skipped(self) -> bool:
-        return self.skipped
-
-    def save_checkpoint(self, path: str, client_state: dict) -> None:
-        if self.is_main:
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict(), **client_state}
-            save_file_atomic(state, path, checksum=True)
-        barrier()
-
-    def load_checkpoint(self, path: str) -> dict:
-        state = load_file(path)
-        self.module.load_state_dict(state.pop("model"))
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        load_scaler_state(self.scaler, state.pop("scaler"), path)
-        return state
