@@ -17,6 +17,7 @@ command resumes from the newest valid checkpoint there (run.resume=auto).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -65,20 +66,25 @@ def main(argv=None) -> int:
         return 0
     if args.eval_only:
         from engine.checkpoint import CheckpointError
-        from engine.evaluate import run_evaluation
+        from engine.run_eval import run_evaluation
         try:
             run_evaluation(cfg, per_class=args.per_class)
         except (FileNotFoundError, NotADirectoryError, ValueError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    from engine.build import console_logging, train
     from engine.checkpoint import CheckpointError, ResumeMismatch
-    from engine.trainer import RunDirInUse, TrainingDiverged, train
+    from engine.errors import RunDirInUse, TrainingDiverged
     from pipelines.quarantine import TooManyBadImages
     from wrn_large.weights import WeightsError
 
+    console_logging(int(os.environ.get("RANK", 0)))
     try:
         result = train(cfg)
+    except ConfigError as e:                        # a name no registry knows (model, engine, ...)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -161,3 +161,18 @@ def sync_buffers(module: torch.nn.Module, mode: str) -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class BufferSync:
+    """``sync_buffers`` of ``modules`` (the model, its EMA) at most once per optimizer step: the
+    model each rank evaluates is the model rank 0 saves (``train.dist_bn``)."""
+
+    def __init__(self, modules: list[torch.nn.Module], mode: str):
+        self.modules, self.mode, self.done_at = modules, mode, None
+
+    def sync(self, step: int) -> None:
+        if self.done_at == step:
+            return
+        for module in self.modules:
+            sync_buffers(module, self.mode)
+        self.done_at = step

@@ -1,46 +1,78 @@
-"""Run outputs on rank 0: metrics.jsonl, TensorBoard events, the training-curve PNG and the
-closing summary table."""
+"""Run outputs on rank 0: the metric sinks (metrics.jsonl, TensorBoard events), the
+training-curve PNG and the closing summary table."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 from pathlib import Path
+from typing import Callable, Protocol
 
 log = logging.getLogger(__name__)
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+class MetricSink(Protocol):
+    """Where a run's figures go: ``write(kind, step, values)`` for each record ("train" at each
+    check, "epoch" at each epoch's end), ``close()`` at the end. A tracker is one more class
+    registered with ``@register_sink("name")``."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True):
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-        except ImportError:  # tensorboard is a dependency; the jsonl suffices without it
-            log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+    def write(self, kind: str, step: int, values: dict) -> None: ...
 
-    def write(self, kind: str, step: int, **values) -> None:
-        if not self.enabled:
-            return
+    def close(self) -> None: ...
+
+
+SINKS: dict[str, Callable[[Path], MetricSink]] = {}
+
+
+def register_sink(name: str):
+    def wrap(cls):
+        SINKS[name] = cls
+        return cls
+
+    return wrap
+
+
+@register_sink("jsonl")
+class JsonlSink:
+    """``RUN_DIR/metrics.jsonl``: one JSON object per record, ``{"type": kind, "step": step,
+    **values}``, flushed at once."""
+
+    def __init__(self, out: str | Path):
+        self.file = open(Path(out) / "metrics.jsonl", "a")
+
+    def write(self, kind: str, step: int, values: dict) -> None:
         self.file.write(json.dumps({"type": kind, "step": step, **values}) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key not in ("epoch",):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+        self.file.close()
+
+
+@register_sink("tensorboard")
+class TensorBoardSink:
+    """``RUN_DIR/tensorboard``: every number of a record (but the epoch's index) as KIND/KEY."""
+
+    def __init__(self, out: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(Path(out) / "tensorboard"))
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_sinks(names, out: str | Path) -> list[MetricSink]:
+    sinks = []
+    for name in names:
+        try:
+            sinks.append(SINKS[name](out))
+        except ImportError as e:   # tensorboard is a dependency; the others suffice without it
+            log.warning("metrics sink %s unavailable (%s): not written", name, e)
+    return sinks
 
 
 def plot_curves(history: list[dict], path: str | Path, title: str) -> None:

@@ -1,7 +1,9 @@
-"""Learning-rate schedules as a pure function of the optimizer step (nothing to checkpoint)."""
+"""Learning-rate schedules as a pure function of the optimizer step (nothing to checkpoint), and
+the ``Schedule`` the loop steps through."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from .config import ScheduleConfig
 
@@ -35,3 +37,28 @@ def is_lr_drop(step: int, steps_per_epoch: int, cfg: ScheduleConfig) -> bool:
     """Whether ``step`` is the first step at a new lr of the step schedule."""
     return (cfg.name == "step" and step > 0 and
             drops_before(step, steps_per_epoch, cfg) > drops_before(step - 1, steps_per_epoch, cfg))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What the loop steps through: ``epochs`` of ``steps_per_epoch`` optimizer steps of
+    ``grad_accum`` micro-batches, the learning rate of each step, where the optimizer state is
+    cleared (``optim.fresh_at_lr_drops``) and where the run stops early (``max_steps``, 0: never)."""
+
+    epochs: int
+    steps_per_epoch: int
+    base_lr: float
+    cfg: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grad_accum: int = 1
+    max_steps: int = 0
+    fresh_at_lr_drops: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.base_lr, self.steps_per_epoch, self.epochs, self.cfg)
+
+    def clears_optimizer(self, step: int) -> bool:
+        return self.fresh_at_lr_drops and is_lr_drop(step, self.steps_per_epoch, self.cfg)

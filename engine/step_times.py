@@ -1,14 +1,15 @@
-"""Where each rank's step goes: waiting for input, and computing the model's forward passes.
+"""Where each rank's steps go: waiting for input, and computing the model's forward passes.
 
 Both are measured where no collective can hide in them: the data wait around the loader's
 ``next``, the forward between hooks on the model itself (inside DDP, whose buffer broadcast and
 gradient all-reduce happen outside it; DeepSpeed wraps the same module). Step wall times are
 equal on every rank of a synchronous job (the collectives wait for the slowest), so they could
-not name a straggler; these do. On CUDA the forward is timed with CUDA events, read one step
-late (the step's all-reduce has synchronised by then), so timing adds no synchronisation.
+not name a straggler; these do. On CUDA the forward is timed with CUDA events, read at the
+loop's next check, where the host waits for the device anyway: timing adds no synchronisation
+of its own.
 
-Every rank's figures travel in the step's existing all-reduce (``reduce_step``): rank r fills
-slots r of two vectors the size of the world, and the sum is everyone's figures.
+Every rank's figures travel in the check's one all-reduce (``engine.hooks.step_times``): rank r
+fills slots r of two vectors the size of the world, and the sum is everyone's figures.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class StepTimes:
     def __init__(self, module: nn.Module, device: torch.device):
         self.cuda = device.type == "cuda"
         self.data_wait = 0.0
-        self._forward_s, self._events, self._pending = 0.0, [], []
+        self._forward_s, self._events, self._waiting_since = 0.0, [], None
         module.register_forward_pre_hook(self._start)
         module.register_forward_hook(self._end)
 
@@ -46,21 +47,32 @@ class StepTimes:
         since, self._t0 = now - self._t0, now
         return since
 
+    def waiting(self) -> None:
+        """The loop asks the loader for the next batch."""
+        self._waiting_since = time.perf_counter()
+
+    def arrived(self) -> None:
+        """... and has it."""
+        if self._waiting_since is not None:
+            self.data_wait += time.perf_counter() - self._waiting_since
+            self._waiting_since = None
+
     @contextmanager
     def waiting_for_data(self):
-        t0 = time.perf_counter()
+        self.waiting()
         try:
             yield
         finally:
-            self.data_wait += time.perf_counter() - t0
+            self.arrived()
 
     def take(self) -> tuple[float, float]:
-        """(data wait, forward) seconds of the step just ended; on CUDA the forward of the step
-        before (its events are complete)."""
+        """(data wait, forward) seconds since the last ``take``. On CUDA this waits for the
+        last forward's events: call it where the host waits for the device anyway."""
         if self.cuda:
-            pairs, self._pending = self._pending, self._events
-            self._events = []
-            forward = sum(a.elapsed_time(b) for a, b in zip(pairs[::2], pairs[1::2])) / 1000
+            events, self._events = self._events, []
+            if events:
+                events[-1].synchronize()
+            forward = sum(a.elapsed_time(b) for a, b in zip(events[::2], events[1::2])) / 1000
         else:
             forward, self._forward_s = self._forward_s, 0.0
         data_wait, self.data_wait = self.data_wait, 0.0

@@ -1,14 +1,19 @@
-"""The trainer end to end, in real processes: outputs, exact resume, divergence, distributed
-equivalence (gloo on 127.0.0.1) and the DeepSpeed engine."""
+"""The trainer end to end: outputs, exact resume (also from a checkpoint of the loop before it had
+hooks), divergence, distributed equivalence (gloo on 127.0.0.1) and the DeepSpeed engine. One
+process runs in this one (trainer_utils.cli_in_process: train_imagenet.main, its output and
+exit code); more, and DeepSpeed, in real processes."""
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from engine import checkpoint as ckpt
 from engine.checkpoint import list_checkpoints, load_file
 from devices import PICKED_DEVICES
-from trainer_utils import (base_overrides, epochs, make_folder, nan_loss_at, read_metrics,
-                           run_training, step_losses, train_in_process)
+from trainer_utils import (REPO, base_overrides, epochs, make_folder, nan_loss_at, read_metrics,
+                           run_command, run_training, step_losses, train_in_process)
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +23,11 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_run(data, tmp_path_factory):
-    """2 epochs, 1 process, a checkpoint every 2 steps (all kept)."""
+    """2 epochs, 1 process, a checkpoint every 2 steps (all kept): the command in a process of
+    its own, as a user runs it."""
     out = tmp_path_factory.mktemp("reference")
-    proc = run_training(base_overrides(data, out, **{"run.checkpoint_every_steps": 2}))
+    proc = run_command(base_overrides(data, out, **{"run.checkpoint_every_steps": 2}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
 
@@ -38,8 +45,8 @@ def test_run_learns_and_writes_every_output(reference_run):
     assert "final top-1 / top-5" in proc.stdout       # the summary table
     newest = list_checkpoints(out)[0]
     state = load_file(newest)                          # weights_only=True
-    assert state["step"] == 12 and state["epoch"] == 2
-    assert {"model", "optimizer", "scaler", "rng", "history"} <= set(state)
+    assert state["step"] == 12 and state["epoch"] == 2 and state["format"] == 2
+    assert {"model", "optimizer", "scaler", "rng", "history", "step_times"} <= set(state)
 
 
 @pytest.mark.parametrize("resume_step", [4, 6])  # mid-epoch and exactly at the epoch end
@@ -76,6 +83,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
                         check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "training loss is" in proc.stderr and "last good checkpoint is" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     good = list_checkpoints(out)
     assert good, "the checkpoint before the divergence must survive"
     state = load_file(good[0])
@@ -147,11 +155,17 @@ def test_flipped_byte_is_caught_by_the_checksum(data, reference_run, tmp_path):
     newest = list_checkpoints(run_dir)[0]
     assert (newest.parent / (newest.name + ".sha256")).read_text().endswith(f"  {newest.name}\n")
     flip_byte(newest)
+    kept = tmp_path / "kept"                 # the resumed run writes step 12 anew over it
+    kept.mkdir()
+    for f in (newest, newest.parent / (newest.name + ".sha256")):
+        shutil.copy(f, kept / f.name)
     proc = run_training(base_overrides(data, run_dir, **{"train.epochs": 3}))
     assert f"{newest}: SHA-256 checksum mismatch" in proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout and "step_00000010.pt" in proc.stdout
+    ckpt.verify(newest)                      # written again from the replayed steps: good
     explicit = tmp_path / "explicit"
-    proc = run_training(base_overrides(data, explicit, **{"run.resume": str(newest)}), check=False)
+    proc = run_training(base_overrides(data, explicit, **{"run.resume": str(kept / newest.name)}),
+                        check=False)
     assert proc.returncode == 5 and "SHA-256 checksum mismatch" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -198,11 +212,12 @@ def test_deepspeed_checkpoint_manifest_catches_a_flipped_byte(data, tmp_path):
 @pytest.mark.parametrize("device", PICKED_DEVICES)
 def test_fp16_nan_step_is_skipped_by_the_scaler_not_divergence(data, tmp_path, device):
     out = tmp_path / "fp16"
-    trainer, summary = train_in_process(
+    run = train_in_process(
         base_overrides(data, out, **{"train.amp": "fp16", "run.checkpoint_every_steps": 1,
                                      "train.compile": "off"}),   # compile: test_gpu_engines
         nan_loss_at({3}))
-    assert trainer.dist.device.type == device and summary["status"] == "finished"
+    trainer = run.trainer
+    assert trainer.dist.device.type == device and run.summary["status"] == "finished"
     before, after = (load_file(out / "checkpoints" / f"step_{s:08d}.pt") for s in (2, 3))
     params = [name for name, _ in trainer.model.named_parameters()]
     for name in params:                                 # the step changed nothing it trains
@@ -212,7 +227,7 @@ def test_fp16_nan_step_is_skipped_by_the_scaler_not_divergence(data, tmp_path, d
         assert torch.equal(v["momentum_buffer"], after["optimizer"]["state"][k]["momentum_buffer"])
     assert after["scaler"]["scale"] == before["scaler"]["scale"] / 2   # and lowered the scale
     records = {m["step"]: m for m in read_metrics(out) if m["type"] == "train"}
-    assert records[3]["loss"] is None and records[3]["skipped"] is True
+    assert records[3]["loss"] is None and records[3]["skipped"] == 1
     assert all(records[s]["loss"] > 0 for s in records if s != 3)
     # "skipped" marks exactly the steps whose scale went down (gradient overflow may add some)
     scales = [65536.0] + [load_file(out / "checkpoints" / f"step_{s:08d}.pt")["scaler"]["scale"]
@@ -226,7 +241,8 @@ def test_fp16_nan_step_is_skipped_by_the_scaler_not_divergence(data, tmp_path, d
 
 
 def test_fp16_nan_steps_in_a_row_are_divergence(data, tmp_path):
-    from engine.trainer import MAX_SKIPPED_IN_A_ROW, TrainingDiverged
+    from engine.errors import TrainingDiverged
+    from engine.trainer import MAX_SKIPPED_IN_A_ROW
     out = tmp_path / "fp16"
     with pytest.raises(TrainingDiverged, match=f"for {MAX_SKIPPED_IN_A_ROW} steps in a row"):
         train_in_process(base_overrides(data, out, **{"train.amp": "fp16"}),
@@ -234,7 +250,33 @@ def test_fp16_nan_steps_in_a_row_are_divergence(data, tmp_path):
 
 
 def test_nan_without_loss_scaling_is_divergence(data, tmp_path):
-    from engine.trainer import TrainingDiverged
+    from engine.errors import TrainingDiverged
     with pytest.raises(TrainingDiverged, match="training loss is nan at step 2 "):
         train_in_process(base_overrides(data, tmp_path / "bf16", **{"train.amp": "bf16"}),
                          nan_loss_at({2}))
+
+
+LEGACY = REPO / "tests" / "fixtures" / "checkpoint_b503558"
+
+
+def test_a_checkpoint_of_the_loop_before_hooks_resumes_exactly(tmp_path):
+    """b503558 (the trainer before the loop was rebuilt around hooks) wrote step 8 of a 12-step
+    run with EMA; resumed here, the remaining losses and the final evaluation (EMA included) are
+    that run's."""
+    reference = json.loads((LEGACY / "reference.json").read_text())
+    data, out = make_folder(tmp_path / "data"), tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    for f in LEGACY.glob("step_*"):
+        shutil.copy(f, out / "checkpoints" / f.name)
+    assert "format" not in load_file(out / "checkpoints" / "step_00000008.pt")   # format 1
+    overrides = [o.replace("DATA", str(data)).replace("OUT", str(out))
+                 for o in reference["overrides"]]
+    run = train_in_process(overrides)
+    assert "resumed from" in run.log and "step_00000008.pt at step 8 (epoch 1)" in run.log
+    got = step_losses(out)
+    assert sorted(got) == [9, 10, 11, 12]
+    for step, loss in got.items():
+        assert loss == pytest.approx(reference["losses"][str(step)], rel=1e-5), step
+    last, then = epochs(out)[-1], reference["epochs"][-1]
+    for key in ("train_loss", "val_loss", "top1", "val_loss_ema", "top1_ema", "val_samples"):
+        assert last[key] == pytest.approx(then[key], rel=1e-5), key

@@ -72,7 +72,26 @@ def free_port() -> int:
 
 
 def run_training(overrides: list[str], nproc: int = 1, timeout: int = 600,
-                 check: bool = True) -> subprocess.CompletedProcess:
+                 check: bool = True, in_process: bool | None = None) -> subprocess.CompletedProcess:
+    """train_imagenet.py as a user runs it: its stdout, stderr and exit code. One process runs
+    in this one (``cli_in_process``; a new interpreter costs ~5 s of imports here) unless
+    ``in_process=False`` or the run is DeepSpeed's (DeepSpeed keeps process-wide state across
+    engines); more run under torchrun over gloo."""
+    deepspeed = "engine.name=deepspeed" in overrides
+    if in_process is None:
+        in_process = nproc == 1 and not deepspeed
+    if in_process:
+        proc = cli_in_process(["--config", "configs/quickstart.yaml", *overrides])
+    else:
+        proc = run_command(overrides, nproc, timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_command(overrides: list[str], nproc: int = 1, timeout: int = 600
+                ) -> subprocess.CompletedProcess:
     """train_imagenet.py in fresh processes: plain python for 1, torchrun over gloo for more."""
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "train_imagenet.py")]
@@ -82,12 +101,59 @@ def run_training(overrides: list[str], nproc: int = 1, timeout: int = 600,
                str(REPO / "train_imagenet.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
            "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd + ["--config", "configs/quickstart.yaml"] + overrides, cwd=REPO,
+    return subprocess.run(cmd + ["--config", "configs/quickstart.yaml"] + overrides, cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
+
+
+def cli_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``train_imagenet.main(argv)`` in this process, as if it were its own: stdout and stderr
+    captured, an escaping exception as Python prints it (exit code 1). What a run changes in
+    the process is put back afterwards: logging, signal handlers, environment variables,
+    determinism flags, the process group."""
+    import contextlib
+    import gc
+    import io
+    import logging
+    import signal
+    import traceback
+
+    import torch
+    from engine.distributed import cleanup
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import train_imagenet
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved_logging = (root.level, list(root.handlers))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    environ = dict(os.environ)
+    flags = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = train_imagenet.main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:  # noqa: BLE001 - what the interpreter would print, and exit 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        cleanup()
+        for handler in root.handlers:
+            if handler not in saved_logging[1]:
+                handler.close()
+        root.handlers[:] = saved_logging[1]
+        root.setLevel(saved_logging[0])
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark = flags[2]
+        gc.collect()   # loaders' read-ahead threads end with them
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def live_processes_mentioning(text: str) -> list[str]:
@@ -116,25 +182,71 @@ def epochs(out: Path) -> list[dict]:
     return [m for m in read_metrics(out) if m["type"] == "epoch"]
 
 
-def train_in_process(overrides: list[str], patch=None):
-    """The trainer in this process, for tests that reach into it (``patch(trainer)`` before
-    ``fit``). Returns (trainer, summary). The signal handlers it installs and the torchrun
-    variables a DeepSpeed job of one sets (RANK, MASTER_PORT, ...) are undone afterwards."""
+class InProcessRun:
+    """A run of the trainer in this process: the trainer, its summary and what it logged."""
+
+    def __init__(self, trainer, summary: dict | None, log: str):
+        self.trainer, self.summary, self.log = trainer, summary, log
+
+
+def train_in_process(overrides: list[str], patch=None, config: str | Path | None = None
+                     ) -> InProcessRun:
+    """The trainer built and run in this process (``engine.build``), as train_imagenet.py runs
+    it but without a new interpreter (imports cost ~5 s a process here). ``patch(trainer)``
+    runs before ``train``. The log (INFO and up) is captured; the signal handlers it installs,
+    the torchrun variables a DeepSpeed job of one sets (RANK, MASTER_PORT, ...) and any process
+    group are undone afterwards. The run's exceptions propagate."""
+    import logging
     import signal
+    from engine.build import build_trainer, last_good_checkpoint
     from engine.config import load_config
-    from engine.trainer import Trainer
+    from engine.distributed import cleanup
+    from engine.errors import TrainingDiverged
+    from engine.hooks import SummaryHook
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     environ = dict(os.environ)
+    root = logging.getLogger()
+    level, captured = root.level, _LogText()
+    root.setLevel(logging.INFO)
+    root.addHandler(captured)
     try:
-        trainer = Trainer(load_config(str(REPO / "configs" / "quickstart.yaml"), overrides))
+        cfg = load_config(str(config or REPO / "configs" / "quickstart.yaml"), overrides)
+        trainer = build_trainer(cfg)
         if patch is not None:
             patch(trainer)
-        return trainer, trainer.fit()
+        try:
+            trainer.train()
+        except TrainingDiverged as e:   # as engine.build.train says it
+            raise TrainingDiverged(f"{e} {last_good_checkpoint(Path(cfg.run.output_dir))}")
+        return InProcessRun(trainer, trainer.hooks.of_type(SummaryHook).result, captured.text())
     finally:
+        cleanup()
+        root.removeHandler(captured)
+        root.setLevel(level)
         for s, handler in handlers.items():
             signal.signal(s, handler)
         os.environ.clear()
         os.environ.update(environ)
+
+
+class _LogText:
+    """A logging handler that keeps the formatted records."""
+
+    def __new__(cls):
+        import logging
+
+        class Handler(logging.Handler):
+            def __init__(self):
+                super().__init__(logging.INFO)
+                self.lines = []
+
+            def emit(self, record):
+                self.lines.append(self.format(record))
+
+            def text(self):
+                return "\n".join(self.lines)
+
+        return Handler()
 
 
 def nan_loss_at(steps: set[int]):

@@ -1,0 +1,22 @@
+"""What a run holds in its directory while it trains: rank 0's lock on it (one job per run
+directory, engine/checkpoint.py's ``RunDirLock``) and the ``train.log`` handler; both let go when
+training ends, so a process that goes on (a test, a sweep) can run there again."""
+from __future__ import annotations
+
+import logging
+
+from .base import Hook
+
+
+class RunDirHook(Hook):
+    def __init__(self, lock=None, log_handler: logging.Handler | None = None):
+        self.lock, self.log_handler = lock, log_handler
+
+    def after_train(self) -> None:
+        if self.log_handler is not None:
+            logging.getLogger().removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.log_handler = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
