@@ -399,22 +399,11 @@ def path_problems(cfg: Config, training: bool = True) -> Iterator[str]:
 
 def data_root_problem(root: str) -> str | None:
     """What makes ``data.root`` unreadable, or None: the data source that reads it decides
-    (pipelines/sources.py: a local path must exist; a URL's scheme needs a source that reads
-    it). Until that registry exists: a local path must be a folder, and no URL is read."""
-    try:
-        from pipelines.sources import root_problem
-    except ModuleNotFoundError as e:
-        if e.name != "pipelines.sources":
-            raise
-    else:
-        problem = root_problem(root)
-        return f"data.root: {problem}" if problem and "data.root" not in problem else problem
-    scheme = URL.match(root)
-    if scheme:
-        return f"data.root={root}: no data source reads {scheme.group(1).lower()}:// URLs"
-    if not os.path.isdir(root):
-        return f"data.root={root} {'is not a folder' if os.path.exists(root) else 'does not exist'}"
-    return None
+    (pipelines/sources.py, no torch: a local path must exist and suit its source; a URL needs a
+    source registered for its scheme)."""
+    from pipelines.sources import root_problem
+    problem = root_problem(root)
+    return f"data.root: {problem}" if problem and "data.root" not in problem else problem
 
 
 def to_dict(cfg: Config) -> dict:

@@ -283,6 +283,8 @@ def test_paths_that_exist_pass(places):
 def test_a_missing_path_is_named(places):
     missing = places["missing"]
     assert paths_problem([f"data.root={missing}"]) == f"data.root={missing} does not exist"
+    assert paths_problem([f"data.root={places['checkpoint']}"]).startswith(    # its source says
+        f"data.root={places['checkpoint']} ")
     assert paths_problem([f"model.pretrained={missing}"]) == f"model.pretrained: checkpoint not found: {missing}"
     assert "is a folder; a checkpoint file is meant" in paths_problem([f"model.pretrained={places['data']}"])
     assert paths_problem([f"run.resume={missing}"]) == f"run.resume={missing}: no such checkpoint"
