@@ -3,8 +3,11 @@
 
 Both train the same model on the same in-memory batches; they alternate in rounds (A B A B ...)
 so machine noise hits both alike, and the script prints the median ratio trainer/bare. The
-trainer side is the real code path: Trainer's engine.train_step, set_lr, the per-step loss
-all-reduce and NaN check. On CUDA, --amp bf16 and --channels-last apply to both sides.
+trainer side is the real code path: the loop's ``run_step`` (set_lr, DDPEngine.train_step, the
+loss summed on the device) with its check (the loss all-reduce and NaN check) every
+``--check-every`` steps, as ``run.log_every_steps`` sets it; the bare loop reads its loss every
+step (``loss.item()``, as timm's train.py does). On CUDA, --amp bf16 and --channels-last apply
+to both sides.
 
   python bench/trainer_step.py                         # CPU: wrn_16_4 at 32x32, batch 64
   python bench/trainer_step.py --model wrn50_2_bottleneck --size 224 --batch 128 --amp bf16 \\
@@ -25,9 +28,10 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import wrn_large  # noqa: E402
 from engine.config import Config  # noqa: E402
+from engine.ddp import DDPEngine  # noqa: E402
 from engine.distributed import DistInfo  # noqa: E402
-from engine.engines import DDPEngine  # noqa: E402
-from engine.trainer import reduce_step  # noqa: E402
+from engine.schedule import Schedule  # noqa: E402
+from engine.trainer import Loaders, Trainer  # noqa: E402
 
 
 def make_batches(n, batch, size, classes, device, channels_last):
@@ -68,26 +72,41 @@ def bare_loop(args, device, batches):
     return step
 
 
+class Feed:
+    """A loader whose batches are handed to it one at a time (``put``)."""
+
+    num_classes = 0
+
+    def put(self, batch) -> None:
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
 def engine_step(model: str, classes: int, device: torch.device, amp: str = "off",
-                channels_last: bool = False, compile_: bool = False):
-    """The trainer's step on a new model: DDPEngine.train_step, set_lr, the per-step loss
-    all-reduce and NaN check. Returns step(x, y) -> loss (also used by bench/gpu_check.py)."""
+                channels_last: bool = False, compile_: bool = False, check_every: int = 20):
+    """The trainer's step on a new model: the loop's ``run_step`` with DDPEngine, its check
+    every ``check_every`` steps. Returns step(x, y) (also used by bench/gpu_check.py)."""
     cfg = Config()
     cfg.train.amp = amp
     cfg.train.channels_last = "on" if channels_last else "off"
     cfg.train.compile = "on" if compile_ else "off"
     cfg.optim.weight_decay = 5e-4
     torch.manual_seed(0)
-    model = wrn_large.create_model(model, num_classes=classes).to(device)
-    engine = DDPEngine(cfg, model, DistInfo(device=device))
-    loss_fn = nn.CrossEntropyLoss()
+    net = wrn_large.create_model(model, num_classes=classes).to(device)
+    engine = DDPEngine(cfg, net, DistInfo(device=device))
+    feed = Feed()
+    trainer = Trainer(net, engine, Loaders(feed), Schedule(epochs=1, steps_per_epoch=10**9,
+                                                           base_lr=0.1),
+                      loss_fn=nn.CrossEntropyLoss(), check_every=check_every)
+    batches = iter(feed)
+    trainer.model.train()
 
     def step(x, y):
-        engine.set_lr(0.1)
-        loss = engine.train_step([(x, y)], loss_fn)
-        value, _ = reduce_step(loss, False, 1)
-        assert value == value  # the trainer's NaN check
-        return value
+        feed.put((x, y))
+        trainer.run_step(batches)
 
     return step
 
@@ -113,12 +132,15 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--amp", choices=["off", "bf16"], default="off")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--check-every", type=int, default=20,
+                   help="the trainer's steps between checks (run.log_every_steps)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = make_batches(args.steps, args.batch, args.size, args.classes, device,
                            args.channels_last)
-    loops = {"bare": bare_loop(args, device, batches), "trainer": engine_step(args.model, args.classes, device, args.amp,
-                                                                  args.channels_last)}
+    loops = {"bare": bare_loop(args, device, batches),
+             "trainer": engine_step(args.model, args.classes, device, args.amp,
+                                    args.channels_last, check_every=args.check_every)}
     for step in loops.values():  # warm-up
         timed(step, batches[:2], device)
     rates = {k: [] for k in loops}

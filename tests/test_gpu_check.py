@@ -1,5 +1,5 @@
-"""bench/gpu_check.py's CPU-side logic: arguments, the report files, the refusal without CUDA
-(its measurements run on a GPU machine: `python bench/gpu_check.py`)."""
+"""bench/gpu_check.py on the CPU: arguments, the report files, the refusal without CUDA, and the
+whole command in its dry run (its measurements run on a GPU machine: `python bench/gpu_check.py`)."""
 import json
 import sys
 
@@ -59,4 +59,24 @@ def test_the_timed_window_lies_inside_one_epoch(tmp_path):
     assert {p.stat().st_ino for p in files_of(bigger)} == {p.stat().st_ino for p in files_of(root)}
     assert gpu_check.epoch_of(root, 50) == bigger            # made once
     with pytest.raises(ValueError, match="fewer than"):
-        gpu_check.images_per_s(lambda x, y: None, iter([(torch.zeros(2), None)] * 4), 3)
+        gpu_check.images_per_s(lambda x, y: None, iter([(torch.zeros(2), None)] * 4), 3,
+                               gpu_check.Target(dry_run=True))
+
+
+def test_the_dry_run_goes_through_every_measurement_on_the_cpu(tmp_path):
+    """``--dry-run``: the command as a GPU session runs it (the trainer's step, the DALI
+    loader, the report), on the CPU and small; only the CUDA calls are left out."""
+    import subprocess
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--skip-tests",
+                           "--models", "wrn_16_4", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["gpu"].startswith("none: a dry run") and "--dry-run" in report["command"]
+    (row,) = report["models"]
+    assert row["model"] == "wrn_16_4" and row["batch"] == 4
+    assert row["synthetic_img_s"] > 0 and row["dali_img_s"] > 0
+    assert row["peak_device_memory_gb"] is None
+    assert report["dali_alone"]["img_s"] > 0 and report["dali_alone_plain_upsampling"]["img_s"] > 0
+    assert "| wrn_16_4 | 4 | off |" in (tmp_path / "report.md").read_text()
