@@ -54,7 +54,7 @@ def stop_with_parent(sig: int = signal.SIGTERM) -> None:
     ``PR_SET_PDEATHSIG``). Under torchrun the parent is the elastic agent, and its workers run
     in sessions of their own: if the agent is SIGKILLed (OOM killer, a node agent's crash) they
     would go on training unsupervised, holding the run directory's lock. SIGTERM makes them
-    checkpoint after the current step and exit (``StopRequested``), like a preemption."""
+    checkpoint at the next check and exit (``engine.hooks.stop``), like a preemption."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes

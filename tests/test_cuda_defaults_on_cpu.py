@@ -13,7 +13,8 @@ from engine.checkpoint import list_checkpoints, load_file
 from engine.config import load_config
 from engine.distributed import DistInfo
 from engine.engines import Engine
-from engine.trainer import resolve_auto
+from engine.build import resolve
+from engine.engines import set_determinism
 from trainer_utils import base_overrides, epochs, make_folder, run_training
 
 CUDA_DEFAULTS = {"train.amp": "bf16", "train.channels_last": "on", "train.ema_decay": 0.9}
@@ -55,7 +56,7 @@ def test_deterministic_switch_sets_what_it_promises(restore_determinism, determi
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     cfg = load_config("configs/quickstart.yaml", [f"train.deterministic={deterministic}",
                                                   "data.backend=synthetic"])
-    resolve_auto(cfg, DistInfo())                   # what the trainer runs at start-up
+    set_determinism(cfg.train.deterministic)        # what the builder runs at start-up
     assert torch.backends.cudnn.deterministic is deterministic
     assert torch.backends.cudnn.benchmark is (not deterministic)   # the autotuner otherwise
     assert torch.are_deterministic_algorithms_enabled() is deterministic
@@ -64,13 +65,13 @@ def test_deterministic_switch_sets_what_it_promises(restore_determinism, determi
         assert torch.is_deterministic_algorithms_warn_only_enabled()
 
 
-def test_auto_switches_follow_the_device(restore_determinism):
+def test_auto_switches_follow_the_device():
     cfg = load_config("configs/quickstart.yaml", ["data.backend=synthetic"])
-    resolve_auto(cfg, DistInfo(device=torch.device("cpu")))
-    assert (cfg.train.channels_last, cfg.train.compile, cfg.data.channels_last) == ("off", "off", False)
-    cfg = load_config("configs/quickstart.yaml", ["data.backend=synthetic"])
-    resolve_auto(cfg, DistInfo(device=torch.device("cuda", 0)))   # no CUDA call is made
-    assert (cfg.train.channels_last, cfg.train.compile, cfg.data.channels_last) == ("on", "on", True)
+    cpu = resolve(cfg, DistInfo(device=torch.device("cpu")))
+    assert (cpu.train.channels_last, cpu.train.compile, cpu.data.channels_last) == ("off", "off", False)
+    cuda = resolve(cfg, DistInfo(device=torch.device("cuda", 0)))   # no CUDA call is made
+    assert (cuda.train.channels_last, cuda.train.compile, cuda.data.channels_last) == ("on", "on", True)
+    assert (cfg.train.channels_last, cfg.train.compile) == ("auto", "auto")   # a copy is resolved
 
 
 class _Eval(Engine):

@@ -54,13 +54,13 @@ def test_auto_defaults_train_evaluate_and_resume_on_cuda(data, tmp_path, engine,
 def test_deepspeed_fp16_nan_step_is_skipped_not_divergence(data, tmp_path):
     """DeepSpeed's own fp16 loss scaler skips the step (its ``skipped_steps``); the run goes on."""
     out = tmp_path / "ds_fp16"
-    _, summary = train_in_process(base_overrides(data, out, **{
+    summary = train_in_process(base_overrides(data, out, **{
         "engine.name": "deepspeed", "engine.deepspeed_config": "launch/deepspeed/zero1_fp16.json",
         "data.backend": "dali", "run.checkpoint_every_steps": 1, "train.compile": "off"}),
-        nan_loss_at({3}))
+        nan_loss_at({3})).summary
     assert summary["status"] == "finished"
     records = {m["step"]: m for m in read_metrics(out) if m["type"] == "train"}
-    assert records[3]["loss"] is None and records[3]["skipped"] is True
+    assert records[3]["loss"] is None and records[3]["skipped"] == 1
     before, after = (torch.load(out / "checkpoints" / f"step_{s:08d}" / "weights.pt",
                                 weights_only=True)["model"] for s in (2, 3))
     params = [k for k, v in before.items() if v.ndim > 1]
@@ -132,3 +132,33 @@ def test_nccl_backend_through_the_trainers_set_up(data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 process(es) on cuda" in proc.stdout
     assert epochs(out)[-1]["val_samples"] == 21
+
+
+def test_no_device_sync_within_a_step_on_cuda(tmp_path):
+    """torch's own sync detector (``set_sync_debug_mode("error")``) on from the first hook's
+    before_step to the last hook's after_step: a synchronising call of ours in a step (an
+    .item(), a bool of a CUDA tensor, a pageable copy) raises. bf16, channels_last, the EMA,
+    step times (CUDA events), the progress bar; the synthetic loader makes batches on the GPU."""
+    from engine.hooks import Hook
+    from test_loop import tiny_config
+
+    class Strict(Hook):
+        def __init__(self, on):
+            self.on = on
+
+        def before_step(self):
+            if self.on:
+                torch.cuda.set_sync_debug_mode("error")
+
+        def after_step(self):
+            if not self.on:
+                torch.cuda.set_sync_debug_mode(0)
+
+    def strict(trainer):
+        trainer.hooks.__init__([Strict(True), *trainer.hooks, Strict(False)], trainer)
+
+    try:
+        run = train_in_process(tiny_config(tmp_path, **{"train.compile": "off"}), strict)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert run.summary["status"] == "finished" and run.summary["steps"] == 24

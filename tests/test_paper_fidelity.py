@@ -127,15 +127,19 @@ def tiny_run(tmp_path, **overrides):
 
 def steps_with_empty_state(cfg) -> list[int]:
     """Train; the steps whose optimizer step began with no per-parameter state."""
-    from engine.trainer import Trainer
-    trainer = Trainer(cfg)
+    from engine.build import build_trainer
+    from engine.distributed import cleanup
+    trainer = build_trainer(cfg)
     optimizer = trainer.engine.optimizer
     while not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     empty = []
     optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: empty.append(trainer.state.step) if not opt.state else None)
-    trainer.fit()
+    try:
+        trainer.train()
+    finally:
+        cleanup()
     return empty
 
 
