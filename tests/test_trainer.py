@@ -4,7 +4,6 @@ process runs in this one (trainer_utils.cli_in_process: train_imagenet.main, its
 exit code); more, and DeepSpeed, in real processes."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -25,10 +25,7 @@ collectives. A hook finds the loop as ``self.trainer``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from typing import Any
 
 # where a rank is (the watchdog's table; data wait is the time between "data" and "compute")
 START, DATA, COMPUTE, COLLECTIVE = "start", "data", "compute", "all-reduce"
@@ -58,7 +55,7 @@ class Check:
 
 class Hook:
     name = ""                       # its key in checkpoints; "" for a hook without state
-    trainer: "Trainer"
+    trainer: Any                    # the engine.trainer.Trainer that runs it (set by HookList)
 
     def before_train(self) -> None:
         pass
@@ -105,7 +102,7 @@ class HookList:
     """The hooks in order, and for each event the ones that act on it (a step calls only those:
     a few attribute lookups per step, whatever the number of hooks)."""
 
-    def __init__(self, hooks, trainer: "Trainer"):
+    def __init__(self, hooks, trainer):
         self.hooks = list(hooks)
         names = [h.name for h in self.hooks if h.name]
         if len(names) != len(set(names)):
