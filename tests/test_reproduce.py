@@ -181,7 +181,8 @@ def test_two_fresh_runs_of_one_seed_are_identical(tmp_path, data, backend):
     for k in range(2):
         out = tmp_path / f"run{k}"
         run_training(base_overrides(data, out, **{"data.backend": backend, "train.seed": 7,
-                                                 "data.workers": 2}))
+                                                 "data.workers": 2}),
+                     in_process=False)   # fresh processes: hash seeds and the like differ too
         runs.append([(m["type"], m["step"], m.get("loss"), m.get("top1"), m.get("val_loss"))
                      for m in read_metrics(out) if m["type"] in ("train", "epoch")])
     assert len(runs[0]) > 4 and runs[0] == runs[1]
