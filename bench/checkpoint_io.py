@@ -6,6 +6,7 @@ SIGKILL 30 s after SIGTERM; SLURM's --signal lead time), so this must fit well i
 
   python bench/checkpoint_io.py                        # WRN-50-2-bottleneck, 3 repeats
   python bench/checkpoint_io.py --model wrn34_x2 --dir /scratch/ckpt_bench
+  python bench/checkpoint_io.py --tiny                 # the tests: WRN-40-1 (7 MB), once
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import wrn_large  # noqa: E402
 from engine.checkpoint import load_file, save_file_atomic, sha256_of, verify  # noqa: E402
+
+TINY = {"model": "wrn_40_1", "repeats": 1}
 
 
 def training_state(name: str) -> dict:
@@ -40,14 +43,32 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def number(x: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (a --tiny run's milliseconds)."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="wrn50_2_bottleneck")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", help="where to write (default: a temp folder)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tests' check that the command runs: "
+                             + " ".join(f"--{k} {v}" for k, v in TINY.items()) + " unless given")
     args = parser.parse_args(argv)
+    if args.tiny:
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
     state = training_state(args.model)
-    folder = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_bench_"))
+    if args.dir:
+        measure(state, Path(args.dir), args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ckpt_bench_") as folder:
+            measure(state, Path(folder), args)
+
+
+def measure(state: dict, folder: Path, args) -> None:
     path = folder / "step_00000001.pt"
     rows = {"save (torch.save + fsync + SHA-256 + rename)": [], "SHA-256 alone": [],
             "verify (re-read + SHA-256)": [], "load (torch.load, weights_only)": []}
@@ -58,12 +79,12 @@ def main(argv=None) -> None:
         rows["verify (re-read + SHA-256)"].append(timed(lambda: verify(path)))
         rows["load (torch.load, weights_only)"].append(timed(lambda: load_file(path)))
     gb = path.stat().st_size / 1e9
-    print(f"{args.model}: checkpoint of {gb:.2f} GB (model + SGD momentum + EMA), "
+    print(f"{args.model}: checkpoint of {number(gb)} GB (model + SGD momentum + EMA), "
           f"median of {args.repeats}\n")
     print("| step | seconds | s/GB |\n| --- | ---: | ---: |")
     for name, times in rows.items():
         median = statistics.median(times)
-        print(f"| {name} | {median:.2f} | {median / gb:.2f} |")
+        print(f"| {name} | {number(median)} | {number(median / gb)} |")
 
 
 if __name__ == "__main__":
