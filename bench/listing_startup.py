@@ -12,6 +12,11 @@ the DALI train loader and taking its first batch of 64:
 - ``cold cache``: the first process of a job walks and writes the listing;
 - ``warm cache``: every later process, on any rank or restart, checks the listing with one
   stat per directory walked (in parallel) and reads it.
+
+    python bench/listing_startup.py --tiny
+
+Tiny mode (the tests run it): 4 folders of 16 files (one batch), the JPEG made in
+the temp folder, and no second warm start (the same path as the first).
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+TINY = {"classes": 4, "files": 16}
 
 CHILD = """
 import sys, time, json
@@ -49,7 +56,13 @@ def main(argv=None) -> int:
     p.add_argument("--latency-ms", type=float, default=2.0)
     p.add_argument("--jpeg", help="the file every entry serves (default: one bench JPEG)")
     p.add_argument("--json")
+    p.add_argument("--tiny", action="store_true",
+                   help="the tests' check that the command runs: "
+                        + " ".join(f"--{k} {v}" for k, v in TINY.items()) + " unless given")
     a = p.parse_args(argv)
+    if a.tiny:
+        p.set_defaults(**TINY)
+        a = p.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
     sys.path.insert(0, str(REPO / "bench"))
     from latency_fs import fuse_unavailable, mounted
@@ -57,19 +70,21 @@ def main(argv=None) -> int:
     if why:
         print(f"needs FUSE: {why}", file=sys.stderr)
         return 1
-    jpeg = a.jpeg
-    if jpeg is None:
-        from input_pipeline import files_of, make_set
-        jpeg = str(files_of(make_set(REPO / "data" / "bench_jpegs", 2000))[0])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        jpeg = a.jpeg
+        if jpeg is None:
+            from input_pipeline import files_of, make_set
+            images = (Path(tmp) / "jpeg", 1) if a.tiny else (REPO / "data" / "bench_jpegs", 2000)
+            jpeg = str(files_of(make_set(*images))[0])
         cache = str(Path(tmp) / "listings")
         with mounted(None, Path(tmp) / "mnt", a.latency_ms / 1000,
                      ops=("open", "getattr", "opendir", "readdir"),
                      virtual=(a.classes, a.files, jpeg)) as root:
-            for case, setting in (("walk", "off"), ("cold cache", cache), ("warm cache", cache),
-                                  ("warm cache again", cache)):
+            cases = [("walk", "off"), ("cold cache", cache), ("warm cache", cache),
+                     ("warm cache again", cache)]
+            for case, setting in cases[:3] if a.tiny else cases:
                 t0 = time.perf_counter()
                 out = subprocess.run([sys.executable, "-c", CHILD, str(root), setting],
                                      capture_output=True, text=True, env=env)
