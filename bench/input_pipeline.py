@@ -36,6 +36,12 @@ adding ``--latency-ms`` to every open, and adding nothing ("0 ms": what the FUSE
 itself costs on these two cores). File data and attributes stay in the kernel's caches, so the
 mount adds the per-open round trip of a parallel file system's metadata server and little
 else. Ratios to "local" are taken within each round; their median is reported.
+
+    python bench/input_pipeline.py --tiny [--latency-ms 2] [--data DIR]
+
+Tiny mode (the tests run it): 24 images, batch 8, one round of one pass, and every
+measurement of the round in one process instead of one each (a process costs ~5 s of imports
+here), so the peak RSS is the process's so far. It checks that the command runs, not speed.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pipelines.base import DataConfig  # noqa: E402
+from pipelines import DataConfig  # noqa: E402
 
 
 def make_set(root: Path, count: int, quality: int = 85) -> Path:
@@ -94,6 +100,9 @@ def files_of(root: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ one measurement each
+TINY = {"images": 24, "batch": 8, "repeats": 1, "passes": 1}
+
+
 def run_loader(loader, passes: int) -> tuple[int, float]:
     """Images per second over ``passes`` whole epochs of ``loader``, after one untimed epoch
     (imports, pipeline build, caches). Every timed epoch starts from an empty pipeline, so no
@@ -125,8 +134,11 @@ def bench_pipelines(root: Path, backend: str, a, device: str = "cpu", **data):
 
 def bench_without_kernel(root: Path, a):
     from pipelines import torch_resize
-    torch_resize._kernel = None  # as if setup.py had found no C compiler
-    return bench_pipelines(root, "dali", a)
+    kernel, torch_resize._kernel = torch_resize._kernel, None  # as if no C compiler was found
+    try:
+        return bench_pipelines(root, "dali", a)
+    finally:  # for the measurements after this one in a --tiny process
+        torch_resize._kernel = kernel
 
 
 def bench_decode_jpeg(root: Path, a):
@@ -225,15 +237,26 @@ def measure(name: str, root: Path, a) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-def measure_in_subprocess(name: str, root: Path, a) -> dict:
+def measure_in_subprocess(cases: list[tuple[str, Path]], a) -> list[dict]:
+    """Measures each (loader, images folder) case, one after another, in one fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
-    out = subprocess.run([sys.executable, __file__, "--one", name, "--data", str(root),
+    out = subprocess.run([sys.executable, __file__,
+                          *(arg for name, root in cases for arg in ("--one", f"{name}={root}")),
                           "--threads", str(a.threads), "--batch", str(a.batch),
                           "--passes", str(a.passes), "--read-ahead", str(a.read_ahead)],
                          capture_output=True, text=True, env=env)
     if out.returncode:
-        raise RuntimeError(f"{name} on {root} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{', '.join(f'{name} on {root}' for name, root in cases)} failed:\n"
+                           f"{out.stderr[-2000:]}")
+    return [json.loads(line) for line in out.stdout.strip().splitlines()[-len(cases):]]
+
+
+def processes(cases: list[tuple], tiny: bool) -> list[list[tuple]]:
+    """The cases (loader name first) split into fresh processes: one each, so that each has its
+    own peak RSS; with --tiny all in one, those that fork (DataLoader workers, raw-decode's pool)
+    before DALI has started threads in it."""
+    return [sorted(cases, key=lambda case: case[0].startswith("dali"))] if tiny else [
+        [case] for case in cases]
 
 
 def latency_main(root: Path, a) -> int:
@@ -266,10 +289,14 @@ def latency_main(root: Path, a) -> int:
         rounds = []
         for r in range(a.repeats):
             rounds.append({})
-            for case in (cases if r % 2 == 0 else cases[::-1]):
-                loader, layout, fs = case
-                rounds[-1][case] = measure_in_subprocess(loader, where[layout, fs], a)["img_s"]
-                print(f"  round {r}: {loader:10s} {layout:6s} {fs:6s} {rounds[-1][case]:7.0f} img/s")
+            for group in processes(cases if r % 2 == 0 else cases[::-1], a.tiny):
+                measured = measure_in_subprocess(
+                    [(loader, where[layout, fs]) for loader, layout, fs in group], a)
+                for case, result in zip(group, measured):
+                    loader, layout, fs = case
+                    rounds[-1][case] = result["img_s"]
+                    print(f"  round {r}: {loader:10s} {layout:6s} {fs:6s} "
+                          f"{rounds[-1][case]:7.0f} img/s")
     print(f"\n{len(files_of(root))} JPEGs, batch {a.batch}, {a.threads} threads/workers, "
           f"data.read_ahead={a.read_ahead}; median over {a.repeats} rounds, ratios within each")
     print(f"{'loader':10s} {'layout':6s} " + " ".join(f"{fs:>8s}" for fs in filesystems)
@@ -318,13 +345,25 @@ def main(argv=None) -> int:
                         "per call, the default) or the fusepy one of the tests")
     p.add_argument("--latency-ms", type=float,
                    help="latency mode: folder and pack, local and through FUSE at this latency")
-    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true",
+                   help="the tests' check that the command runs: "
+                        + " ".join(f"--{k} {v}" for k, v in TINY.items())
+                        + " unless given, and one process for all measurements of a round")
+    p.add_argument("--one", action="append", help=argparse.SUPPRESS)  # NAME=FOLDER, in a child
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
-    root = Path(a.data) if a.data else default_set(a.images)
+    if a.tiny:
+        p.set_defaults(**TINY)
+        a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(measure(a.one, root, a)))
+        for case in a.one:
+            name, _, data = case.partition("=")
+            print(json.dumps(measure(name, Path(data), a)), flush=True)
         return 0
+    if a.tiny:
+        print("--tiny: every measurement of a round in one process; whether the command runs, "
+              "not how fast")
+    root = Path(a.data) if a.data else default_set(a.images)
     make_set(root, a.images)
     if a.latency_ms is not None:
         return latency_main(root, a)
@@ -339,9 +378,11 @@ def main(argv=None) -> int:
     rounds: list[dict[str, dict]] = []
     for r in range(a.repeats):
         rounds.append({})
-        for name in (names if r % 2 == 0 else names[::-1]):
-            rounds[-1][name] = measure_in_subprocess(name, root, a)
-            print(f"  round {r}: {name:22s} {rounds[-1][name]['img_s']:7.0f} img/s")
+        for group in processes([(name, root) for name in (names if r % 2 == 0 else names[::-1])],
+                               a.tiny):
+            for (name, _), result in zip(group, measure_in_subprocess(group, a)):
+                rounds[-1][name] = result
+                print(f"  round {r}: {name:22s} {result['img_s']:7.0f} img/s")
     summary = summarize(rounds, names)
     print(f"\n{'loader':22s} {'img/s':>7s} {'x torch-pil':>11s} {'x raw-decode':>12s} "
           f"{'peak RSS':>9s}   (median over {a.repeats} rounds; ratios taken within each round)")
