@@ -215,7 +215,7 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
                       every=cfg.run.eval_every_epochs, buffers=buffers),
              QuarantineHook(quarantines, out, main) if quarantines else None,
              MetricsHook(open_sinks(METRIC_SINKS, out) if main else [], out,
-                         f"{cfg.model.name} on {cfg.data.dataset}"),
+                         f"{cfg.model.name} on {cfg.data.dataset}", is_main=main),
              CheckpointHook(out, engine, resume=cfg.run.resume,
                             every=cfg.run.checkpoint_every_steps, keep=cfg.run.keep_checkpoints,
                             metadata={"config": to_dict(cfg), "num_classes": num_classes,

@@ -57,7 +57,11 @@ class CheckpointHook(Hook):
                    if t.is_floating_point()):
             # the last step produced inf/NaN weights: never let them replace a good checkpoint
             raise TrainingDiverged(trainer.diverged("finite, but the weights are not", step))
-        self.engine.save_checkpoint(str(path), {**trainer.state_dict(), **self.metadata})
+        state = trainer.state_dict()
+        if state.keys() & self.metadata.keys():
+            raise ValueError(f"checkpoint metadata {sorted(self.metadata)} would replace "
+                             f"the run's own {sorted(state.keys() & self.metadata.keys())}")
+        self.engine.save_checkpoint(str(path), {**state, **self.metadata})
         if self.is_main:
             ckpt.prune(self.out, self.keep)
             log.info("saved checkpoint %s", path)

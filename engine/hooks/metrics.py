@@ -14,8 +14,11 @@ LOGGED = ("top1", "top5", "top1_ema")   # of an epoch's record, beside its train
 
 
 class MetricsHook(Hook):
-    def __init__(self, sinks: list[MetricSink], out: str | Path, title: str):
-        self.sinks, self.out, self.title = sinks, Path(out), title
+    """``sinks`` and the plot: rank 0's (the other ranks give none and draw nothing)."""
+
+    def __init__(self, sinks: list[MetricSink], out: str | Path, title: str,
+                 is_main: bool = True):
+        self.sinks, self.out, self.title, self.is_main = sinks, Path(out), title, is_main
 
     def write(self, kind: str, step: int, values: dict) -> None:
         for sink in self.sinks:
@@ -28,6 +31,8 @@ class MetricsHook(Hook):
         t = self.trainer
         record = t.state.history[-1]
         self.write("epoch", t.state.step, record)
+        if not self.is_main:
+            return
         log.info("epoch %d/%d: train loss %.4f, %s", record["epoch"], t.schedule.epochs,
                  record["train_loss"], ", ".join(f"{k} {fmt(v)}" for k, v in record.items()
                                                  if k in LOGGED))
