@@ -134,7 +134,11 @@ def main():
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--check-every", type=int, default=20,
                    help="the trainer's steps between checks (run.log_every_steps)")
+    p.add_argument("--tiny", action="store_true",
+                   help="seconds, for the test suite: batch 4, 3 steps, 2 rounds, a check every 2")
     args = p.parse_args()
+    if args.tiny:
+        args.batch, args.steps, args.rounds, args.check_every = 4, 3, 2, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = make_batches(args.steps, args.batch, args.size, args.classes, device,
                            args.channels_last)

@@ -136,3 +136,12 @@ def test_coco_scale_tiny_prints_every_step(tmp_path):
     results = json.loads((tmp_path / "out.json").read_text())
     assert [r["step"] for r in results] == steps
     assert all(positive([r["seconds"], r["peak_gb"]]) for r in results), results
+
+
+def test_trainer_step_tiny_prints_both_loops_and_their_ratio():
+    """The loop's own step (run_step, with its checks) beside a bare PyTorch loop."""
+    out = bench("trainer_step.py", "--tiny")
+    rates = dict(re.findall(rf"^\s*(bare|trainer): median\s+{NUMBER} img/s", out, re.M))
+    assert set(rates) == {"bare", "trainer"} and positive(rates.values()), out
+    ratio = re.search(rf"ratio trainer/bare: median {NUMBER}", out)
+    assert ratio and float(ratio.group(1)) > 0, out
