@@ -4,11 +4,13 @@ timm user relies on: features_only, resolve_data_config, local weights, activati
 checkpointing."""
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from timm.data import create_transform, resolve_data_config
 
 import wrn_large
 from trainer_utils import REPO
+from wrn_large._registry import _builders
 
 OURS = wrn_large.list_models()
 # timm's suite runs on one name per structure: each family's generic builder, every CIFAR
@@ -191,3 +194,37 @@ def test_timm_options_and_errors():
         wrn_large.create_model("wrn_16_4", widen=3)
     with pytest.raises(TypeError):
         timm.create_model("wrn_16_4", widen=3)
+
+# ----------------------------------------------------------------- the registry in timm's
+def test_registry_is_in_timms_through_its_public_api():
+    assert set(OURS) <= set(timm.list_models("wrn*"))
+    for name in OURS:
+        assert timm.is_model(name), name
+        assert timm.models.model_entrypoint(name) is _builders[name], name
+        assert timm.models.get_pretrained_cfg(name).input_size == \
+            wrn_large.model_info(name).pretrained_cfg["input_size"], name
+    # a re-import registers nothing again (timm would warn on each name it overwrites)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(wrn_large.timm_compat)
+        assert wrn_large.timm_compat.register_all() == []
+
+
+def test_a_name_timm_already_has_is_an_error_at_import(monkeypatch):
+    """Checked for every name before any is registered: timm's resnet18 stays timm's and the
+    name before it is not registered either."""
+    timms_resnet18 = timm.models.model_entrypoint("resnet18")
+
+    def probe_builder(pretrained=False, **kwargs):
+        raise AssertionError("never built")
+
+    def resnet18(pretrained=False, **kwargs):
+        raise AssertionError("never built")
+
+    monkeypatch.setitem(_builders, "probe_builder", probe_builder)
+    monkeypatch.setitem(_builders, "resnet18", resnet18)
+    with pytest.raises(RuntimeError, match=r"'resnet18' \(timm's is timm\.models\.resnet\)"):
+        importlib.reload(wrn_large.timm_compat)
+    assert timm.models.model_entrypoint("resnet18") is timms_resnet18
+    assert not timm.is_model("probe_builder")
+

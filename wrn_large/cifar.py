@@ -18,13 +18,14 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import generate_default_cfgs
 from timm.models._manipulate import checkpoint_seq
 
 from ._builder import build_model
 from ._features import FeatureInfo
 from ._init import InitScheme, init_weights
 from ._model_api import WRNBase
-from ._registry import register_model
+from ._registry import list_models, model_info, register_model
 
 # The block types studied in the paper (Tables 2 and 3); any sequence of 1s and 3s is accepted.
 PAPER_BLOCK_TYPES = ("B(3,3)", "B(3,1,3)", "B(1,3,1)", "B(1,3)", "B(3,1)", "B(3,1,1)",
@@ -190,3 +191,8 @@ for _d, _bt, _code, _p in [(40, "B(1,3,1)", "b131", "1.4"), (40, "B(3,1)", "b31"
 for _l in (1, 2, 3, 4):
     _preset(f"wrn_40_2_l{_l}", 40, 2, "2.2", "Table 3", "B(" + ",".join("3" * _l) + ")",
             blocks_per_group=12 // _l)
+
+# What timm's register_model reads (timm_compat.py): each name's pretrained cfg, in the module of
+# its builder, as in timm's own model files.
+default_cfgs = generate_default_cfgs({name: model_info(name).pretrained_cfg
+                                      for name in list_models(family="cifar")})

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs
 from timm.models._manipulate import checkpoint_seq
 
 from ._builder import build_model
 from ._features import FeatureInfo
 from ._init import init_weights
 from ._model_api import WRNBase
-from ._registry import register_model
+from ._registry import list_models, model_info, register_model
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -180,3 +181,8 @@ for _depth, _width, _p in [(18, 1.0, "11.7"), (18, 1.5, "25.9"), (18, 2.0, "45.6
     _preset(f"wrn{_depth}_x{_suffix}", _depth, _width, _p, "Table 7")
 _preset("wrn50_2_bottleneck", 50, 2.0, "68.9", "Table 8")
 _preset("wrn101_2_bottleneck", 101, 2.0, None, "torchvision")  # wide_resnet101_2
+
+# What timm's register_model reads (timm_compat.py): each name's pretrained cfg, in the module of
+# its builder, as in timm's own model files.
+default_cfgs = generate_default_cfgs({name: model_info(name).pretrained_cfg
+                                      for name in list_models(family="imagenet")})

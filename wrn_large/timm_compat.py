@@ -1,35 +1,33 @@
 """Our registry in timm's: after ``import wrn_large``, ``timm.create_model("wrn_28_10")`` calls the
 same builder as ``wrn_large.create_model`` (timm's ``build_model_with_cfg``, _builder.py), and
 ``timm.list_models("wrn*")``, ``get_pretrained_cfg`` and ``resolve_data_config`` know every
-name. Our names never shadow timm's own: a clash is an error at import."""
+name. Our names never shadow timm's own: a clash is an error at import.
+
+Only timm's public registry API: ``is_model``/``model_entrypoint`` to see what timm has, and
+``register_model``, which reads each name's pretrained cfg from the ``default_cfgs`` of its
+builder's module (``generate_default_cfgs`` in cifar.py and imagenet.py, as in timm's own model
+files)."""
 from __future__ import annotations
 
-import sys
+from timm.models import is_model, model_entrypoint, register_model
 
-from ._registry import _builders, _model_info
-
-from timm.models import _registry as timm_registry
-from timm.models import generate_default_cfgs
-from timm.models import register_model as timm_register_model
+from ._registry import _builders
 
 
 def register_all() -> list[str]:
-    done = []
-    for name, builder in _builders.items():
-        existing = timm_registry._model_entrypoints.get(name)
-        if existing is builder:
-            continue
-        if existing is not None:
-            raise RuntimeError(f"model name {name!r} already exists in timm's registry")
-        # timm's register_model reads the pretrained cfg from the builder's module, as in
-        # timm's own model files (``default_cfgs`` next to the models)
-        module = sys.modules[builder.__module__]
-        if not hasattr(module, "default_cfgs"):
-            module.default_cfgs = {}
-        module.default_cfgs.update(generate_default_cfgs({name: _model_info[name].pretrained_cfg}))
-        timm_register_model(builder)
-        done.append(name)
-    return done
+    """Register each of our names that timm lacks; return them. A name timm has with our builder
+    is skipped (a re-import); a name timm has with another builder is an error, raised before
+    anything is registered."""
+    clashes = [f"{name!r} (timm's is {model_entrypoint(name).__module__})"
+               for name, builder in _builders.items()
+               if is_model(name) and model_entrypoint(name) is not builder]
+    if clashes:
+        raise RuntimeError(f"model name(s) of wrn_large already in timm's registry: "
+                           f"{', '.join(clashes)}; rename ours (it would shadow timm's)")
+    todo = [builder for name, builder in _builders.items() if not is_model(name)]
+    for builder in todo:
+        register_model(builder)
+    return [builder.__name__ for builder in todo]
 
 
 register_all()
