@@ -214,7 +214,10 @@ def test_registry_table_prints(capsys):
 
 @pytest.mark.parametrize("name, kwargs", [("wrn_16_4", {"dropout": 0.3}), ("wrn_40_2_b131", {}),
                                           ("wrn_40_2_l3", {}), ("wrn18_x1", {}),
-                                          ("wrn_imagenet", {"depth": 50, "width": 0.5})])
+                                          ("wrn_imagenet", {"depth": 50, "width": 0.5}),
+                                          # timm's drop_rate and stochastic depth script too
+                                          ("wrn_16_4", {"drop_rate": 0.2, "drop_path_rate": 0.2}),
+                                          ("wrn18_x1", {"drop_rate": 0.2, "drop_path_rate": 0.2})])
 def test_registry_models_script(name, kwargs):
     model = wrn_large.create_model(name, num_classes=7, **kwargs).eval()
     scripted = torch.jit.script(model)

@@ -16,12 +16,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torchvision
 from timm.data import create_transform, resolve_data_config
+from timm.layers import DropPath
 
 import wrn_large
 from trainer_utils import REPO
 from wrn_large._registry import _builders
+from wrn_large.cifar import PreActBlock
+from wrn_large.imagenet import BasicBlock, Bottleneck
 
 OURS = wrn_large.list_models()
 # timm's suite runs on one name per structure: each family's generic builder, every CIFAR
@@ -195,6 +199,7 @@ def test_timm_options_and_errors():
     with pytest.raises(TypeError):
         timm.create_model("wrn_16_4", widen=3)
 
+
 # ----------------------------------------------------------------- the registry in timm's
 def test_registry_is_in_timms_through_its_public_api():
     assert set(OURS) <= set(timm.list_models("wrn*"))
@@ -228,3 +233,106 @@ def test_a_name_timm_already_has_is_an_error_at_import(monkeypatch):
     assert timm.models.model_entrypoint("resnet18") is timms_resnet18
     assert not timm.is_model("probe_builder")
 
+
+# ----------------------------------------------------------------- timm's model arguments
+# One name per structure: CIFAR basic block, another CIFAR block type, ImageNet basic block,
+# ImageNet bottleneck (input sizes that keep them quick).
+STRUCTURES = [("wrn_16_4", 32), ("wrn_22_2_b313", 32), ("wrn18_x1", 64),
+              ("wrn50_2_bottleneck", 32)]
+
+
+def residual_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (PreActBlock, BasicBlock, Bottleneck))]
+
+
+def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@pytest.mark.parametrize("name, size", STRUCTURES)
+def test_timm_train_py_arguments(name, size):
+    """timm's train.py calls create_model(name, drop_rate=..., num_classes=..., in_chans=...)
+    always, and adds drop_path_rate, global_pool, bn_momentum, bn_eps when they are set."""
+    x = torch.randn(2, 3, size, size)
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_rate=0.0, num_classes=10, in_chans=3).train()
+    torch.manual_seed(0)
+    plain = wrn_large.create_model(name, num_classes=10).train()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 plain.state_dict().values()))
+    assert torch.equal(model(x), plain(x))           # 0.0 changes nothing, even in train mode
+    assert {(bn.momentum, bn.eps) for bn in batchnorms(plain)} == {(0.1, 1e-5)}
+
+    options = dict(drop_rate=0.1, drop_path_rate=0.1, global_pool="catavgmax",
+                   bn_momentum=0.01, bn_eps=1e-3)
+    model = timm.create_model(name, pretrained=False, num_classes=10, in_chans=3, **options)
+    assert model.drop_rate == 0.1 and model.global_pool.pool_type == "catavgmax"
+    assert model.fc.in_features == model.head_hidden_size == 2 * model.num_features
+    bns = batchnorms(model)
+    assert len(bns) == len(batchnorms(plain))
+    assert {(bn.momentum, bn.eps) for bn in bns} == {(0.01, 1e-3)}
+    blocks = residual_blocks(model)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in blocks]
+    assert rates == pytest.approx([0.1 * i / (len(blocks) - 1) for i in range(len(blocks))])
+    assert model.train()(x).shape == (2, 10)
+    # our own entry point takes the same arguments and builds the same network
+    ours = wrn_large.create_model(name, num_classes=10, in_chans=3, device="meta", **options)
+    assert repr(ours) == repr(model)
+
+
+@pytest.mark.parametrize("name, size", STRUCTURES)
+def test_drop_rate_is_dropout_before_the_classifier(name, size):
+    torch.manual_seed(0)
+    plain = wrn_large.create_model(name, num_classes=10).eval()
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, drop_rate=0.2).eval()
+    x = torch.randn(8, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))        # the same weights; eval: no dropout
+        seen = {}
+        model.global_pool.register_forward_hook(
+            lambda m, i, o: seen.update(features=i[0], pooled=o))
+        model.fc.register_forward_hook(lambda m, i, o: seen.update(fc_in=i[0]))
+        model.train()(x)
+        pooled, fc_in = seen["pooled"], seen["fc_in"]
+        active = pooled != 0
+        kept = fc_in != 0
+        torch.testing.assert_close(fc_in[kept], pooled[kept] / 0.8)
+        dropped = 1 - kept[active].float().mean()
+        assert 0.15 < dropped < 0.25, f"dropped {dropped:.2f} of the pooled features, not 0.2"
+        # pre_logits too, as timm's ResNet
+        pre = model.forward_head(seen["features"], pre_logits=True)
+        assert (pre == 0).float().mean() > 0.1
+
+
+@pytest.mark.parametrize("name, size", STRUCTURES)
+def test_drop_path_drops_residual_branches_in_train_mode(name, size):
+    torch.manual_seed(0)
+    plain = wrn_large.create_model(name, num_classes=10).eval()
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, drop_path_rate=0.5).eval()
+    blocks = residual_blocks(model)
+    assert isinstance(blocks[0].drop_path, nn.Identity)      # rate 0 at the first block
+    assert isinstance(blocks[-1].drop_path, DropPath) and blocks[-1].drop_path.drop_prob == 0.5
+    x = torch.randn(16, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))        # eval: the identity
+        last, seen = blocks[-1], {}
+        assert getattr(last, "shortcut", None) is None and getattr(last, "downsample", None) is None
+        last.register_forward_hook(lambda m, i, o: seen.update(block_in=i[0], block_out=o))
+        last.drop_path.register_forward_hook(lambda m, i, o: seen.update(branch=i[0], kept=o))
+        model.train()(x)
+    branch, kept = seen["branch"], seen["kept"]
+    dropped = (kept.flatten(1) == 0).all(1)
+    assert 0 < dropped.sum() < len(x), dropped            # each sample's branch, p = 0.5
+    torch.testing.assert_close(kept[~dropped], branch[~dropped] / 0.5)
+    # a dropped branch leaves the block's shortcut: its input (ReLU'd on ImageNet, already >= 0)
+    torch.testing.assert_close(seen["block_out"][dropped], seen["block_in"][dropped],
+                               rtol=0, atol=0)
+
+
+def test_bad_rates_are_refused():
+    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.0"):
+        timm.create_model("wrn_16_4", drop_path_rate=1.0)
+    with pytest.raises(ValueError, match=r"drop_rate must be in \[0, 1\), got -0.1"):
+        wrn_large.create_model("wrn18_x1", drop_rate=-0.1)

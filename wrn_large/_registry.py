@@ -14,8 +14,10 @@ from typing import Callable
 import torch.nn as nn
 
 _builders: dict[str, Callable[..., nn.Module]] = {}
-# what every builder takes besides its model's arguments (timm's build_model_with_cfg)
-TIMM_OPTIONS = ("features_only", "out_indices", "feature_cls", "global_pool", "device", "dtype",
+# what every builder takes besides its model's arguments: timm's standard model arguments
+# (what timm's train.py passes to create_model; _model_api.py) and build_model_with_cfg's
+TIMM_OPTIONS = ("drop_rate", "drop_path_rate", "global_pool", "bn_momentum", "bn_eps",
+                "features_only", "out_indices", "feature_cls", "device", "dtype",
                 "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _model_info: dict[str, "ModelInfo"] = {}
 

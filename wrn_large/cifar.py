@@ -9,6 +9,14 @@ Blocks per group: N = (depth - 4) / 6 whatever the block type, as in the officia
 what reproduces Table 2's counts (e.g. WRN-40-2-B(1,3,1) has 6 blocks of 3 convolutions per
 group, 1.4M parameters). Table 3 instead keeps the parameter count fixed while l varies, so its
 networks set ``blocks_per_group`` explicitly (12, 6, 4, 3 for l = 1..4).
+
+``dropout`` is the paper's, inside the blocks; timm's ``drop_rate`` is another dropout, on the
+pooled features before the classifier (both 0 by default). Stochastic depth (``drop_path_rate``)
+applies to every block type: each block adds its residual branch (its convolutions) to a
+shortcut, the identity or a 1x1 projection, as in timm's ResNets and in the pre-activation
+CIFAR ResNets where stochastic depth was introduced (Huang et al. 2016); timm's ``DropPath``
+drops the branch per sample just before the addition. A projection shortcut still reads the
+block's first BN-ReLU, which runs whether the branch is dropped or not.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from timm.models._manipulate import checkpoint_seq
 from ._builder import build_model
 from ._features import FeatureInfo
 from ._init import InitScheme, init_weights
-from ._model_api import WRNBase
+from ._model_api import WRNBase, batchnorm, drop_path_layer, drop_path_rates
 from ._registry import list_models, model_info, register_model
 
 # The block types studied in the paper (Tables 2 and 3); any sequence of 1s and 3s is accepted.
@@ -57,13 +65,14 @@ class PreActBlock(nn.Module):
     """BN-ReLU-conv repeated once per kernel size, dropout before every conv but the first."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int,
-                 kernels: tuple[int, ...], dropout: float):
+                 kernels: tuple[int, ...], dropout: float, norm_layer=nn.BatchNorm2d,
+                 drop_path: float = 0.0):
         super().__init__()
         self.bns = nn.ModuleList()
         self.convs = nn.ModuleList()
         channels = in_channels
         for i, k in enumerate(kernels):
-            self.bns.append(nn.BatchNorm2d(channels))
+            self.bns.append(norm_layer(channels))
             self.convs.append(nn.Conv2d(channels, out_channels, k, stride if i == 0 else 1,
                                         padding=k // 2, bias=False))
             channels = out_channels
@@ -71,6 +80,7 @@ class PreActBlock(nn.Module):
         self.shortcut = None
         if in_channels != out_channels or stride != 1:
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, pre = x, x
@@ -82,7 +92,7 @@ class PreActBlock(nn.Module):
                 a = self.dropout(a)
             y = conv(a)
         # As in the official code, a projection shortcut reads the pre-activated input.
-        return y + (x if self.shortcut is None else self.shortcut(pre))
+        return self.drop_path(y) + (x if self.shortcut is None else self.shortcut(pre))
 
 
 class WideResNetCIFAR(WRNBase):
@@ -91,7 +101,9 @@ class WideResNetCIFAR(WRNBase):
     def __init__(self, depth: int = 28, widen_factor: float = 10, dropout: float = 0.0,
                  block_type: str | Sequence[int] = "B(3,3)", num_classes: int = 10,
                  in_chans: int = 3, blocks_per_group: int | None = None,
-                 init: InitScheme = "official", global_pool: str = "avg"):
+                 init: InitScheme = "official", global_pool: str = "avg",
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 bn_momentum: float | None = None, bn_eps: float | None = None):
         super().__init__()
         kernels = parse_block_type(block_type)
         n = blocks_per_group or blocks_per_group_for(depth)
@@ -102,21 +114,23 @@ class WideResNetCIFAR(WRNBase):
         widths = [int(round(16 * widen_factor * m)) for m in (1, 2, 4)]
         self.depth, self.widen_factor, self.kernels = depth, widen_factor, kernels
         self.blocks_per_group = n
+        norm_layer = batchnorm(bn_momentum, bn_eps)
+        rates = iter(drop_path_rates(drop_path_rate, 3 * n))
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         channels, groups = 16, []
         for width, stride in zip(widths, (1, 2, 2)):
             blocks = [PreActBlock(channels if i == 0 else width, width, stride if i == 0 else 1,
-                                  kernels, dropout) for i in range(n)]
+                                  kernels, dropout, norm_layer, next(rates)) for i in range(n)]
             groups.append(nn.Sequential(*blocks))
             channels = width
         self.layer1, self.layer2, self.layer3 = groups
         # pre-activation blocks leave their output un-normalised: a last BN-ReLU
-        self.bn = nn.BatchNorm2d(channels)
+        self.bn = norm_layer(channels)
         self.act = nn.ReLU()
         # the last level is taken after that BN-ReLU
         self.feature_info = [FeatureInfo(f"res{i + 2}", w, s, m) for i, (w, s, m) in
                              enumerate(zip(widths, (1, 2, 4), ("layer1", "layer2", "act")))]
-        self.init_head(channels, num_classes, global_pool, in_chans)
+        self.init_head(channels, num_classes, global_pool, in_chans, drop_rate)
         init_weights(self, init, zero_linear_bias=True)  # see _init.py
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:

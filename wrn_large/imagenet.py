@@ -6,6 +6,10 @@ post-activation blocks as in fb.resnet.torch) whose stages are widened by ``widt
 - depth 50/101/152, bottleneck blocks: the inner 3x3 width of every block is multiplied by w
   (WRN-50-2-bottleneck = torchvision's wide_resnet50_2); the block outputs keep 256-2048.
 Module names follow torchvision, so its state dicts load without conversion.
+
+Stochastic depth (``drop_path_rate``) as in timm's ``resnet.py``, whose blocks these are: every
+block adds its residual branch to a shortcut (the identity or a 1x1 projection), and timm's
+``DropPath`` drops that branch per sample just before the addition.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from timm.models._manipulate import checkpoint_seq
 from ._builder import build_model
 from ._features import FeatureInfo
 from ._init import init_weights
-from ._model_api import WRNBase
+from ._model_api import WRNBase, batchnorm, drop_path_layer, drop_path_rates
 from ._registry import list_models, model_info, register_model
 
 
@@ -33,14 +37,16 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int, width: float):
+    def __init__(self, inplanes: int, planes: int, stride: int, width: float,
+                 norm_layer=nn.BatchNorm2d, drop_path: float = 0.0):
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes)
         self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(inplanes, planes, stride)
+        self.downsample = _downsample(inplanes, planes, stride, norm_layer)
+        self.drop_path = drop_path_layer(drop_path)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -48,23 +54,25 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
+        return self.relu(self.drop_path(self.bn2(self.conv2(out))) + identity)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, width: float):
+    def __init__(self, inplanes: int, planes: int, stride: int, width: float,
+                 norm_layer=nn.BatchNorm2d, drop_path: float = 0.0):
         super().__init__()
         inner = int(planes * width)
         self.conv1 = conv1x1(inplanes, inner)
-        self.bn1 = nn.BatchNorm2d(inner)
+        self.bn1 = norm_layer(inner)
         self.conv2 = conv3x3(inner, inner, stride)   # stride on the 3x3, as fb.resnet.torch
-        self.bn2 = nn.BatchNorm2d(inner)
+        self.bn2 = norm_layer(inner)
         self.conv3 = conv1x1(inner, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(inplanes, planes * self.expansion, stride)
+        self.downsample = _downsample(inplanes, planes * self.expansion, stride, norm_layer)
+        self.drop_path = drop_path_layer(drop_path)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3
@@ -73,13 +81,13 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        return self.relu(self.drop_path(self.bn3(self.conv3(out))) + identity)
 
 
-def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:
+def _downsample(cin: int, cout: int, stride: int, norm_layer) -> nn.Module | None:
     if stride == 1 and cin == cout:
         return None
-    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+    return nn.Sequential(conv1x1(cin, cout, stride), norm_layer(cout))
 
 
 ARCHS = {  # depth -> (block, blocks per stage)
@@ -95,7 +103,9 @@ class WideResNetImageNet(WRNBase):
     stage_names = ("layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, depth: int = 34, width: float = 2.0, num_classes: int = 1000,
-                 in_chans: int = 3, zero_init_residual: bool = False, global_pool: str = "avg"):
+                 in_chans: int = 3, zero_init_residual: bool = False, global_pool: str = "avg",
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 bn_momentum: float | None = None, bn_eps: float | None = None):
         super().__init__()
         if depth not in ARCHS:
             raise ValueError(f"invalid depth {depth} for an ImageNet WRN; "
@@ -103,9 +113,11 @@ class WideResNetImageNet(WRNBase):
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
         block, counts = ARCHS[depth]
+        norm_layer = batchnorm(bn_momentum, bn_eps)
+        rates = iter(drop_path_rates(drop_path_rate, sum(counts)))
         self.depth, self.width = depth, width
         self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         # Basic blocks widen the stage itself; bottlenecks widen only their inner 3x3.
@@ -115,12 +127,13 @@ class WideResNetImageNet(WRNBase):
             planes = int(64 * 2 ** i * stage_scale)
             blocks = []
             for j in range(count):
-                blocks.append(block(inplanes, planes, 2 if (i > 0 and j == 0) else 1, width))
+                blocks.append(block(inplanes, planes, 2 if (i > 0 and j == 0) else 1, width,
+                                    norm_layer, next(rates)))
                 inplanes = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(FeatureInfo(f"res{i + 2}", inplanes, 4 * 2 ** i,
                                                  f"layer{i + 1}"))
-        self.init_head(inplanes, num_classes, global_pool, in_chans)
+        self.init_head(inplanes, num_classes, global_pool, in_chans, drop_rate)
         # torchvision's init: these networks came from fb.resnet.torch, as torchvision's
         # weights did (_init.py)
         init_weights(self, "torchvision", zero_linear_bias=False)
