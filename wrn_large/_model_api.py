@@ -21,10 +21,9 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, create_classifier
-from timm.layers.helpers import get_device_dtype
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.layers import DropPath, create_classifier, get_device_dtype
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices  # not exported by timm.models
 
 
 def check_rate(name: str, value: float) -> None:

@@ -26,8 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
+from timm.models import checkpoint_seq, generate_default_cfgs
 
 from ._builder import build_model
 from ._features import FeatureInfo

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs
-from timm.models._manipulate import checkpoint_seq
+from timm.models import checkpoint_seq, generate_default_cfgs
 
 from ._builder import build_model
 from ._features import FeatureInfo
