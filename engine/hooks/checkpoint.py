@@ -2,7 +2,11 @@
 epoch's end and when the run stops early (a signal, ``run.max_steps``); keep the newest ``keep``.
 The files themselves (atomic, checksummed, the fallback to an older valid one) are
 ``engine/checkpoint.py``'s; what goes in them is the engine's (model, optimizer) and the loop's
-``state_dict`` (its state, the RNG streams and every stateful hook's), plus ``metadata``."""
+``state_dict`` (its state, the RNG streams and every stateful hook's), plus ``metadata``.
+
+Which checkpoint a run resumes from is rank 0's choice, given to every rank: ranks that each
+listed and verified the folder themselves could pick different ones (a file system's
+attribute cache, node-local copies) and train on different weights."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from ..distributed import BufferSync, barrier
+from ..distributed import BufferSync, all_gather_object, barrier, broadcast_object
 from ..errors import TrainingDiverged
 from .base import CHECKPOINT, START, Check, Hook
 
@@ -25,9 +29,12 @@ class CheckpointHook(Hook):
         self.out, self.engine, self.resume_from = Path(out), engine, resume
         self.every, self.keep, self.metadata = every, keep, dict(metadata or {})
         self.buffers, self.is_main = buffers, is_main
-        self.saved_at: int | None = None   # the step last saved (or resumed from)
+        self.saved: tuple[int, int] | None = None   # (step, epoch) last saved or resumed from
 
     def before_train(self) -> None:
+        clash = {h.name for h in self.trainer.hooks} & self.metadata.keys()
+        if clash:
+            raise ValueError(f"checkpoint metadata would replace hook state {sorted(clash)}")
         self.trainer.phase(CHECKPOINT)
         self.resume()
         self.trainer.phase(START)
@@ -45,10 +52,13 @@ class CheckpointHook(Hook):
         self.save()
 
     def save(self) -> Path:
+        """Save the run as it is now, unless that very state was saved or resumed from. An
+        epoch's end after a resume at its last step is saved again: the epoch is counted and
+        its record added since."""
         trainer = self.trainer
         step = trainer.state.step
         path = ckpt.checkpoint_path(self.out, step, self.engine.checkpoint_suffix)
-        if self.saved_at == step:
+        if self.saved == (step, trainer.state.epoch):
             return path
         trainer.phase(CHECKPOINT)
         if self.buffers is not None:
@@ -57,42 +67,61 @@ class CheckpointHook(Hook):
                    if t.is_floating_point()):
             # the last step produced inf/NaN weights: never let them replace a good checkpoint
             raise TrainingDiverged(trainer.diverged("finite, but the weights are not", step))
-        state = trainer.state_dict()
-        if state.keys() & self.metadata.keys():
-            raise ValueError(f"checkpoint metadata {sorted(self.metadata)} would replace "
-                             f"the run's own {sorted(state.keys() & self.metadata.keys())}")
-        self.engine.save_checkpoint(str(path), {**state, **self.metadata})
+        self.engine.save_checkpoint(str(path), {**trainer.state_dict(), **self.metadata})
         if self.is_main:
             ckpt.prune(self.out, self.keep)
             log.info("saved checkpoint %s", path)
         barrier()
-        self.saved_at = step
+        self.saved = (step, trainer.state.epoch)
         return path
 
     def resume(self) -> None:
         choice = self.resume_from
         if choice == "none":
             return
-        candidates = ckpt.list_checkpoints(self.out) if choice == "auto" else [Path(choice)]
+        listed = ckpt.list_checkpoints(self.out) if choice == "auto" else [Path(choice)]
+        candidates = broadcast_object(listed if self.is_main else None)
         if choice != "auto" and not candidates[0].exists():
             raise FileNotFoundError(f"run.resume={choice}: no such checkpoint")
         for path in candidates:
-            if not ckpt.is_complete(path):
+            incomplete, problem = broadcast_object(rank0_problem(path) if self.is_main else None)
+            if incomplete and choice == "auto":   # an interrupted save's leftover
                 log.warning("skipping incomplete checkpoint %s", path)
                 continue
-            try:
-                ckpt.verify(path)
-                state = self.engine.load_checkpoint(str(path))
-            except ckpt.CheckpointError as e:
+            state = None
+            if problem is None:
+                state, problem = self.load(path)
+            if problem is not None:
                 if choice != "auto":
-                    raise
-                log.warning("%s; falling back to the previous checkpoint", e)
+                    raise ckpt.CheckpointError(problem)
+                log.warning("%s; falling back to the previous checkpoint", problem)
                 continue
             self.trainer.load_state_dict(state)
-            self.saved_at = self.trainer.state.step
+            self.saved = (self.trainer.state.step, self.trainer.state.epoch)
             log.info("resumed from %s at step %d (epoch %d)", path, self.trainer.state.step,
                      self.trainer.state.epoch)
             return
         if candidates:
             log.warning("no valid checkpoint in %s: starting from scratch",
                         ckpt.checkpoint_dir(self.out))
+
+    def load(self, path: Path) -> tuple[dict | None, str | None]:
+        """(the checkpoint's state, None) on every rank, or (None, the first rank's error) on
+        every rank when any rank cannot read it."""
+        try:
+            state, error = self.engine.load_checkpoint(str(path)), None
+        except ckpt.CheckpointError as e:
+            state, error = None, str(e)
+        errors = [e for e in all_gather_object(error) if e is not None]
+        return (None, errors[0]) if errors else (state, None)
+
+
+def rank0_problem(path: Path) -> tuple[bool, str | None]:
+    """(whether ``path`` is incomplete, why rank 0 will not resume from it or None)."""
+    if not ckpt.is_complete(path):
+        return True, f"{path} is incomplete (no {ckpt.COMPLETE_MARKER} marker)"
+    try:
+        ckpt.verify(path)
+    except ckpt.CheckpointError as e:
+        return False, str(e)
+    return False, None
