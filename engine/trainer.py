@@ -135,8 +135,13 @@ class Trainer:
             while self.state.epoch < self.schedule.epochs and self.stop_reason is None:
                 self.train_epoch()
             self.status = self.stop_reason or "finished"
-        finally:
-            self.hooks.call("after_train")
+        except BaseException:
+            for failure in self.hooks.call_each("after_train"):   # the run's error says why
+                log.error("after a failed run, a hook failed too: %r", failure)
+            raise
+        failures = self.hooks.call_each("after_train")
+        if failures:
+            raise failures[0]
         return self.status
 
     def train_epoch(self) -> None:
@@ -169,8 +174,8 @@ class Trainer:
         self.hooks.call("after_step")
         if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise TrainingDiverged(self.diverged(
-                f"{loss.item()} for {self.skipped_in_a_row} steps in a row (each skipped by "
-                f"fp16 loss scaling)", st.step))
+                f"{loss.item()}, and fp16 loss scaling skipped the step for "
+                f"{self.skipped_in_a_row} steps in a row (non-finite gradients)", st.step))
         if self.check_due():
             self.check()
 

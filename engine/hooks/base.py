@@ -6,9 +6,10 @@ were given:
     before_train
       before_epoch
         before_step, on_phase("data"), on_phase("compute") per micro-batch, after_step
-        ... and at a check (below): to_reduce, after_check(check)
+        ... and at a check (below): on_phase("all-reduce"), to_reduce, after_check(check)
       after_epoch             (the epoch is counted and its record is history[-1])
-    after_train               (always, also when the run fails: release what the hook holds)
+    after_train               (always, also when the run fails: release what the hook holds;
+                               every hook's runs even where one fails)
 
 A *check* is the only place where the loop waits for the device: every ``check_every`` steps, at
 each epoch's last step, at the run's last step, and at any step a hook ``wants_check``. Every
@@ -16,6 +17,11 @@ rank reduces the same vector there in one all-reduce: the loop's loss and NaN fi
 each hook's ``to_reduce`` gives (a number summed over ranks, or ``PerRank`` for one slot per
 rank). ``after_check`` reads the sums in ``check.reduced`` and adds what should be written for
 the step to ``check.metrics``. Per step, a hook must not read a value off the device.
+
+What a hook does at a check (``to_reduce``, ``wants_check``, ``request_stop``) and in
+``state_dict`` must be the same on every rank, as the collectives there are: a hook that only
+some ranks have (the progress bar, on rank 0) reduces nothing, wants no check and keeps no
+state.
 
 A hook that keeps state across a restart has a ``name``: ``state_dict()`` is saved in every
 checkpoint under that name and given back to ``load_state_dict`` on resume (``None`` when the
@@ -119,6 +125,17 @@ class HookList:
     def call(self, event: str, *args) -> None:
         for method in self.acting[event]:
             method(*args)
+
+    def call_each(self, event: str) -> list[Exception]:
+        """``event`` on every hook even where one fails (after_train lets go of what each
+        holds: the lock, the log file, signal handlers); the failures, in order."""
+        failures = []
+        for method in self.acting[event]:
+            try:
+                method()
+            except Exception as e:  # noqa: BLE001 - reported by the caller
+                failures.append(e)
+        return failures
 
     def wants_check(self, step: int) -> bool:
         return any(wants(step) for wants in self.acting["wants_check"])
