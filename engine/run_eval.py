@@ -13,7 +13,7 @@ from pipelines.class_names import class_names
 
 from .build import build_model, micro_batch_size, resolve
 from .distributed import cleanup, init_distributed
-from .engines import autocast, resolve_amp
+from .engines import autocast, resolve_amp, set_determinism
 from .evaluate import evaluate, plot_confusion
 from .metrics import fmt, summary_table
 
@@ -25,6 +25,7 @@ def run_evaluation(cfg, per_class: bool = False) -> dict:
     the per-class accuracy, plus ``confusion.png`` up to 100 classes) to run.output_dir."""
     dist = init_distributed(cfg.engine.dist_backend)
     cfg = resolve(cfg, dist)
+    set_determinism(cfg.train.deterministic)
     loader = build_loader(cfg.data, LoaderSpec("val", batch_size=micro_batch_size(cfg, dist),
                                                rank=dist.rank, world_size=dist.world_size,
                                                seed=cfg.train.seed, device=dist.device))

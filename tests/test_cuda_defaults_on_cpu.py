@@ -14,7 +14,6 @@ from engine.config import load_config
 from engine.distributed import DistInfo
 from engine.engines import Engine
 from engine.build import resolve
-from engine.engines import set_determinism
 from trainer_utils import base_overrides, epochs, make_folder, run_training
 
 CUDA_DEFAULTS = {"train.amp": "bf16", "train.channels_last": "on", "train.ema_decay": 0.9}
@@ -51,12 +50,33 @@ def restore_determinism():
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+def start_training(cfg):
+    from engine.build import build_trainer
+    from engine.distributed import cleanup
+    trainer = build_trainer(cfg)
+    trainer.hooks.call_each("after_train")      # lets go of the run directory
+    cleanup()
+
+
+def start_evaluation(cfg):
+    from engine.run_eval import run_evaluation
+    run_evaluation(cfg)
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_deterministic_switch_sets_what_it_promises(restore_determinism, deterministic):
+@pytest.mark.parametrize("command", [start_training, start_evaluation])
+def test_deterministic_switch_sets_what_it_promises(restore_determinism, deterministic, command,
+                                                    tmp_path):
+    """What training and --eval-only set up at start-up, both."""
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    cfg = load_config("configs/quickstart.yaml", [f"train.deterministic={deterministic}",
-                                                  "data.backend=synthetic"])
-    set_determinism(cfg.train.deterministic)        # what the builder runs at start-up
+    torch.use_deterministic_algorithms(not deterministic)     # the opposite, to be changed
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = not deterministic
+    cfg = load_config("configs/quickstart.yaml", [
+        f"train.deterministic={deterministic}", "data.backend=synthetic",
+        "data.synthetic_samples=64", "data.image_size=16", "data.num_classes=3",
+        "model.name=wrn_cifar", "model.kwargs={depth: 10, widen_factor: 1}",
+        "train.batch_size=8", "train.hang_timeout_s=0", f"run.output_dir={tmp_path / 'run'}"])
+    command(cfg)
     assert torch.backends.cudnn.deterministic is deterministic
     assert torch.backends.cudnn.benchmark is (not deterministic)   # the autotuner otherwise
     assert torch.are_deterministic_algorithms_enabled() is deterministic
