@@ -162,12 +162,15 @@ def take_run_dir(out: Path, dist: DistInfo) -> RunDirHook:
     lock_error = broadcast_object(lock_error)
     if lock_error:
         raise RunDirInUse(lock_error)
-    handler = None
+    handler, root = None, logging.getLogger()
     if dist.is_main:
         handler = logging.FileHandler(out / "train.log")
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logging.getLogger().addHandler(handler)
-    return RunDirHook(lock, handler)
+        root.addHandler(handler)
+    hook = RunDirHook(lock, handler, root.level)
+    if dist.is_main and root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)   # train.log has the INFO lines, whoever set up logging
+    return hook
 
 
 # ------------------------------------------------------------------ the run
@@ -194,6 +197,8 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     set_determinism(t.deterministic)
     quarantines = {s: q for s in ("train", "val") if (q := quarantine_for(cfg.data, s)) is not None}
     loaders = build_loaders(cfg, dist, out, quarantines)
+    # the ones a backend took (files that can go bad): not CIFAR's arrays, not synthetic data
+    quarantines = {s: q for s, q in quarantines.items() if q.samples is not None}
     num_classes = loaders.train.num_classes
     classes, names = class_names(cfg.data, loaders.train)
     model = build_model(cfg, num_classes, dist)
@@ -247,15 +252,19 @@ def last_good_checkpoint(out: Path) -> str:
     return f"The last good checkpoint is {newest}." if newest else "No checkpoint was written yet."
 
 
+def train_and_explain(trainer: Trainer, cfg: Config) -> str:
+    """``trainer.train()``; a divergence says which checkpoint is the last good one."""
+    try:
+        return trainer.train()
+    except TrainingDiverged as e:
+        raise TrainingDiverged(f"{e} {last_good_checkpoint(Path(cfg.run.output_dir))}") from None
+
+
 def train(cfg: Config) -> dict:
     """Build the run, train it; the summary (``SummaryHook.result``)."""
     try:
         trainer = build_trainer(cfg)
-        try:
-            trainer.train()
-        except TrainingDiverged as e:
-            raise TrainingDiverged(f"{e} {last_good_checkpoint(Path(cfg.run.output_dir))}") \
-                from None
+        train_and_explain(trainer, cfg)
         return trainer.hooks.of_type(SummaryHook).result
     finally:
         cleanup()

@@ -1,6 +1,7 @@
 """Helpers for the trainer tests: a tiny learnable JPEG folder and a run launcher."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -105,54 +106,81 @@ def run_command(overrides: list[str], nproc: int = 1, timeout: int = 600
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def cli_in_process(argv: list[str]) -> subprocess.CompletedProcess:
-    """``train_imagenet.main(argv)`` in this process, as if it were its own: stdout and stderr
-    captured, an escaping exception as Python prints it (exit code 1). What a run changes in
-    the process is put back afterwards: logging, signal handlers, environment variables,
-    determinism flags, the process group."""
-    import contextlib
-    import gc
-    import io
-    import logging
-    import signal
-    import traceback
+# In-process runs leave the hang watchdog off: it would end this process (and the test
+# session) with os._exit on a long stall; the watchdog is tested with real processes.
+IN_PROCESS = ["train.hang_timeout_s=0"]
 
+
+@contextlib.contextmanager
+def isolated():
+    """What a run does to this process, undone afterwards: logging (the root logger's handlers
+    are set aside, so that basicConfig(force=True) cannot close pytest's), signal handlers,
+    environment variables (DeepSpeed's RANK, MASTER_PORT, ...), determinism flags, the global
+    RNG streams, torch.compile's caches, the process group, and the loaders' threads (they end
+    when the loaders are collected)."""
+    import gc
+    import logging
+    import random
+    import signal
+
+    import numpy as np
     import torch
     from engine.distributed import cleanup
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for handler in handlers:
+        root.removeHandler(handler)
+    signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    environ = dict(os.environ)
+    flags = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    rngs = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        yield
+    finally:
+        cleanup()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        for s, handler in signals.items():
+            signal.signal(s, handler)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags[2:]
+        torch.set_rng_state(rngs[0])
+        np.random.set_state(rngs[1])
+        random.setstate(rngs[2])
+        if "torch._dynamo" in sys.modules:
+            torch._dynamo.reset()
+        gc.collect()
+
+
+def cli_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``train_imagenet.main(argv)`` in this process, as if it were its own: stdout and stderr
+    captured, an escaping exception as Python prints it (exit code 1); ``isolated``."""
+    import io
+    import traceback
+
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     import train_imagenet
 
     out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    saved_logging = (root.level, list(root.handlers))
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    environ = dict(os.environ)
-    flags = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = train_imagenet.main(argv)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except Exception:  # noqa: BLE001 - what the interpreter would print, and exit 1
-                traceback.print_exc()
-                code = 1
-    finally:
-        cleanup()
-        for handler in root.handlers:
-            if handler not in saved_logging[1]:
-                handler.close()
-        root.handlers[:] = saved_logging[1]
-        root.setLevel(saved_logging[0])
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        os.environ.clear()
-        os.environ.update(environ)
-        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
-        torch.backends.cudnn.benchmark = flags[2]
-        gc.collect()   # loaders' read-ahead threads end with them
+    argv = [*argv[:2], *IN_PROCESS, *argv[2:]] if argv[:1] == ["--config"] else [*IN_PROCESS, *argv]
+    with isolated(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = train_imagenet.main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception:  # noqa: BLE001 - what the interpreter would print, and exit 1
+            traceback.print_exc()
+            code = 1
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
@@ -191,42 +219,25 @@ class InProcessRun:
 
 def train_in_process(overrides: list[str], patch=None, config: str | Path | None = None
                      ) -> InProcessRun:
-    """The trainer built and run in this process (``engine.build``), as train_imagenet.py runs
-    it but without a new interpreter (imports cost ~5 s a process here). ``patch(trainer)``
-    runs before ``train``. The log (INFO and up) is captured; the signal handlers it installs,
-    the torchrun variables a DeepSpeed job of one sets (RANK, MASTER_PORT, ...) and any process
-    group are undone afterwards. The run's exceptions propagate."""
+    """The trainer built and run in this process, as ``engine.build.train`` runs it but with the
+    trainer at hand: ``patch(trainer)`` runs before ``train``; the log (INFO and up) is kept in
+    ``.log``; ``isolated``. The run's exceptions propagate."""
     import logging
-    import signal
-    from engine.build import build_trainer, last_good_checkpoint
+    from engine.build import build_trainer, train_and_explain
     from engine.config import load_config
-    from engine.distributed import cleanup
-    from engine.errors import TrainingDiverged
     from engine.hooks import SummaryHook
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    environ = dict(os.environ)
-    root = logging.getLogger()
-    level, captured = root.level, _LogText()
-    root.setLevel(logging.INFO)
-    root.addHandler(captured)
-    try:
-        cfg = load_config(str(config or REPO / "configs" / "quickstart.yaml"), overrides)
+    captured = _LogText()
+    with isolated():
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        root.addHandler(captured)
+        cfg = load_config(str(config or REPO / "configs" / "quickstart.yaml"),
+                          [*IN_PROCESS, *overrides])
         trainer = build_trainer(cfg)
         if patch is not None:
             patch(trainer)
-        try:
-            trainer.train()
-        except TrainingDiverged as e:   # as engine.build.train says it
-            raise TrainingDiverged(f"{e} {last_good_checkpoint(Path(cfg.run.output_dir))}")
+        train_and_explain(trainer, cfg)
         return InProcessRun(trainer, trainer.hooks.of_type(SummaryHook).result, captured.text())
-    finally:
-        cleanup()
-        root.removeHandler(captured)
-        root.setLevel(level)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        os.environ.clear()
-        os.environ.update(environ)
 
 
 class _LogText:

@@ -9,14 +9,18 @@ from .base import Hook
 
 
 class RunDirHook(Hook):
-    def __init__(self, lock=None, log_handler: logging.Handler | None = None):
-        self.lock, self.log_handler = lock, log_handler
+    def __init__(self, lock=None, log_handler: logging.Handler | None = None,
+                 log_level: int | None = None):
+        self.lock, self.log_handler, self.log_level = lock, log_handler, log_level
 
     def after_train(self) -> None:
         if self.log_handler is not None:
-            logging.getLogger().removeHandler(self.log_handler)
+            root = logging.getLogger()
+            root.removeHandler(self.log_handler)
             self.log_handler.close()
             self.log_handler = None
+            if self.log_level is not None:
+                root.setLevel(self.log_level)
         if self.lock is not None:
             self.lock.release()
             self.lock = None
