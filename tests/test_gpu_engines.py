@@ -134,11 +134,13 @@ def test_nccl_backend_through_the_trainers_set_up(data, tmp_path):
     assert epochs(out)[-1]["val_samples"] == 21
 
 
-def test_no_device_sync_within_a_step_on_cuda(tmp_path):
+@pytest.mark.parametrize("backend", ["synthetic", "dali"])
+def test_no_device_sync_within_a_step_on_cuda(tmp_path, data, backend):
     """torch's own sync detector (``set_sync_debug_mode("error")``) on from the first hook's
     before_step to the last hook's after_step: a synchronising call of ours in a step (an
     .item(), a bool of a CUDA tensor, a pageable copy) raises. bf16, channels_last, the EMA,
-    step times (CUDA events), the progress bar; the synthetic loader makes batches on the GPU."""
+    step times (CUDA events), the progress bar; the synthetic loader makes its batch on the GPU,
+    DALI decodes there ("mixed") and hands over the labels."""
     from engine.hooks import Hook
     from test_loop import tiny_config
 
@@ -157,8 +159,11 @@ def test_no_device_sync_within_a_step_on_cuda(tmp_path):
     def strict(trainer):
         trainer.hooks.__init__([Strict(True), *trainer.hooks, Strict(False)], trainer)
 
+    folder = {"data.backend": "dali", "data.root": str(data), "data.image_size": 32,
+              "data.val_resize": 36} if backend == "dali" else {}
     try:
-        run = train_in_process(tiny_config(tmp_path, **{"train.compile": "off"}), strict)
+        run = train_in_process(tiny_config(tmp_path, **{"train.compile": "off", **folder}), strict)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert run.summary["status"] == "finished" and run.summary["steps"] == 24
+    assert run.summary["status"] == "finished" and run.summary["steps"] == (
+        12 if backend == "dali" else 24)

@@ -1,6 +1,9 @@
-"""The import graph of our packages has no circle: every import counts, those inside functions
-too (a lazy import is a dependency all the same), so each module can be read, tested and
-replaced from the bottom up (wrn_large at the bottom, pipelines beside it, engine above both)."""
+"""The import graph of our packages has no circle: every import statement counts, those inside
+functions too (a lazy import is a dependency all the same), so each module can be read, tested
+and replaced from the bottom up (wrn_large at the bottom, pipelines beside it, engine above
+both). A registry's import of its built-in members by name (``importlib.import_module``:
+engine.engines, pipelines.base) is not an import statement and is not seen: those members
+import the registry, never the other way round."""
 from __future__ import annotations
 
 import ast

@@ -196,6 +196,24 @@ def test_hooks_state_and_the_loops_go_through_a_checkpoint(tmp_path):
     assert second.state.history == again.state.history
 
 
+def test_an_epoch_ended_by_a_resume_is_saved_again(tmp_path):
+    """A run stopped at an epoch's last step (run.max_steps here, a signal alike) saves before
+    the epoch is counted; resumed, it counts and evaluates the epoch: that is saved over it, so
+    a later resume does not do it again."""
+    first = make_trainer([CheckpointHook(tmp_path, None)], max_steps=3, check_every=100)
+    first.hooks.of_type(CheckpointHook).engine = first.engine
+    assert first.train() == "max_steps"
+    path = tmp_path / "checkpoints" / "step_00000003.pt"
+    assert (load_file(path)["epoch"], load_file(path)["history"]) == (0, [])
+    calls = []
+    second = make_trainer([CheckpointHook(tmp_path, None), Recorder("r", calls)], epochs=1)
+    second.hooks.of_type(CheckpointHook).engine = second.engine
+    assert second.train() == "finished"
+    assert [c[1] for c in calls].count("before_step") == 0        # only the epoch's end
+    saved = load_file(path)
+    assert saved["epoch"] == 1 and [h["epoch"] for h in saved["history"]] == [1]
+
+
 def test_fp16_skips_are_counted_and_ten_in_a_row_is_divergence():
     trainer = make_trainer([], epochs=5, engine_kwargs={"skipped_steps": {2}}, check_every=1)
     seen = []
@@ -224,8 +242,7 @@ def tiny_config(tmp_path, **extra):
               "data.backend": "synthetic", "data.synthetic_samples": 96, "data.image_size": 16,
               "data.num_classes": 3, "train.batch_size": 8, "train.epochs": 2,
               "train.ema_decay": 0.5, "optim.lr_batch": 8, "run.log_every_steps": 4,
-              "run.output_dir": str(tmp_path / "run"), "run.progress": True,
-              "train.hang_timeout_s": 60}
+              "run.output_dir": str(tmp_path / "run"), "run.progress": True}
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -234,23 +251,36 @@ SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "num
 
 
 class SyncProbe(Hook):
-    """Host reads of tensors (``Tensor.item``, ``tolist``, ``bool()``...) counted from the
-    first hook's ``before_step`` to the last hook's ``after_step``: one whole step."""
+    """Host reads of tensors (``Tensor.item``, ``tolist``, ``bool()``...) per step: from one
+    ``before_step`` to the next (everything the loop and its hooks do for a step: the lr, the
+    data, the engine, the hooks, deciding whether to check), less those of the checks and of
+    the epochs' ends (evaluation, checkpoints), which ``wrap`` counts apart."""
 
-    def __init__(self, counter, per_step, first):
-        self.counter, self.per_step, self.first = counter, per_step, first
+    def __init__(self, counter, per_step):
+        self.counter, self.per_step, self.at = counter, per_step, None
+
+    def wrap(self, trainer):
+        for name in ("check", "end_epoch"):
+            setattr(trainer, name, self.counted_apart(getattr(trainer, name)))
+
+    def counted_apart(self, method):
+        def counted():
+            before = self.counter["n"]
+            try:
+                return method()
+            finally:
+                self.counter["apart"] += self.counter["n"] - before
+        return counted
 
     def before_step(self):
-        if self.first:
-            self.counter["at"] = self.counter["n"]
-
-    def after_step(self):
-        if not self.first:
-            self.per_step.append(self.counter["n"] - self.counter["at"])
+        now = self.counter["n"] - self.counter["apart"]
+        if self.at is not None:
+            self.per_step.append(now - self.at)
+        self.at = now
 
 
 def count_syncs(monkeypatch) -> dict:
-    counter = {"n": 0, "at": 0}
+    counter = {"n": 0, "apart": 0}
     for name in SYNCS:
         original = getattr(torch.Tensor, name)
 
@@ -267,16 +297,16 @@ def test_no_host_sync_of_ours_within_a_step(tmp_path, monkeypatch):
     reads from the start of a step to its end, whatever the step; the checks do read."""
     from trainer_utils import train_in_process
     counter, per_step = count_syncs(monkeypatch), []
+    probe = SyncProbe(counter, per_step)
 
-    def probe(trainer):
-        hooks = list(trainer.hooks)
-        trainer.hooks.__init__([SyncProbe(counter, per_step, True), *hooks,
-                                SyncProbe(counter, per_step, False)], trainer)
+    def patch(trainer):
+        probe.wrap(trainer)
+        trainer.hooks.__init__([probe, *trainer.hooks], trainer)
 
-    run = train_in_process(tiny_config(tmp_path, **{"run.checkpoint_every_steps": 3}), probe)
-    assert run.summary["steps"] == 24 and len(per_step) == 24
-    assert per_step == [0] * 24
-    assert counter["n"] > 0                  # the checks, evaluation and checkpoints read
+    run = train_in_process(tiny_config(tmp_path, **{"run.checkpoint_every_steps": 3}), patch)
+    assert run.summary["steps"] == 24 and len(per_step) == 23   # between 24 before_steps
+    assert per_step == [0] * 23
+    assert counter["apart"] > 0              # the checks, evaluation and checkpoints read
 
 
 def test_a_signal_stops_the_run_at_the_next_check(tmp_path):

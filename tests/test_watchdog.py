@@ -137,8 +137,11 @@ def test_the_thread_ends_a_hung_process(tmp_path):
     dog.progress(step=3, phase="data")
     dog.start()
     deadline = time.time() + 60
-    while not exits and time.time() < deadline:
-        time.sleep(0.05)
+    try:
+        while not exits and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        dog.stop()                           # had it not fired: no thread left behind
     assert exits == [75]
     assert "step 3, phase data" in next(tmp_path.glob("hang_*_rank0.txt")).read_text()
 
@@ -178,8 +181,9 @@ def test_step_times_measure_the_forward_and_the_data_wait():
     import torch
     net = torch.nn.Linear(4, 4)
     times = StepTimes(net, torch.device("cpu"))
-    with times.waiting_for_data():
-        time.sleep(0.02)
+    times.waiting()                         # what the step-times hook does around next(loader)
+    time.sleep(0.02)
+    times.arrived()
     slow = threading.Event()
     net.register_forward_hook(lambda *a: slow.wait(0.03), prepend=True)  # inside the timing
     net(torch.zeros(2, 4))
