@@ -53,10 +53,6 @@ class Schedule:
     max_steps: int = 0
     fresh_at_lr_drops: bool = False
 
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
     def lr(self, step: int) -> float:
         return lr_at(step, self.base_lr, self.steps_per_epoch, self.epochs, self.cfg)
 

@@ -14,7 +14,6 @@ fills slots r of two vectors the size of the world, and the sum is everyone's fi
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from statistics import median
 
 import torch
@@ -56,14 +55,6 @@ class StepTimes:
         if self._waiting_since is not None:
             self.data_wait += time.perf_counter() - self._waiting_since
             self._waiting_since = None
-
-    @contextmanager
-    def waiting_for_data(self):
-        self.waiting()
-        try:
-            yield
-        finally:
-            self.arrived()
 
     def take(self) -> tuple[float, float]:
         """(data wait, forward) seconds since the last ``take``. On CUDA this waits for the

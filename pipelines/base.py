@@ -165,9 +165,9 @@ def resolve_backend(name: str) -> str:
 
 
 def build_loader(cfg: DataConfig, spec: LoaderSpec) -> Loader:
-    if (cfg.mean is not None or cfg.std is not None) and cfg.dataset == "imagenet":
-        raise ValueError("data.mean/data.std set the CIFAR/SVHN normalisation; ImageNet "
-                         "pipelines use ImageNet's constants")
+    problem = cfg.problem()   # the config loader's check too, for a DataConfig made in code
+    if problem:
+        raise ValueError(problem)
     if spec.quarantine is None:
         spec = replace(spec, quarantine=quarantine_for(cfg, spec.split))
     elif cfg.on_bad_image != "skip":
