@@ -160,7 +160,7 @@ def test_sigterm_to_a_two_process_sweep_stops_its_run_with_a_checkpoint(tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, output[-3000:]
     assert "the same command resumes the sweep" in output
-    assert "checkpointing after this step" in (run / "train.log").read_text()
+    assert "checkpointing at the next check" in (run / "train.log").read_text()
     time.sleep(2)
     left = live_processes_mentioning(f"run.output_dir={run}")
     assert not left, left

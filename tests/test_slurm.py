@@ -85,11 +85,11 @@ def requeued(cluster, job, run_dir, timeout=300):
 
 
 def assert_no_work_lost(run_dir, last_step):
-    """The stop wrote a checkpoint at the last step done (the step running when the signal came
-    was finished, nothing after it was lost)."""
+    """The stop wrote a checkpoint at the last step done (at the check after the signal: with
+    run.log_every_steps=1 the step running when it came; nothing after it was lost)."""
     saved = checkpoints(run_dir)
     assert saved and saved[-1] == last_step >= 3, (saved, last_step, log_of(run_dir))
-    assert "checkpointing after this step" in (run_dir / "train.log").read_text()
+    assert "checkpointing at the next check" in (run_dir / "train.log").read_text()
     return last_step
 
 
