@@ -71,5 +71,13 @@ with zipfile.ZipFile(wheel) as zf:
     zf.extractall(site, [n for n in zf.namelist() if n.startswith("detectron2/")])
 PYEOF
 fi
+# DeepSpeed compiles its CPU shared-memory all-reduce (deepspeed_shm_comm) on its first run, ~65 s,
+# and caches it in ~/.cache/torch_extensions: compile it now rather than in the first run
+"$PY" - <<'PYEOF' >/dev/null 2>&1 || echo "install.sh: DeepSpeed's CPU comm op did not build; its first run will try again" >&2
+import torch
+if not torch.cuda.is_available():
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
+PYEOF
 "$PY" -c "import torch, torchvision, timm, nvidia.dali, detectron2, deepspeed, pycocotools, wrn_large" \
     && echo "install.sh: environment ready in $VENV"
