@@ -102,9 +102,10 @@ def test_a_bad_validation_image_is_dropped_and_counted(folder, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_quarantine_is_the_callers_made_before_the_samples_are_known(folder, backend):
-    """The trainer makes the quarantine (quarantine_for), merges a checkpoint's into it before
-    any loader exists, and gives it to build_loader; the backend binds it to the samples (the
-    default limit: 0.1% of the split, at least 1) and fills it. Loaders do not expose it."""
+    """The caller makes the quarantine (quarantine_for) and gives it to build_loader; it may
+    hold a checkpoint's state before any loader exists (the trainer merges it on resume, after
+    the build: either order works); the backend binds it to the samples (the default limit:
+    0.1% of the split, at least 1) and fills it. Loaders do not expose it."""
     cfg = DataConfig(root=str(folder), backend=backend, image_size=32, val_resize=36,
                      workers=2 if backend == "torch" else 1, listing_cache="off")
     quarantine = quarantine_for(cfg, "val")
