@@ -3,8 +3,22 @@ import os
 import pytest
 import torch
 
-# Two cores: keep intra-op threads bounded so multi-process tests do not oversubscribe.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from trainer_utils import THREADS
+
+# keep intra-op threads bounded so multi-process tests (and xdist's workers) do not oversubscribe
+torch.set_num_threads(THREADS)
+
+# Files whose tests wait on real processes (SLURM, torchrun, a real-scale COCO file) go first:
+# under the README's `pytest -n 2 --dist loadfile` each file runs whole on one worker, and the
+# longest ones starting first leave none running alone at the end. In order, longest first.
+SLOW_FIRST = ("test_slurm.py", "test_fault_tolerance.py", "test_quarantine.py",
+              "test_detection_coco_scale.py", "test_reproduce.py", "test_cuda_defaults_on_cpu.py",
+              "test_trainer.py", "test_detection_train.py", "test_bench.py", "test_timm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: in-file order kept
 
 
 @pytest.fixture(autouse=True)

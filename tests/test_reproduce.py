@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_utils import (PAPER, REPO, base_overrides, epochs, live_processes_mentioning,
+from trainer_utils import (PAPER, REPO, THREADS, base_overrides, epochs, live_processes_mentioning,
                            make_folder, read_metrics, run_training, sweep_overrides,
                            write_table_configs)
 
@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 
 
 def reproduce(args: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900, **kw)
     if check and proc.returncode != 0:
@@ -99,7 +99,8 @@ def test_tiny_table_equals_the_runs_own_metrics(tmp_path, data):
     assert changed.returncode == 2 and "optim.lr" in changed.stderr
 
 
-def sweep_until_a_checkpoint(args: list[str], run_dir: Path, threads: int = 2) -> subprocess.Popen:
+def sweep_until_a_checkpoint(args: list[str], run_dir: Path, threads: int = THREADS
+                             ) -> subprocess.Popen:
     """reproduce.py ARGS started in a session of its own, returned once ``run_dir`` holds a
     checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}

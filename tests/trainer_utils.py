@@ -13,6 +13,11 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+# intra-op threads of a test's single process (in this one or a child): the cores, shared
+# among pytest-xdist's workers (two processes each spinning two OpenMP threads on two cores
+# lose more to each other than they gain)
+THREADS = max(1, min(2, (os.cpu_count() or 1)
+                     // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 COLOURS = [(200, 40, 40), (40, 180, 40), (40, 60, 200)]
 
 
@@ -100,7 +105,7 @@ def run_command(overrides: list[str], nproc: int = 1, timeout: int = 600
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                str(REPO / "train_imagenet.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else str(THREADS),
            "PYTHONPATH": str(REPO)}
     return subprocess.run(cmd + ["--config", "configs/quickstart.yaml"] + overrides, cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
