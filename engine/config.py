@@ -420,19 +420,25 @@ def save_config(cfg: Config, path: str | os.PathLike, provenance: dict | None = 
     Path(path).write_text(head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe_keys(obj=None, prefix: str = "") -> list[str]:
-    """Every key with its default and, where the schema closes them, its allowed values, for
-    --list-keys: ``train.amp='auto'  # auto | off | bf16 | fp16``."""
+def schema_keys(obj=None, prefix: str = ""):
+    """(dotted key, default, annotated type) of every leaf of the schema, in order."""
     obj = obj if obj is not None else Config()
     hints = typing.get_type_hints(type(obj), include_extras=True)
-    lines = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            lines += describe_keys(value, f"{prefix}{f.name}.")
+            yield from schema_keys(value, f"{prefix}{f.name}.")
         else:
-            allowed = allowed_values(hints[f.name])
-            lines.append(f"{prefix}{f.name}={value!r}" + (f"  # {allowed}" if allowed else ""))
+            yield f"{prefix}{f.name}", value, hints[f.name]
+
+
+def describe_keys() -> list[str]:
+    """Every key with its default and, where the schema closes them, its allowed values, for
+    --list-keys: ``train.amp='auto'  # auto | off | bf16 | fp16``."""
+    lines = []
+    for key, value, tp in schema_keys():
+        allowed = allowed_values(tp)
+        lines.append(f"{key}={value!r}" + (f"  # {allowed}" if allowed else ""))
     return lines
 
 

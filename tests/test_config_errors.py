@@ -3,14 +3,13 @@ Python ends in one line on stderr naming the key, the value, the allowed values 
 value came from, exit code 2, with torch never imported and no run directory made."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
 import types
 import typing
 
-from engine.config import REPO_ROOT, Config
+from engine.config import REPO_ROOT, schema_keys
 from pipelines.config import ChoiceOrPath
 
 # (key, a wrong value, the allowed values the line must name): every closed key of the schema
@@ -64,18 +63,9 @@ def is_closed(tp) -> bool:
     return origin is typing.Literal
 
 
-def closed_keys(obj=None, prefix: str = "") -> list[str]:
+def closed_keys() -> list[str]:
     """Every key of the schema whose values are a few words."""
-    obj = obj if obj is not None else Config()
-    hints = typing.get_type_hints(type(obj), include_extras=True)
-    keys = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += closed_keys(value, f"{prefix}{f.name}.")
-        elif is_closed(hints[f.name]):
-            keys.append(f"{prefix}{f.name}")
-    return keys
+    return [key for key, _, tp in schema_keys() if is_closed(tp)]
 
 
 def what_is_wrong(result: dict, key: str, value: str, allowed: list[str], source: str,
