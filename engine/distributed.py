@@ -144,18 +144,25 @@ def sync_buffers(module: torch.nn.Module, mode: str) -> None:
     """Make the floating-point buffers (BatchNorm running statistics) equal on every rank, so
     the model each rank evaluates is the one rank 0 saves. Each rank updates them from its own
     batches (DDP broadcasts rank 0's only at the next forward, DeepSpeed never): ``reduce``
-    takes the mean over ranks (timm's ``distribute_bn`` default), ``broadcast`` rank 0's."""
+    takes the mean over ranks (timm's ``distribute_bn`` default), ``broadcast`` rank 0's.
+
+    The mean is summed in one float32 tensor whatever the buffers' dtype: under fp16 (DeepSpeed
+    casts the buffers) a sum in place overflows to inf once a running_var passes 65504 / ranks
+    (about 1,000 at 64 ranks), and the run would stop as diverged."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    world = dist.get_world_size()
-    for buffer in module.buffers():
-        if not buffer.is_floating_point():
-            continue  # num_batches_tracked: the same count on every rank
-        if mode == "broadcast":
+    buffers = [b for b in module.buffers() if b.is_floating_point()]  # not num_batches_tracked
+    if not buffers:
+        return
+    if mode == "broadcast":
+        for buffer in buffers:
             dist.broadcast(buffer.data, src=0)
-        else:
-            dist.all_reduce(buffer.data)
-            buffer.data.div_(world)
+        return
+    flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    for buffer, mean in zip(buffers, flat.split([b.numel() for b in buffers])):
+        buffer.data.copy_(mean.view_as(buffer))
 
 
 def cleanup() -> None:
