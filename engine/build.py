@@ -35,6 +35,7 @@ from .distributed import (BufferSync, DistInfo, all_gather_object, barrier, broa
                           cleanup, init_distributed)
 from .engines import PRECISION_NAMES, build_engine, engine_class, set_determinism
 from .errors import RunDirInUse, TrainingDiverged
+from .listings import list_once
 from .hooks import (CheckpointHook, EmaHook, EvalHook, MetricsHook, ProgressBarHook,
                     QuarantineHook, RunDirHook, StepTimesHook, StopHook, SummaryHook,
                     WatchdogHook)
@@ -133,8 +134,9 @@ def build_loaders(cfg: Config, dist: DistInfo, out: Path, quarantines: dict) -> 
     spec = dict(batch_size=micro_batch_size(cfg, dist), rank=dist.rank,
                 world_size=dist.world_size, seed=cfg.train.seed, device=dist.device,
                 listings=out / "listings")
+    samples = list_once(cfg.data, dist, out / "listings")
     return Loaders(*(build_loader(cfg.data, LoaderSpec(split, quarantine=quarantines.get(split),
-                                                       **spec))
+                                                       samples=samples.get(split), **spec))
                      for split in ("train", "val")))
 
 

@@ -35,9 +35,22 @@ class LoaderSpec:
     # the caller keeps it (checkpoints its state(), writes its listing()); the backend binds it
     # to the samples and fills it. None: build_loader makes one where data.on_bad_image=skip
     quarantine: Quarantine | None = None
+    # the split's samples, listed once for the whole job by the caller (engine/listings.py:
+    # rank 0 lists, the others read its pinned listing and compare digests). None: the backend
+    # opens them itself (``samples_for``)
+    samples: object | None = None
 
     def pinned_listing(self) -> Path | None:
         return self.listings / f"{self.split}.json" if self.listings is not None else None
+
+    def open_samples(self, cfg: DataConfig):
+        """The split's ``Samples`` (``pipelines.sources``): the job's, where the caller listed
+        them once, else opened from ``cfg.root`` here."""
+        if self.samples is not None:
+            return self.samples
+        from .sources import open_samples
+        return open_samples(cfg.root, self.split, cfg.file_list, cfg.listing_cache,
+                            self.pinned_listing())
 
 
 @runtime_checkable

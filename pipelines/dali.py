@@ -59,7 +59,7 @@ from .quarantine import (VERIFY_HINT, BadImage, BadImagePolicy, CorruptImageErro
                          TooManyBadImages)
 from .read_ahead import ReadAhead
 from .sample_rng import sample_uniforms
-from .sources import Samples, open_samples
+from .sources import Samples
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +393,7 @@ class DaliLoader(EpochOrder):
 
     def __init__(self, cfg: DataConfig, spec: LoaderSpec):
         self.cfg, self.spec = cfg, spec
-        self.samples = open_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
-                                    spec.pinned_listing())
+        self.samples = spec.open_samples(cfg)
         if spec.quarantine is not None:
             spec.quarantine.bind(self.samples)
         self.policy = BadImagePolicy(self.samples, spec.quarantine, spec.seed,

@@ -22,7 +22,7 @@ from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
 from .presets import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, eval_preset  # noqa: F401
 from .quarantine import BadImage, BadImagePolicy, CorruptImageError, Quarantine  # noqa: F401
 from .read_ahead import ReadAhead, read_or_error
-from .sources import Samples, open_samples
+from .sources import Samples
 
 
 def imagenet_transform(cfg: DataConfig, split: str, preset: EvalPreset | None = None):
@@ -196,8 +196,7 @@ def torch_loader(cfg: DataConfig, spec: LoaderSpec) -> IndexedLoader:
     if cfg.dataset != "imagenet":
         from .small_datasets import small_dataset_loader
         return small_dataset_loader(cfg, spec)
-    samples = open_samples(cfg.root, spec.split, cfg.file_list, cfg.listing_cache,
-                           spec.pinned_listing())
+    samples = spec.open_samples(cfg)
     if spec.quarantine is not None:
         spec.quarantine.bind(samples)
     dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed, cfg.read_ahead,
