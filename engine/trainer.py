@@ -140,6 +140,8 @@ class Trainer:
                 log.error("after a failed run, a hook failed too: %r", failure)
             raise
         failures = self.hooks.call_each("after_train")
+        for failure in failures[1:]:
+            log.error("a hook failed after the run, besides the first failure: %r", failure)
         if failures:
             raise failures[0]
         return self.status
