@@ -1,0 +1,132 @@
+"""A simulated cluster on one machine: N torchrun agents (one per "node"), M ranks each, on ONE
+c10d rendezvous at 127.0.0.1. The hosts are one, so a rank tells its node by ``GROUP_RANK``
+(the rendezvous numbers the agents 0..N-1 in the order they join; agent 0 hosts the store).
+
+Each agent is started here in its own session and stopped by its PID (``signal_agent``,
+``stop``; its workers are in their own sessions too, so ``stop`` also ends any rank still
+running, by PID, from /proc). An agent's output goes to ``LOGS/agent-K.log``, not to a pipe
+that 16 ranks could fill::
+
+    from cluster_sim import Cluster
+    from trainer_utils import base_overrides
+    with Cluster(nodes=4, ranks_per_node=4, overrides=base_overrides(data, out),
+                 logs=tmp / "logs") as cluster:
+        codes = cluster.wait(timeout=300)    # one exit code per agent
+        assert codes == [0] * 4, cluster.tail()
+
+Trainings are ``train_imagenet.py --config configs/quickstart.yaml OVERRIDES`` as in
+``trainer_utils.run_command``; ``script=`` runs another script. ``max_restarts`` and
+``nnodes`` ("2:4" for an elastic job) are torchrun's.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainer_utils import REPO, free_port
+
+
+class Cluster:
+    def __init__(self, nodes: int, ranks_per_node: int, overrides: list[str], logs: Path,
+                 max_restarts: int = 0, nnodes: str | None = None, env: dict | None = None,
+                 script: Path | None = None, config: str = "configs/quickstart.yaml",
+                 agent_args: list[str] = ()):
+        self.nodes, self.ranks_per_node, self.overrides = nodes, ranks_per_node, overrides
+        self.logs = Path(logs)
+        self.max_restarts, self.nnodes = max_restarts, nnodes or str(nodes)
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+        self.script, self.config = script or REPO / "train_imagenet.py", config
+        self.agent_args = list(agent_args)
+        self.port = free_port()
+        self.rdzv_id = f"sim-{os.getpid()}-{self.port}"
+        self.agents: list[subprocess.Popen] = []
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    def command(self, node: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nnodes}",
+                f"--nproc-per-node={self.ranks_per_node}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{self.port}", f"--rdzv-id={self.rdzv_id}",
+                # one store host, chosen here: every agent would otherwise race to bind it
+                f"--rdzv-conf=is_host={int(node == 0)}", f"--max-restarts={self.max_restarts}",
+                *self.agent_args, str(self.script), "--config", self.config, *self.overrides]
+
+    def start(self) -> "Cluster":
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for node in range(self.nodes):
+            log = open(self.log_path(node), "w")
+            self.agents.append(subprocess.Popen(
+                self.command(node), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
+            log.close()
+            if node == 0:
+                time.sleep(0.5)   # its store first: the others then connect at once
+        return self
+
+    def log_path(self, node: int) -> Path:
+        return self.logs / f"agent-{node}.log"
+
+    def log(self, node: int) -> str:
+        return self.log_path(node).read_text(errors="replace")
+
+    def tail(self, chars: int = 3000) -> str:
+        return "\n".join(f"--- agent {k}\n{self.log(k)[-chars:]}" for k in range(len(self.agents)))
+
+    def wait(self, timeout: float) -> list[int]:
+        """Every agent's exit code (TimeoutError naming the live ones after ``timeout`` s)."""
+        deadline = time.time() + timeout
+        for node, agent in enumerate(self.agents):
+            try:
+                agent.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"agent {node} (pid {agent.pid}) still running after "
+                                   f"{timeout:g} s\n{self.tail()}") from None
+        return [a.returncode for a in self.agents]
+
+    def signal_agent(self, node: int, sig: int = signal.SIGTERM) -> None:
+        os.kill(self.agents[node].pid, sig)
+
+    def rank_pids(self) -> list[int]:
+        """PIDs of this cluster's live ranks (worker processes of its agents)."""
+        agents = {a.pid for a in self.agents}
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z" and int(fields[1]) in agents:
+                found.append(int(proc.name))
+        return found
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM to every live agent (it forwards it to its ranks), SIGKILL to what is left
+        after ``grace`` seconds, agents and ranks, each by PID."""
+        live = [a for a in self.agents if a.poll() is None]
+        ranks = self.rank_pids()
+        for agent in live:
+            agent.terminate()
+        deadline = time.time() + grace
+        for agent in live:
+            try:
+                agent.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        for pid in ranks:   # a rank whose agent died first (or that ignored the signal)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
