@@ -17,6 +17,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..distributed import BufferSync, all_gather_object, barrier, broadcast_object
 from ..errors import TrainingDiverged
+from ..trainer import RESERVED_KEYS
 from .base import CHECKPOINT, START, Check, Hook
 
 log = logging.getLogger("wrn_large.train")
@@ -32,9 +33,9 @@ class CheckpointHook(Hook):
         self.saved: tuple[int, int] | None = None   # (step, epoch) last saved or resumed from
 
     def before_train(self) -> None:
-        clash = {h.name for h in self.trainer.hooks} & self.metadata.keys()
+        clash = ({h.name for h in self.trainer.hooks} | RESERVED_KEYS) & self.metadata.keys()
         if clash:
-            raise ValueError(f"checkpoint metadata would replace hook state {sorted(clash)}")
+            raise ValueError(f"checkpoint metadata would replace the run's state {sorted(clash)}")
         self.trainer.phase(CHECKPOINT)
         self.resume()
         self.trainer.phase(START)
@@ -79,12 +80,9 @@ class CheckpointHook(Hook):
         choice = self.resume_from
         if choice == "none":
             return
-        listed = ckpt.list_checkpoints(self.out) if choice == "auto" else [Path(choice)]
-        candidates = broadcast_object(listed if self.is_main else None)
-        if choice != "auto" and not candidates[0].exists():
-            raise FileNotFoundError(f"run.resume={choice}: no such checkpoint")
+        candidates = on_rank0(lambda: self.candidates(choice), self.is_main)
         for path in candidates:
-            incomplete, problem = broadcast_object(rank0_problem(path) if self.is_main else None)
+            incomplete, problem = on_rank0(lambda: rank0_problem(path), self.is_main)
             if incomplete and choice == "auto":   # an interrupted save's leftover
                 log.warning("skipping incomplete checkpoint %s", path)
                 continue
@@ -105,15 +103,45 @@ class CheckpointHook(Hook):
             log.warning("no valid checkpoint in %s: starting from scratch",
                         ckpt.checkpoint_dir(self.out))
 
+    def candidates(self, choice: str) -> list[Path]:
+        if choice == "auto":
+            return ckpt.list_checkpoints(self.out)
+        if not Path(choice).exists():
+            raise FileNotFoundError(f"run.resume={choice}: no such checkpoint")
+        return [Path(choice)]
+
     def load(self, path: Path) -> tuple[dict | None, str | None]:
         """(the checkpoint's state, None) on every rank, or (None, the first rank's error) on
-        every rank when any rank cannot read it."""
+        every rank when every rank failed to read it. Where some ranks loaded it and others
+        could not (a node-local copy, an I/O error on one node), the ranks now hold different
+        weights: no fallback can make them equal again, so every rank raises."""
         try:
             state, error = self.engine.load_checkpoint(str(path)), None
         except ckpt.CheckpointError as e:
             state, error = None, str(e)
-        errors = [e for e in all_gather_object(error) if e is not None]
-        return (None, errors[0]) if errors else (state, None)
+        errors = all_gather_object(error)
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+        if failed and len(failed) < len(errors):
+            raise ckpt.CheckpointError(
+                f"{path}: read by some ranks, not by rank(s) "
+                f"{', '.join(str(rank) for rank, _ in failed)} ({failed[0][1]}): the ranks would "
+                f"train on different weights; make the checkpoint readable on every node")
+        return (None, failed[0][1]) if failed else (state, None)
+
+
+def on_rank0(decide, is_main: bool):
+    """``decide()`` run on rank 0 alone and its answer given to every rank. What it raises is
+    raised on every rank (no rank left waiting in a collective that rank 0 has left)."""
+    answer, error = None, None
+    if is_main:
+        try:
+            answer = decide()
+        except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+            error = e
+    answer, error = broadcast_object((answer, error))
+    if error is not None:
+        raise error
+    return answer
 
 
 def rank0_problem(path: Path) -> tuple[bool, str | None]:
