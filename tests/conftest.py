@@ -10,7 +10,8 @@ torch.set_num_threads(THREADS)
 
 # Files whose tests wait on real processes (SLURM, torchrun, a real-scale COCO file) go first:
 # under the README's `pytest -n 2 --dist loadfile` each file runs whole on one worker, and the
-# longest ones starting first leave none running alone at the end. In order, longest first.
+# longest ones starting first leave none running alone at the end. In order, longest first
+# (--no-loadscope-reorder keeps it: by default xdist sorts files by their number of tests).
 SLOW_FIRST = ("test_slurm.py", "test_fault_tolerance.py", "test_quarantine.py",
               "test_detection_coco_scale.py", "test_reproduce.py", "test_cuda_defaults_on_cpu.py",
               "test_trainer.py", "test_detection_train.py", "test_bench.py", "test_timm.py")
