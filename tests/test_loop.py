@@ -345,14 +345,12 @@ def test_the_callers_config_is_left_as_it_was(tmp_path):
     import copy
     from engine.build import build_trainer
     from engine.config import load_config
-    from engine.distributed import cleanup
+    from trainer_utils import isolated
     cfg = load_config("configs/quickstart.yaml", tiny_config(tmp_path))
     before = copy.deepcopy(cfg)
-    trainer = build_trainer(cfg)
-    try:
-        assert cfg == before and cfg.train.compile == "auto"
-        saved = Path(cfg.run.output_dir) / "config.yaml"
-        assert "compile: 'off'" in saved.read_text()      # the resolved copy is what is saved
-    finally:
+    with isolated():   # building sets determinism flags and starts a process group
+        trainer = build_trainer(cfg)
         trainer.hooks.call("after_train")
-        cleanup()
+    assert cfg == before and cfg.train.compile == "auto"
+    saved = Path(cfg.run.output_dir) / "config.yaml"
+    assert "compile: 'off'" in saved.read_text()      # the resolved copy is what is saved
