@@ -214,7 +214,8 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     precision = PRECISION_NAMES[engine.amp_dtype]
     run_provenance = provenance(cfg, dist.world_size, dist.device, precision) if main else {}
     watchdog = Watchdog(t.hang_timeout_s, dist.rank, dist.world_size, out,
-                        rank_store(dist.rank, dist.world_size) if t.hang_timeout_s > 0 else None)
+                        rank_store(dist.rank, dist.world_size) if t.hang_timeout_s > 0 else None,
+                        position=getattr(engine, "position", None))
     evaluated = {"": model, **({"_ema": ema.module} if ema else {})}
     hooks = [WatchdogHook(watchdog), step_times, StopHook(out, main), ema,
              ProgressBarHook() if main and cfg.run.progress else None,

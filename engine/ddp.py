@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import load_file, save_file_atomic
 from .config import Config
 from .distributed import DistInfo, barrier
-from .engines import Engine, build_optimizer, register_engine, resolve_amp
+from .engines import Engine, Position, build_optimizer, register_engine, resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +50,25 @@ class DDPEngine(Engine):
         wrapped = self.ddp or model
         self.model = torch.compile(wrapped) if cfg.train.compile == "on" else wrapped
         self.is_main = dist.is_main
+        self.position = Position()
 
     def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         micro_batches = list(micro_batches)
+        at = self.position
         for i, (images, targets) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # Gradients are all-reduced once, on the last micro-batch.
             sync = self.ddp.no_sync() if self.ddp is not None and not last \
                 else contextlib.nullcontext()
             with sync:
+                at.forwards += 1
                 with self.autocast():
                     loss = loss_fn(self.model(images), targets)
+                at.forwards_done += 1
+                at.backwards += 1
                 self.scaler.scale(loss / len(micro_batches)).backward()
+                at.backwards_done += 1
             total += loss.detach().float()
         if self.clip > 0:
             self.scaler.unscale_(self.optimizer)

@@ -27,7 +27,8 @@ from .checkpoint import (COMPLETE_MARKER, CheckpointError, ResumeMismatch, save_
                          write_manifest)
 from .config import Config, find_config
 from .distributed import DistInfo, barrier
-from .engines import PRECISION_NAMES, Engine, build_optimizer, register_engine, resolve_amp
+from .engines import (PRECISION_NAMES, Engine, Position, build_optimizer, register_engine,
+                      resolve_amp)
 
 log = logging.getLogger(__name__)
 LAYOUT_FILE = "layout.json"         # precision and ZeRO stage of a checkpoint directory
@@ -89,16 +90,22 @@ class DeepSpeedEngine(Engine):
             log.info("DeepSpeed engine: module compiled with torch.compile")
         self.model = self.engine
         self.skipped_before = 0
+        self.position = Position()
 
     def train_step(self, micro_batches, loss_fn) -> torch.Tensor:
         total, count = torch.zeros((), device=self.dist.device), 0
         self.skipped_before = self.engine.skipped_steps
+        at = self.position
         for images, targets in micro_batches:
             if self.amp_dtype is not None:
                 images = images.to(self.amp_dtype)
+            at.forwards += 1
             loss = loss_fn(self.engine(images).float(), targets)
+            at.forwards_done += 1
+            at.backwards += 1            # its reductions: in backward, and in step (ZeRO)
             self.engine.backward(loss)   # scales by 1/gradient_accumulation_steps itself
             self.engine.step()           # steps the optimizer on the accumulation boundary
+            at.backwards_done += 1
             total += loss.detach().float()
             count += 1
         return total / count

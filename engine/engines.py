@@ -98,6 +98,19 @@ def half_dtype(model: nn.Module) -> torch.dtype | None:
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+class Position:
+    """Where this rank is inside ``train_step``, for the hang watchdog (engine/watchdog.py): the
+    forward and backward passes begun and ended since the process started. Plain ints, counted
+    by the engine around its own calls (no sync; read by the watchdog's thread): DDP's
+    reductions (its buffer broadcast at the start of forward, the gradient all-reduce inside
+    backward) and DeepSpeed's (backward and step) fall inside them alike."""
+
+    __slots__ = ("forwards", "forwards_done", "backwards", "backwards_done")
+
+    def __init__(self):
+        self.forwards = self.forwards_done = self.backwards = self.backwards_done = 0
+
+
 class Engine:
     """One optimizer step over ``grad_accum`` micro-batches, plus checkpoint I/O.
 
@@ -109,6 +122,7 @@ class Engine:
     module: nn.Module               # the bare model (weights, EMA source, evaluation)
     device: torch.device
     amp_dtype: torch.dtype | None   # autocast dtype of fp32 weights; None: full precision
+    position: Position              # passes begun and ended (train_step counts them)
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
