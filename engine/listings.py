@@ -24,11 +24,19 @@ class ListingMismatch(RuntimeError):
     pass
 
 
+def rows(samples: Samples) -> list[tuple]:
+    """What identifies each sample: its file and label (a folder), or its place in the shards
+    and label (a pack: ``pipelines.pack.PackedSamples``)."""
+    if hasattr(samples, "files"):
+        return list(zip(samples.files, samples.labels))
+    return list(zip((samples.shards[s] for s in samples.shard), samples.offset.tolist(),
+                    samples.size.tolist(), samples.labels))
+
+
 def digest(samples: Samples) -> str:
-    h = hashlib.sha256()
-    h.update("\0".join(samples.classes).encode())
-    for file, label in zip(samples.files, samples.labels):
-        h.update(f"\n{file}\t{label}".encode())
+    h = hashlib.sha256("\0".join(samples.classes).encode())
+    for row in rows(samples):
+        h.update(("\n" + "\t".join(map(str, row))).encode())
     return h.hexdigest()
 
 
@@ -67,16 +75,19 @@ def agree(split: str, samples: Samples, dist: DistInfo) -> None:
     digests = all_gather_object(digest(samples))
     if len(set(digests)) == 1:
         return
-    lists = all_gather_object((samples.files, samples.labels))   # the error path alone pays
-    raise ListingMismatch(f"the ranks hold different {split} listings of {samples.root}: "
-                          + "; ".join(difference(0, lists[0], r, lists[r])
-                                      for r in range(len(lists)) if digests[r] != digests[0]))
+    held = all_gather_object(rows(samples))   # the error path alone pays for this
+    raise ListingMismatch(f"the ranks hold different {split} listings: " + "; ".join(
+        difference(0, held[0], r, held[r]) for r in range(len(held)) if digests[r] != digests[0]))
 
 
-def difference(a: int, listed_a, b: int, listed_b) -> str:
-    (files_a, labels_a), (files_b, labels_b) = listed_a, listed_b
-    for i, (fa, la, fb, lb) in enumerate(zip(files_a, labels_a, files_b, labels_b)):
-        if (fa, la) != (fb, lb):
-            return f"sample {i} is {fa} (label {la}) on rank {a}, {fb} (label {lb}) on rank {b}"
-    return (f"rank {a} lists {len(files_a):,} samples, rank {b} {len(files_b):,} (the first "
-            f"{min(len(files_a), len(files_b)):,} agree)")
+def difference(a: int, rows_a: list[tuple], b: int, rows_b: list[tuple]) -> str:
+    for i, (row_a, row_b) in enumerate(zip(rows_a, rows_b)):
+        if row_a != row_b:
+            return f"sample {i} is {show(row_a)} on rank {a}, {show(row_b)} on rank {b}"
+    return (f"rank {a} lists {len(rows_a):,} samples, rank {b} {len(rows_b):,} (the first "
+            f"{min(len(rows_a), len(rows_b)):,} agree)")
+
+
+def show(row: tuple) -> str:
+    *where, label = row
+    return f"{' '.join(map(str, where))} (label {label})"

@@ -32,6 +32,7 @@ import json
 import os
 import posixpath
 import sys
+import stat
 import tarfile
 import threading
 from dataclasses import dataclass, field
@@ -165,8 +166,9 @@ def samples_digest(samples) -> str:
     return h.hexdigest()
 
 
-def check_input(samples, split: str) -> None:
-    """Refuse what a pack could not hold, before anything is written."""
+def check_input(samples, split: str) -> np.ndarray:
+    """Refuse what a pack could not hold, before anything is written; each file's size (one
+    stat per file, a metadata round trip on a parallel file system: the plan reuses it)."""
     keys, counts = set(), np.bincount(samples.labels, minlength=len(samples.classes))
     empty = [c for c, n in zip(samples.classes, counts) if n == 0]
     if empty:
@@ -183,12 +185,22 @@ def check_input(samples, split: str) -> None:
             tarfile.TarInfo(key + ".jpeg").tobuf(tarfile.USTAR_FORMAT)
         except ValueError as e:
             raise PackError(f"{samples.root / rel}: {e} for a tar member name") from None
-    missing = [rel for rel, ok in zip(samples.files, ReadAhead(
-        lambda i: os.path.isfile(samples.root / samples.files[i]), 32)(range(len(samples))))
-        if not ok]
+    sizes = np.fromiter(ReadAhead(lambda i: file_size(samples.root / samples.files[i]), 32)(
+        range(len(samples))), np.int64, len(samples))
+    missing = [samples.files[i] for i in np.flatnonzero(sizes < 0)]
     if missing:
         raise PackError(f"{len(missing)} listed file(s) missing in {samples.root} "
                         f"(e.g. {', '.join(missing[:3])})")
+    return sizes
+
+
+def file_size(path: Path) -> int:
+    """The size of the regular file ``path``; -1 if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
 def member(name: str, size: int) -> tarfile.TarInfo:
@@ -230,7 +242,8 @@ def read_idx(path: Path) -> list[tuple[int, int]]:
     return [(int(f[1]), int(f[2])) for f in (line.split() for line in lines[1:])]
 
 
-def pack_split(samples, out: Path, shard_bytes: int, reader: ReadAhead, progress: bool) -> int:
+def pack_split(samples, sizes: np.ndarray, out: Path, shard_bytes: int, reader: ReadAhead,
+               progress: bool) -> int:
     from tqdm import tqdm
     out.mkdir(parents=True, exist_ok=True)
     shard_of, offset, size = (np.zeros(len(samples), t) for t in (np.int32, np.int64, np.int64))
@@ -247,7 +260,7 @@ def pack_split(samples, out: Path, shard_bytes: int, reader: ReadAhead, progress
         else:
             stop, total = start, 0
             while stop < len(samples) and (stop == start or total < shard_bytes):
-                total += os.path.getsize(samples.root / samples.files[stop]) + 1536
+                total += int(sizes[stop]) + 1536
                 stop += 1
             rows = write_shard(out / name, samples, list(range(start, stop)), reader)
             offset[start:stop], size[start:stop] = np.array([r[:2] for r in rows]).T
@@ -279,8 +292,7 @@ def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float 
         raise PackError(f"{src} has no {' or '.join(m + '/' for m in missing)}: pack needs the "
                         f"ImageNet layout ({src}/train/<class>/<image>, {src}/val/<class>/<image>)")
     splits = {s: open_folder(src, s, file_list, listing_cache="off") for s in SPLITS}
-    for split, samples in splits.items():
-        check_input(samples, split)
+    sizes = {split: check_input(samples, split) for split, samples in splits.items()}
     plan = {"format": FORMAT, "source": str(src.resolve()), "file_list": file_list,
             "shard_mb": shard_mb,
             "splits": {s: {"samples": len(v), "digest": samples_digest(v)} for s, v in splits.items()}}
@@ -300,8 +312,8 @@ def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float 
     reader_for = {s: ReadAhead(v.read, read_ahead) for s, v in splits.items()}
     counts = {}
     for split, samples in splits.items():
-        shards = pack_split(samples, dst / split, int(shard_mb * 2**20), reader_for[split],
-                            progress)
+        shards = pack_split(samples, sizes[split], dst / split, int(shard_mb * 2**20),
+                            reader_for[split], progress)
         counts[split] = (len(samples), shards)
     return counts
 

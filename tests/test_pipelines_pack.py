@@ -63,6 +63,21 @@ def test_pack_keeps_every_file_byte_for_byte_in_the_folder_order(source, packed)
         "0\ta_cls\t", "1\tb_cls\t", "2\tc_cls\t"]
 
 
+def test_pack_asks_the_file_system_for_each_files_metadata_once(source, tmp_path, monkeypatch):
+    """On a parallel file system each stat is a round trip to a metadata server."""
+    import os
+    stats: dict[str, int] = {}
+    real_stat = os.stat
+
+    def counting(path, *a, **kw):
+        if str(path).lower().endswith((".jpeg", ".jpg", ".png")):
+            stats[str(path)] = stats.get(str(path), 0) + 1
+        return real_stat(path, *a, **kw)
+    monkeypatch.setattr(os, "stat", counting)
+    pack(str(source), str(tmp_path / "out"), shard_mb=0.05, progress=False)
+    assert len(stats) == 23 + 21 and set(stats.values()) == {1}, stats
+
+
 def test_index_files_are_what_dalis_wds2idx_writes(packed_in_two):
     from wds2idx import IndexCreator
     shards = sorted((packed_in_two / "train").glob("*.tar"))
