@@ -102,6 +102,8 @@ class DataConfig:
     on_bad_image: Literal["skip", "stop"] = "skip"  # skip (quarantine, substitute, go on; pipelines/quarantine.py) | stop
     max_bad_images: Size | None = None  # skip: more bad images in a split stop the run (None: 0.1% of it, at least 1)
     read_ahead: Count = 64         # files read ahead per process (threads): hides a parallel file system's per-open latency; memory: this many encoded files
+    # seconds a sample read may take before it is abandoned, tried once more, then a bad image (skip) or a stop naming the file; 0: off (pipelines/read_guard.py)
+    read_timeout_s: NonNegative = 60.0
     # folder listings cached and checked by directory mtimes: auto (~/.cache/wrn_large/listings) | off | a folder
     listing_cache: Annotated[str, ChoiceOrPath(("auto", "off"), "a folder")] = "auto"
     # backend=synthetic: train samples per epoch (val: a tenth, so at least 10)

@@ -397,8 +397,9 @@ class DaliLoader(EpochOrder):
         if spec.quarantine is not None:
             spec.quarantine.bind(self.samples)
         self.policy = BadImagePolicy(self.samples, spec.quarantine, spec.seed,
-                                     drop_bad=spec.split != "train")
-        self.read_ahead = ReadAhead(self.policy.read_one, cfg.read_ahead)
+                                     drop_bad=spec.split != "train",
+                                     read_timeout_s=cfg.read_timeout_s)
+        self.read_ahead = self.policy.reader(cfg.read_ahead)
         self.preset = eval_preset(cfg)   # val sizes; the normalisation of both splits
         self.dataset_size = len(self.samples)
         self.num_classes = cfg.num_classes or len(self.samples.classes)
@@ -480,6 +481,17 @@ class DaliLoader(EpochOrder):
                     yield self.batch(outputs)
             finally:
                 del pipe
+
+    def close(self) -> None:
+        """Ends the read-ahead threads of an epoch left unfinished now (each epoch's end, or
+        its iterator's collection, ends them anyway: ``read_ahead.ReadAhead``)."""
+        self.read_ahead.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def resize_in_dali(resize_with: str, cuda: bool) -> bool:

@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .read_guard import reading
+
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LISTING_VERSION = 1
@@ -42,7 +44,8 @@ class Samples:
         return len(self.files)
 
     def read(self, index: int) -> bytes:
-        with open(self.root / self.files[index], "rb", buffering=0) as f:
+        path = self.root / self.files[index]
+        with reading(path), open(path, "rb", buffering=0) as f:
             return f.read()
 
     def describe(self, index: int) -> str:

@@ -43,6 +43,7 @@ import numpy as np
 from .class_names import CLASSES_TSV, read_classes_tsv, write_classes_tsv
 from .folder import open_folder, url_scheme
 from .read_ahead import ReadAhead
+from .read_guard import reading
 
 PACK_JSON = "pack.json"
 INDEX = "index.npz"
@@ -89,8 +90,9 @@ class PackedSamples:
             return fd
 
     def read(self, index: int) -> bytes:
-        size = int(self.size[index])
-        data = os.pread(self._fd(int(self.shard[index])), size, int(self.offset[index]))
+        size, shard, offset = int(self.size[index]), int(self.shard[index]), int(self.offset[index])
+        with reading(f"{self.root / self.shards[shard]} (sample {index}, byte {offset})"):
+            data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
             raise OSError(f"{self.describe(index)}: shard ends {size - len(data)} bytes short")
         return data

@@ -30,7 +30,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from .read_ahead import read_or_error
+from .read_ahead import ReadAhead, read_or_error
+from .read_guard import Retrying, timed
 from .sample_rng import sample_uniforms
 
 log = logging.getLogger(__name__)
@@ -164,15 +165,26 @@ class BadImagePolicy:
     - ``skip``, evaluation (``drop_bad``): quarantined and left out (``resolve`` gives None).
 
     A failed read (an ``OSError`` in place of the bytes, ``read_ahead.read_or_error``) is a bad
-    image unless its class folder is gone (an error naming the folder); the backend's ``check``
+    image unless its class folder is gone (an error naming the folder). Reads are guarded
+    (``read_guard``): a transient error is tried again with backoff before it counts, a read
+    that does not answer in ``read_timeout_s`` (``data.read_timeout_s``, 0: never given up on)
+    is abandoned, tried once more, then counts as failed (``ReadTimeout``, naming the path).
+    ``read_one`` reads one sample (in a thread of its own when timed); ``reader(depth)`` is a
+    ``ReadAhead`` of the same reads, timed in the threads it has anyway. The backend's ``check``
     judges the bytes: it returns what the backend needs of them (a decoded image, a size) or
     raises ``BadImage(reason)``. ``found``, if given, collects (index, reason) of what this
     call quarantined, for a worker process to report to the loader's quarantine."""
 
-    def __init__(self, samples, quarantine: Quarantine | None, seed: int, drop_bad: bool):
+    def __init__(self, samples, quarantine: Quarantine | None, seed: int, drop_bad: bool,
+                 read_timeout_s: float = 0.0):
         self.samples, self.quarantine = samples, quarantine
-        self.seed, self.drop_bad = seed, drop_bad
-        self.read_one = read_or_error(samples.read)
+        self.seed, self.drop_bad, self.read_timeout_s = seed, drop_bad, read_timeout_s
+        self.read_each = Retrying(samples.read)            # raises what it could not read
+        self.read_one = read_or_error(timed(self.read_each, read_timeout_s))
+
+    def reader(self, depth: int) -> ReadAhead:
+        """A ``ReadAhead`` of this policy's reads (errors returned in place of the bytes)."""
+        return ReadAhead(read_or_error(self.read_each), depth, self.read_timeout_s)
 
     def wanted(self, slot: int, epoch: int) -> int:
         """The sample to read for ``slot`` as the quarantine is now."""

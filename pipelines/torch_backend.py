@@ -46,8 +46,8 @@ class BatchReads:
     batch other than the predicted one starts the stream again from it. A failed read is
     returned as its exception, to be raised where that sample is decoded."""
 
-    def __init__(self, read, depth: int):
-        self.reader = ReadAhead(read_or_error(read), depth)
+    def __init__(self, read, depth: int, timeout_s: float = 0.0):
+        self.reader = ReadAhead(read_or_error(read), depth, timeout_s)
         self.order: list[int] | None = None
 
     def schedule(self, order: list[int], batch_size: int) -> None:
@@ -73,6 +73,11 @@ class BatchReads:
         self.next_batch = batch + step
         return list(itertools.islice(self.stream, len(indices)))
 
+    def close(self) -> None:
+        """The epoch's stream dropped, its threads ended."""
+        self.stream = None
+        self.reader.close()
+
 
 class ImageFiles(Dataset):
     """A source's images by index (``pipelines.sources``). Batches (``__getitems__``, what the
@@ -84,11 +89,16 @@ class ImageFiles(Dataset):
     (``collate``), which adds it to the quarantine its caller keeps."""
 
     def __init__(self, samples: Samples, transform, seed: int, read_ahead: int = 1,
-                 quarantine: Quarantine | None = None, drop_bad: bool = False):
+                 quarantine: Quarantine | None = None, drop_bad: bool = False,
+                 read_timeout_s: float = 0.0):
         self.samples, self.transform, self.seed = samples, transform, seed
-        self.reads = BatchReads(samples.read, read_ahead)
-        self.policy = BadImagePolicy(samples, quarantine, seed, drop_bad)
+        self.policy = BadImagePolicy(samples, quarantine, seed, drop_bad, read_timeout_s)
+        self.reads = BatchReads(self.policy.read_each, read_ahead, read_timeout_s)
         self.epoch = 0
+
+    def close(self) -> None:
+        """Ends this process's read-ahead threads (a worker's end with the worker)."""
+        self.reads.close()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -179,16 +189,33 @@ class IndexedLoader(EpochOrder):
                             collate_fn=getattr(self.dataset, "collate", None),
                             multiprocessing_context=worker_start(self.workers))
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for batch in loader:
-            if batch is None:
-                continue
-            images, labels, *found = batch
-            for index, reason in (found[0] if found else []):
-                self.spec.quarantine.add(index, reason)   # a worker's find, kept by the caller
-            if images is None:
-                continue
-            images = images.to(self.spec.device, non_blocking=True, memory_format=memory_format)
-            yield images, labels.to(self.spec.device, non_blocking=True)
+        self._iteration = iteration = object()
+        try:
+            for batch in loader:
+                if batch is None:
+                    continue
+                images, labels, *found = batch
+                for index, reason in (found[0] if found else []):
+                    self.spec.quarantine.add(index, reason)   # a worker's find, kept by the caller
+                if images is None:
+                    continue
+                images = images.to(self.spec.device, non_blocking=True, memory_format=memory_format)
+                yield images, labels.to(self.spec.device, non_blocking=True)
+        finally:
+            if self._iteration is iteration:   # not an older epoch's iterator collected late
+                self.close()
+
+    def close(self) -> None:
+        """Ends the read-ahead threads this process runs for the loader (``data.workers=0``;
+        a worker's end with it). Done at the end of every epoch; again at no cost."""
+        if hasattr(self.dataset, "close"):
+            self.dataset.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @register_backend("torch")
@@ -200,7 +227,8 @@ def torch_loader(cfg: DataConfig, spec: LoaderSpec) -> IndexedLoader:
     if spec.quarantine is not None:
         spec.quarantine.bind(samples)
     dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed, cfg.read_ahead,
-                         spec.quarantine, drop_bad=spec.split != "train")
+                         spec.quarantine, drop_bad=spec.split != "train",
+                         read_timeout_s=cfg.read_timeout_s)
     loader = IndexedLoader(dataset, spec, cfg.num_classes or len(samples.classes), cfg.workers,
                            cfg.channels_last)
     loader.classes = samples.classes

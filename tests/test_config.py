@@ -188,6 +188,7 @@ def test_reading_a_config_imports_neither_torch_nor_dali():
     ("run.checkpoint_every_steps=-1", r"run.checkpoint_every_steps: must be >= 0"),
     ("data.workers=-1", r"data.workers: must be >= 0, got -1"),
     ("data.read_ahead=0", r"data.read_ahead: must be >= 1"),
+    ("data.read_timeout_s=-1", r"data.read_timeout_s: must be >= 0, got -1.0"),
     ("data.image_size=0", r"data.image_size: must be >= 1"),
     ("data.num_classes=0", r"data.num_classes: must be >= 1"),
     ("data.max_bad_images=-1", r"data.max_bad_images: must be >= 0"),
