@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .read_guard import reading
+from .shared_listing import share
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -51,6 +52,13 @@ class Samples:
     def describe(self, index: int) -> str:
         """Sample ``index`` as a user finds it: here, its path."""
         return str(self.root / self.files[index])
+
+    def __getstate__(self):
+        """A long listing travels to worker processes as the path of a shared, memory-mapped
+        copy (``pipelines.shared_listing``), not as a million strings each epoch."""
+        files, labels = share(self, self.files, self.labels)
+        state = {k: v for k, v in self.__dict__.items() if k != "_shared_folder"}
+        return {**state, "files": files, "labels": labels}
 
 
 def split_dir(root: str | os.PathLike, split: str) -> Path:
