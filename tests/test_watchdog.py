@@ -8,14 +8,72 @@ import time
 from pathlib import Path
 
 from engine.step_times import StepTimes, stragglers
-from engine.watchdog import COLLECTIVE, Record, Watchdog, verdict
-from trainer_utils import live_processes_mentioning
+import pytest
+
+from engine.watchdog import COLLECTIVE, STATE_D, Record, Watchdog, verdict
+from trainer_utils import REPO, live_processes_mentioning
 
 NOW = 1_000_000.0
 
 
-def record(rank, step=10, phase=COLLECTIVE, idle=100.0, beat=0.0):
-    return Record(rank, f"node{rank // 4}", 1000 + rank, step, phase, NOW - idle, NOW - beat)
+def record(rank, step=10, phase=COLLECTIVE, idle=100.0, beat=0.0, **where):
+    return Record(rank, f"node{rank // 4}", 1000 + rank, step, phase, NOW - idle, NOW - beat,
+                  **where)
+
+
+# Where a rank of a DDP job really is after 40 micro-batches (passes as the engine counts them):
+# its next forward begun and waiting in DDP's buffer broadcast, its backward begun and waiting in
+# the gradient all-reduce, between micro-batches waiting for data, ...
+IN_DATA = dict(fwd=40, fwd_done=40, bwd=40, bwd_done=40)
+IN_FORWARD = dict(fwd=41, fwd_done=40, bwd=40, bwd_done=40)
+IN_BACKWARD = dict(fwd=41, fwd_done=41, bwd=41, bwd_done=40)
+
+
+def test_a_rank_stuck_in_a_read_while_the_other_waits_inside_compute_is_named_with_the_path():
+    """The usual hang (issue 33): rank 0's read of one file never returns; rank 1, its data in
+    hand, waits inside DDP's forward (the buffer broadcast) or inside backward (the gradient
+    all-reduce): the loop reports phase compute for it. Rank 0 is named, with the file."""
+    for other in (IN_FORWARD, IN_BACKWARD):
+        reading = record(0, phase="data", read="/data/train/n01/003.jpg",
+                         read_since=NOW - 95, **IN_DATA)
+        waiting = record(1, phase="compute", **other)
+        what, stuck = verdict([reading, waiting], 2, NOW, 60, 2)
+        assert stuck == [0] and "wait for them" in what, other
+        assert reading.doing(NOW) == "data, reading /data/train/n01/003.jpg for 95 s"
+
+
+def test_a_rank_in_an_endless_forward_is_named_compute_while_the_other_waits_in_backward():
+    spinning = record(1, phase="compute", **IN_FORWARD)
+    what, stuck = verdict([record(0, phase="compute", **IN_BACKWARD), spinning], 2, NOW, 60, 2)
+    assert stuck == [1] and spinning.doing(NOW) == "compute (forward)"
+    # with gradient accumulation, the rank behind by a whole micro-batch
+    behind = record(2, phase="data", fwd=39, fwd_done=39, bwd=39, bwd_done=39)
+    what, stuck = verdict([record(0, **IN_BACKWARD), record(1, **IN_BACKWARD), behind], 3, NOW,
+                          60, 2)
+    assert stuck == [2]
+
+
+def test_every_rank_inside_backward_is_a_collective_that_never_completes():
+    what, stuck = verdict([record(r, phase="compute", **IN_BACKWARD) for r in range(4)], 4, NOW,
+                          60, 2)
+    assert stuck == [] and "never completes" in what
+
+
+def test_every_rank_in_data_is_the_file_system_and_a_lone_process_is_named_with_its_path():
+    stuck_reads = [record(r, phase="data", read=f"/nfs/x/{r}.jpg", read_since=NOW - 70,
+                          state="D", **IN_DATA) for r in range(3)]
+    what, stuck = verdict(stuck_reads, 3, NOW, 60, 2)
+    assert stuck == [0, 1, 2] and what.startswith("the file system")
+    assert stuck_reads[1].doing(NOW) == f"data, {STATE_D}, reading /nfs/x/1.jpg for 70 s"
+    alone = record(0, phase="data", read="/nfs/x/9.jpg", read_since=NOW - 61, **IN_DATA)
+    what, stuck = verdict([alone], 1, NOW, 60, 2)
+    assert stuck == [0] and "file system" in what and "/nfs/x/9.jpg" in alone.doing(NOW)
+
+
+def test_a_silent_rank_seen_in_state_d_on_this_host_is_named_so():
+    what, stuck = verdict([record(0, **IN_BACKWARD), record(1, beat=30, **IN_DATA)], 2, NOW, 60,
+                          2, states={1: "D"})
+    assert stuck == [1] and "stopped, frozen or gone" in what and STATE_D in what
 
 
 def test_no_verdict_while_any_rank_progresses():
@@ -191,3 +249,143 @@ def test_step_times_measure_the_forward_and_the_data_wait():
     data_wait, forward = times.take()
     assert 0.02 <= data_wait < 0.5 and 0.03 <= forward < 0.5
     assert times.take() == (0.0, 0.0)
+
+
+class Counted:
+    """A rank's store client that counts its requests and the bytes of keys and values sent and
+    received (what the watchdog calls; anything else would fail its round)."""
+
+    def __init__(self, store):
+        self.store, self.requests, self.bytes = store, 0, 0
+
+    def _count(self, *data) -> None:
+        self.requests += 1
+        self.bytes += sum(len(d) for d in data)
+
+    def set(self, key, value):
+        self._count(key, value)
+        return self.store.set(key, value)
+
+    def get(self, key):
+        value = self.store.get(key)
+        self._count(key, value)
+        return value
+
+    def compare_set(self, key, expected, desired):
+        value = self.store.compare_set(key, expected, desired)
+        self._count(key, expected, desired, value)
+        return value
+
+    def multi_get(self, keys):
+        values = self.store.multi_get(keys)
+        self._count(*keys, *values)
+        return values
+
+    def check(self, keys):
+        self._count(*keys)
+        return self.store.check(keys)
+
+    def add(self, key, amount):
+        self._count(key, b"12345678")
+        return self.store.add(key, amount)
+
+
+def traffic(world: int, tmp_path, rounds: int = 10) -> tuple[list[float], list[float]]:
+    """``world`` watchdogs in this process, each with its own client of one real TCPStore, all
+    progressing: (requests, bytes) per instance per interval, counted after a warm-up."""
+    import torch.distributed as dist
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    clients = [Counted(dist.PrefixStore("wd", dist.TCPStore("127.0.0.1", master.port,
+                                                             is_master=False)))
+               for _ in range(world)]
+    clock = Clock()
+    dogs = [Watchdog(60, r, world, tmp_path, store=c, interval=2, exit=pytest.fail, clock=clock)
+            for r, c in enumerate(clients)]
+
+    def interval(step):
+        clock.now += 2
+        for dog in dogs:
+            dog.progress(step=step, phase="compute")
+            assert not dog.check_once()
+
+    for step in range(3):
+        interval(step)
+    for c in clients:
+        c.requests = c.bytes = 0
+    for step in range(3, 3 + rounds):
+        interval(step)
+    return [c.requests / rounds for c in clients], [c.bytes / rounds for c in clients]
+
+
+def test_store_traffic_per_rank_and_interval_is_constant_in_the_world_size(tmp_path):
+    """32 watchdogs on one real TCPStore (one process, 32 clients): per interval every rank
+    makes 2 requests (its record's set, the heartbeat's get) of a few hundred bytes; the
+    reporter (rank 0) 3 (its set, one multi_get of all records, the heartbeat's compare_set),
+    reading ~300 B per rank. The same at 8 ranks: nothing grows with W but the reporter's read.
+    (Before: 2W - 1 requests per rank per interval.)"""
+    figures = {w: traffic(w, tmp_path / str(w)) for w in (8, 32)}
+    for w, (requests, sizes) in figures.items():
+        assert requests == [3.0] + [2.0] * (w - 1), w
+        print(f"W={w}: reporter {requests[0]:.0f} requests {sizes[0]:.0f} B, others "
+              f"{requests[1]:.0f} requests {max(sizes[1:]):.0f} B per interval")
+    others = {w: max(sizes[1:]) for w, (_, sizes) in figures.items()}
+    assert others[32] <= others[8] * 1.05 and others[32] < 1000
+    reporter = {w: sizes[0] for w, (_, sizes) in figures.items()}
+    assert 31 * 150 < reporter[32] < 31 * 1000           # the records it reads, ~300 B each
+
+
+def test_the_reporters_successor_takes_over_and_names_it(tmp_path, caplog):
+    """Rank 0, the reporter, stops (its thread runs no more): its heartbeat stops moving, rank 1
+    (its first successor) takes over after 3 intervals, and at the timeout names rank 0 as
+    silent; rank 2 reads the verdict in the heartbeat and exits too."""
+    import logging
+    import torch.distributed as dist
+    store, clock, exits = dist.HashStore(), Clock(), []
+    dogs = [Watchdog(60, rank, 3, tmp_path, store=store, interval=2, exit=exits.append,
+                     clock=clock, ack_wait_s=0) for rank in range(3)]
+    for step in range(3):
+        clock.now += 2
+        for dog in dogs:
+            dog.progress(step=step, phase="compute")
+            assert not dog.check_once()
+    assert [d.reporting for d in dogs] == [True, False, False]
+    with caplog.at_level(logging.WARNING, logger="engine.watchdog"):
+        for _ in range(29):                  # 58 s: rank 0 stopped, the others wait for it
+            clock.now += 2
+            assert not dogs[1].check_once() and not dogs[2].check_once()
+        assert [d.reporting for d in dogs] == [True, True, False]
+        assert "rank 1 reports from now on" in caplog.text
+        clock.now += 4
+        assert dogs[1].check_once() and exits == [75]
+        assert dogs[2].check_once() and exits == [75, 75]
+    assert "Stuck: rank 0 (" in caplog.text and "stopped, frozen or gone" in caplog.text
+    assert "HANG (found by rank 1: rank 0 (" in caplog.text
+    assert len(list(tmp_path.glob("hang_*_rank*.txt"))) == 2
+
+
+def test_the_exit_cannot_block_on_a_report_that_never_finishes(tmp_path):
+    """The real exit, in a process of its own: its stack file's write blocks forever (a FIFO
+    nobody reads, in place of a hung file system) and so does train.log's handler (another such
+    FIFO). The deadline armed before any I/O ends the process with code 75 all the same."""
+    fifo_dir = tmp_path / "fifos"
+    script = f"""
+import logging, os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from engine import watchdog
+os.makedirs({str(fifo_dir)!r})
+for name in ("log", "stacks"):
+    os.mkfifo(os.path.join({str(fifo_dir)!r}, name))
+logging.getLogger().addHandler(logging.FileHandler({str(fifo_dir / "log")!r}, delay=True))
+
+def blocked(f):   # the stack file's write: it never returns
+    open({str(fifo_dir / "stacks")!r}, "w")
+
+watchdog.write_stacks = blocked
+watchdog.Watchdog(0.6, 0, 1, {str(tmp_path)!r}, interval=0.1,
+                  exit_deadline_s=2).start().progress(step=3, phase="data")
+time.sleep(120)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True,
+                          text=True)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "exit deadline (2 s) passed; exiting with code 75" in proc.stderr
