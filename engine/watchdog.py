@@ -356,8 +356,8 @@ def dump_flight_recorder(rank: int) -> str | None:
     """The process group's flight recorder (its last collectives) dumped to
     ``flight_recorder_path``: NCCL's when the group is NCCL, the generic one (gloo) when
     ``TORCH_FR_BUFFER_SIZE`` turns it on; the path, or None where there is none."""
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")   # not imported: no process group
+    if dist is None or not dist.is_available() or not dist.is_initialized():
         return None
     from torch._C import _distributed_c10d as c10d
     if dist.get_backend() == "nccl" and int(os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", 0)):

@@ -291,13 +291,13 @@ class Counted:
 
 
 def traffic(world: int, tmp_path, rounds: int = 10) -> tuple[list[float], list[float]]:
-    """``world`` watchdogs in this process, each with its own client of one real TCPStore, all
-    progressing: (requests, bytes) per instance per interval, counted after a warm-up."""
+    """``world`` watchdogs in this process on one real TCPStore, all progressing: (requests,
+    bytes) per instance per interval, counted after a warm-up. They share one client connection
+    (each its own counter): the 25th connection to a TCPStore from one process waits 5 s."""
     import torch.distributed as dist
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    clients = [Counted(dist.PrefixStore("wd", dist.TCPStore("127.0.0.1", master.port,
-                                                             is_master=False)))
-               for _ in range(world)]
+    client = dist.TCPStore("127.0.0.1", master.port, is_master=False)
+    clients = [Counted(dist.PrefixStore("wd", client)) for _ in range(world)]
     clock = Clock()
     dogs = [Watchdog(60, r, world, tmp_path, store=c, interval=2, exit=pytest.fail, clock=clock)
             for r, c in enumerate(clients)]
