@@ -92,8 +92,10 @@ class Cluster:
     def signal_agent(self, node: int, sig: int = signal.SIGTERM) -> None:
         os.kill(self.agents[node].pid, sig)
 
-    def rank_pids(self) -> list[int]:
-        """PIDs of this cluster's live ranks (worker processes of its agents)."""
+    def rank_pids(self, zombies: bool = False) -> list[int]:
+        """PIDs of this cluster's live ranks (worker processes of its agents); with ``zombies``,
+        also those whose main thread has exited (state Z) while another thread has not: a
+        thread in uninterruptible sleep (D: a read on a hung mount) holds the process there."""
         agents = {a.pid for a in self.agents}
         found = []
         for proc in Path("/proc").iterdir():
@@ -101,7 +103,7 @@ class Cluster:
                 fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            if fields[0] != "Z" and int(fields[1]) in agents:
+            if (zombies or fields[0] != "Z") and int(fields[1]) in agents:
                 found.append(int(proc.name))
         return found
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from latency_fs import fuse_unavailable, mounted
+from latency_fs import fuse_unavailable, mounted, release
 from pipelines import DataConfig, LoaderSpec, build_loader
 from pipelines import read_guard
 from pipelines.quarantine import CorruptImageError, quarantine_for, read_bad_images
@@ -171,3 +171,64 @@ def test_read_ahead_threads_are_few_and_end_with_each_epoch(folder, backend):
     assert 0 < most <= 8, most
     assert read_ahead_threads() == 0
     assert threading.active_count() <= before + 2, [t.name for t in threading.enumerate()]
+
+
+# ------------------------------------------------------------------ at scale
+BLOCKED = "train/class_1/007.jpg"   # one file of one rank's shard: its open never returns
+
+
+@needs_fuse
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_sixteen_ranks_finish_with_the_file_whose_open_never_returns_in_bad_images(tmp_path):
+    """4 torchrun agents x 4 ranks on one c10d rendezvous (gloo, a tiny model, data.workers=0),
+    the training data served through the FUSE mount: the rank whose next file blocks forever
+    abandons it after data.read_timeout_s, tries it again, quarantines it, and the whole run
+    finishes with it in bad_images.txt."""
+    from cluster_sim import Cluster
+    from trainer_utils import base_overrides, make_folder
+    nodes, ranks = 4, 4
+    data = make_folder(tmp_path / "data", train_per_class=32)   # 96 files: 3 steps of 2 x 16
+    out = tmp_path / "out"
+    with mounted(data, tmp_path / "mnt", latency=0, block_open=[BLOCKED]) as mnt:
+        overrides = base_overrides(mnt, out, **{
+            "train.epochs": 1, "train.batch_size": 2 * nodes * ranks,
+            "optim.lr_batch": 2 * nodes * ranks, "data.read_timeout_s": 1,
+            "data.listing_cache": str(tmp_path / "listings")})
+        with Cluster(nodes, ranks, overrides, logs=tmp_path / "logs") as cluster:
+            deadline = time.time() + 360
+            while not (out / "result.json").exists():   # the run's end, written by rank 0
+                assert time.time() < deadline and all(a.poll() is None for a in cluster.agents), \
+                    cluster.tail()
+                time.sleep(0.5)
+            # The rank whose open never returned cannot exit: its abandoned thread waits in the
+            # kernel, uninterruptibly, for the FUSE answer (as on a hard-mounted NFS). Every
+            # other rank does; then the file system answers and that rank ends too.
+            lingering = {}
+            while time.time() < deadline:
+                lingering = {pid: thread_states(pid) for pid in cluster.rank_pids(zombies=True)}
+                if all(set(states) <= {"D", "Z"} for states in lingering.values()):
+                    break                                 # only stuck ranks are left
+                time.sleep(0.5)
+            release(mnt)
+            codes = cluster.wait(timeout=120)
+        logs = "\n".join(cluster.log(k) for k in range(nodes))
+        assert codes == [0] * nodes, cluster.tail()
+        assert len(lingering) == 1 and "D" in next(iter(lingering.values())), lingering
+    assert BLOCKED.split("/", 1)[1] in read_bad_images(out / "bad_images.txt"), logs[-3000:]
+    assert "no answer in 1 s" in (out / "bad_images.txt").read_text()
+    assert logs.count("read abandoned after 1 s") == 2, logs[-3000:]   # the try and the retry
+    assert sum(m["type"] == "epoch" for m in map(__import__("json").loads,
+               (out / "metrics.jsonl").read_text().splitlines())) == 1
+
+
+def thread_states(pid: int) -> str:
+    """The states of a process's threads (/proc/PID/task/*/stat: R, S, D, Z, ...)."""
+    import pathlib
+    states = ""
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            states += (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            pass
+    return states
