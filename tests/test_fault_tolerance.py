@@ -324,3 +324,90 @@ def test_a_rank_stopped_while_writing_a_checkpoint_leaves_none_half_written(tmp_
     saved = ckpt.list_checkpoints(out)
     assert saved and all(ckpt.verify(p) is None for p in saved)
     assert max(step_losses(out)) == 6          # the one epoch, completed after the restart
+
+
+SPIN_IN_FORWARD = '''
+import os
+if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("SPIN_RANK"):
+    import torch
+
+    def spin(module, args):   # a training forward, once the flag file exists: loops forever
+        if module.training and type(module).__name__ == "Conv2d" and torch.is_grad_enabled() \\
+                and os.path.exists(os.environ["SPIN_FLAG"]):
+            while True:
+                pass
+
+    torch.nn.modules.module.register_module_forward_pre_hook(spin)
+'''
+
+
+@pytest.mark.timeout(240)
+def test_a_rank_in_an_endless_forward_is_named_compute_and_the_flight_recorder_dumped(data,
+                                                                                     tmp_path):
+    """Rank 1 loops forever inside its model's forward (a sitecustomize in its PYTHONPATH hooks
+    every Conv2d once a flag file exists), while rank 0 goes on into backward and waits there in
+    the gradient all-reduce: the log names rank 1, in compute (forward). Every rank dumps the
+    process group's flight recorder (gloo's, TORCH_FR_BUFFER_SIZE) before it exits 75."""
+    inject, out = tmp_path / "inject", tmp_path / "run"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SPIN_IN_FORWARD)
+    flag = tmp_path / "spin"
+    proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
+                     f"--master_port={free_port()}"],
+                    base_overrides(data, out, **{"train.epochs": 3, "train.hang_timeout_s": 10}),
+                    env_extra={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "SPIN_RANK": "1",
+                               "SPIN_FLAG": str(flag), "TORCH_FR_BUFFER_SIZE": "200",
+                               "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(tmp_path / "fr_rank_")})
+    wait_for_step(out, 3, proc)
+    flag.touch()
+    log = proc.communicate(timeout=200)[0]
+    assert proc.returncode != 0
+    line = hang_line(log)
+    assert "Stuck: rank 1 (" in line and "compute (forward)): the others wait for them" in line, \
+        log[-4000:]
+    assert re.search(rf"exitcode\s*:\s*75\b", log), log[-4000:]
+    import pickle
+    for rank in (0, 1):
+        trace = pickle.loads((tmp_path / f"fr_rank_{rank}").read_bytes())
+        assert trace["entries"], rank          # the last collectives, as NCCL's would be
+
+
+@pytest.mark.timeout(240)
+def test_a_rank_stuck_in_a_read_is_named_with_phase_data_and_the_path(tmp_path):
+    """One file's open never returns (FUSE, tests/latency_fs.py; data.read_timeout_s=0, off):
+    the rank that reads it stays in data while the other waits for it inside compute. The log
+    names that rank, phase data and the file (the loader reads through pipelines.read_guard).
+    Neither that rank nor anything can end the blocked open, and a process cannot finish
+    exiting while one of its threads waits in it: the test lets the open answer once the hang
+    is reported, as a file server that comes back would."""
+    from latency_fs import fuse_unavailable, mounted, release
+    why = fuse_unavailable()
+    if why:
+        pytest.skip(why)
+    data, out = make_folder(tmp_path / "data"), tmp_path / "run"
+    blocked = "train/class_1/005.jpg"
+    extra = {"train.epochs": 1, "train.hang_timeout_s": 10}
+    if "read_timeout_s" in (REPO / "pipelines" / "config.py").read_text():
+        extra["data.read_timeout_s"] = 0
+    with mounted(data, tmp_path / "mnt", latency=0, block_open=[blocked]) as mnt, \
+            open(tmp_path / "torchrun.log", "w+") as output:
+        proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
+                         f"--master_port={free_port()}"], base_overrides(mnt, out, **extra),
+                        stdout=output, stderr=output)
+        deadline = time.time() + 180
+        while "HANG: no rank made progress" not in (tmp_path / "torchrun.log").read_text():
+            assert proc.poll() is None and time.time() < deadline, \
+                (tmp_path / "torchrun.log").read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1)                       # the table's lines follow the HANG line
+        release(mnt)
+        proc.wait(timeout=60)
+    log = (tmp_path / "torchrun.log").read_text()
+    assert proc.returncode != 0, log[-4000:]
+    line = hang_line(log)
+    rank = re.search(r"Stuck: rank (\d) \(", line)
+    assert rank and f", data, reading {mnt}/{blocked} for " in line, log[-4000:]
+    assert "s): the others wait for them in a collective" in line, line   # that rank only
+    table = log[log.index(line):].splitlines()[1:4]
+    rows = {row.split()[0]: row.split()[4] for row in table[1:]}
+    assert rows[rank.group(1)] == "data" and rows[str(1 - int(rank.group(1)))] == "compute", table
