@@ -157,13 +157,65 @@ def worker_start(workers: int):
     gh-112275, fixed in 3.11.10 and 3.12): a worker stuck before it ran a line, and its rank
     waiting for the batch until the hang watchdog ends the job. Each epoch's workers receive
     the data set pickled, as it is at that epoch, and import the main script as spawned
-    processes do (ours guard their ``__main__``)."""
+    processes do (ours guard their ``__main__``).
+
+    Workers leave stopping to their rank. SLURM with ``proctrack/cgroup`` sends a step's signal
+    to every process of the step, workers and fork server included; a worker or server killed
+    by it fails the rank's next batch before the rank reaches the check where it would save.
+    So the fork server starts here with SIGTERM and SIGUSR1 (the trainer's stop signals)
+    blocked: the mask survives fork and exec, so the server, the resource tracker it starts
+    and every worker forked from it keep those signals pending, never delivered. A worker still
+    ends with its rank: the server exits when the rank's end closes its pipe, and DataLoader's
+    watchdog in each worker sees its parent gone. (The other side of it: ``terminate()`` no
+    longer ends such a worker.) A plain-fork worker inherits the rank's Python handler, which
+    only sets a flag that nothing in the worker reads, and logs one line."""
     if (workers == 0 or sys.version_info >= (3, 11, 10) or sys.platform != "linux"
             or not (torch.distributed.is_available() and torch.distributed.is_initialized())):
         return None
+    import os
+    import signal
+    import threading
+    from multiprocessing import forkserver, resource_tracker
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # the server imports torch once, not each worker
+    # a signal that comes meanwhile stays pending for this thread, delivered when unblocked
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        # the server's start starts the tracker first, whose start unblocks SIGTERM (CPython
+        # blocks SIGINT and SIGTERM around it, then unblocks them): start it, block again
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        if threading.current_thread() is threading.main_thread():
+            os.environ[_FORK_SERVER_OF] = str(os.getpid())    # read by _die_with_rank
+        forkserver.ensure_running()   # each a no-op while its process lives
+    finally:
+        os.environ.pop(_FORK_SERVER_OF, None)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return context
+
+
+_FORK_SERVER_OF = "WRN_FORK_SERVER_OF"
+
+
+def _die_with_rank() -> None:
+    """In the fork server that worker_start starts (it imports this module first): die with
+    the rank's main thread. The server ends when every holder of the rank's end of its pipe
+    has closed it, and each worker holds a copy, while a worker's DataLoader watchdog watches
+    the server: a rank killed alone (OOM, SIGKILL) would leave both behind for good, deaf to
+    SIGTERM, which torchrun sends to the dead rank's process group before a restart."""
+    import os
+    rank = os.environ.pop(_FORK_SERVER_OF, None)
+    if rank is None or sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(rank):    # the rank died before prctl
+        os._exit(0)
+
+
+_die_with_rank()
 
 
 class IndexedLoader(EpochOrder):
