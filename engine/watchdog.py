@@ -96,6 +96,7 @@ class Record:
     bwd: int = 0        # backward passes begun (and, under DeepSpeed, the step after them)
     bwd_done: int = 0
     state: str = ""     # the main thread's /proc state (R, S, D, ...); "" where unknown
+    blocked: int = 0    # threads in state D (uninterruptible), the main one included
     read: str | None = None          # the oldest sample read in flight here
     read_since: float | None = None  # ... its start (wall time)
     abandoned: int = 0  # reads given up on (pipelines.read_guard)
@@ -109,6 +110,10 @@ class Record:
         the last one ended, on every rank in the same order)."""
         return self.fwd + self.bwd
 
+    def reading_for(self, now: float) -> float:
+        """Seconds the oldest read in flight here has taken (0: none known)."""
+        return now - self.read_since if self.read is not None and self.read_since else 0.0
+
     def doing(self, now: float) -> str:
         """Where it is, in words: the phase, refined by the pass counters, the state and the
         read in flight."""
@@ -120,7 +125,9 @@ class Record:
             where = self.phase
         if self.state == "D":
             where += f", {STATE_D}"
-        if self.read is not None and (self.phase == DATA or self.state == "D"):
+        elif self.blocked:
+            where += f", {self.blocked} thread(s) in {STATE_D}"
+        if self.read is not None and (self.phase == DATA or self.state == "D" or self.blocked):
             where += f", reading {self.read}" + (
                 f" for {now - self.read_since:.0f} s" if self.read_since else "")
         return where
@@ -163,8 +170,15 @@ def proc_state(path: str) -> str:
         return ""
 
 
-def main_thread_state() -> str:
-    return proc_state(f"/proc/self/task/{threading.main_thread().native_id}/stat")
+def thread_states() -> tuple[str, int]:
+    """The main thread's state and the number of this process's threads in state D."""
+    main = str(threading.main_thread().native_id)
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return "", 0
+    states = {tid: proc_state(f"/proc/self/task/{tid}/stat") for tid in tids}
+    return states.get(main, ""), sum(1 for state in states.values() if state == "D")
 
 
 def threads_in_state_d() -> list[str]:
@@ -237,8 +251,9 @@ def verdict(records: list[Record], world_size: int, now: float, timeout: float,
         return "the others wait for them in a collective", busy
     if not busy:
         return "every rank waits: a collective that never completes (network, NCCL)", []
-    # no rank waits for another: each is stuck on its own
-    if all(r.phase == DATA for r in records):
+    # no rank waits for another: each is stuck on its own. In a read: in data, or with a read
+    # in flight for half the timeout or a thread in state D (evaluation's reads too)
+    if all(r.phase == DATA or r.reading_for(now) >= timeout / 2 or r.blocked for r in records):
         if len(records) == 1:
             return "stuck reading its input (the file system)", busy
         return "the file system: every rank is stuck reading its input", busy
@@ -251,7 +266,7 @@ def ranks(numbers: list[int]) -> str:
 
 def table(records: list[Record], now: float) -> str:
     lines = [f"{'rank':>4} {'host':<20} {'pid':>8} {'step':>8} {'phase':<11} {'idle s':>7} "
-             f"{'fwd':>6} {'bwd':>6} {'st':>2} {'lost':>4} reading"]
+             f"{'fwd':>6} {'bwd':>6} {'st':>2} {'D':>3} {'lost':>4} reading"]
     for r in sorted(records, key=lambda r: r.rank):
         passes = (f"{r.fwd}{'+' if r.fwd > r.fwd_done else ' '}",
                   f"{r.bwd}{'+' if r.bwd > r.bwd_done else ' '}")
@@ -259,7 +274,9 @@ def table(records: list[Record], now: float) -> str:
             f" ({now - r.read_since:.0f} s)" if r.read_since else "")
         lines.append(f"{r.rank:>4} {r.host[:20]:<20} {r.pid:>8} {r.step:>8} {r.phase:<11} "
                      f"{r.age(now):>7.0f} {passes[0]:>6} {passes[1]:>6} {r.state or '?':>2} "
-                     f"{r.abandoned:>4} {reading}".rstrip())
+                     f"{r.blocked:>3} {r.abandoned:>4} {reading}".rstrip())
+    lines.append("(fwd, bwd: passes begun, + while in one; st: the main thread's state; D: threads "
+                 "in state D; lost: reads abandoned; reading: the oldest read in flight)")
     return "\n".join(lines)
 
 
@@ -422,7 +439,7 @@ class Watchdog:
         counts = (p.forwards, p.forwards_done, p.backwards, p.backwards_done) if p else (0,) * 4
         read, read_since, abandoned = reads_in_flight()
         return Record(self.rank, self.host, self.pid, self.step, self.phase, self.since,
-                      self.clock(), *counts, main_thread_state(), read, read_since, abandoned)
+                      self.clock(), *counts, *thread_states(), read, read_since, abandoned)
 
     def _run(self) -> None:
         first = True   # publish at once: a rank stopped in its first seconds is named too

@@ -411,3 +411,44 @@ def test_a_rank_stuck_in_a_read_is_named_with_phase_data_and_the_path(tmp_path):
     table = log[log.index(line):].splitlines()[1:4]
     rows = {row.split()[0]: row.split()[4] for row in table[1:]}
     assert rows[rank.group(1)] == "data" and rows[str(1 - int(rank.group(1)))] == "compute", table
+
+
+@pytest.mark.timeout(240)
+def test_a_data_mount_that_stops_answering_is_named_the_file_system(tmp_path):
+    """The data mount stops answering (FUSE: every operation blocks) after step 2: every rank
+    ends up waiting on its reads (evaluation's, here: the read-ahead holds the small epoch's
+    training files already), its read-ahead threads in state D. The report names the file
+    system, with each rank's oldest read, and each rank says which of its threads are in state
+    D. No process can finish exiting while one of its threads waits on the mount: the test lets
+    the mount answer once the hang is reported (a file server that comes back), and the job
+    then ends with the ranks' code 75."""
+    from latency_fs import fuse_unavailable, mounted, release, stop_answering
+    why = fuse_unavailable()
+    if why:
+        pytest.skip(why)
+    data, out, output = make_folder(tmp_path / "data"), tmp_path / "run", tmp_path / "log"
+    extra = {"train.epochs": 1, "train.hang_timeout_s": 10}
+    if "read_timeout_s" in (REPO / "pipelines" / "config.py").read_text():
+        extra["data.read_timeout_s"] = 0
+    with mounted(data, tmp_path / "mnt", latency=0, can_hang=True) as mnt, \
+            open(output, "w") as sink:
+        proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
+                         f"--master_port={free_port()}"], base_overrides(mnt, out, **extra),
+                        stdout=sink, stderr=sink)
+        deadline = time.time() + 180
+        while not ((out / "metrics.jsonl").exists() and max(step_losses(out), default=0) >= 2):
+            assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+            time.sleep(0.05)
+        stop_answering(mnt)
+        while "HANG: no rank made progress" not in output.read_text():
+            assert proc.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(2)                    # the other rank's lines follow the reporter's
+        release(mnt)
+        proc.wait(timeout=60)
+    log = output.read_text()
+    line = hang_line(log)
+    assert "the file system: every rank is stuck reading its input" in line, log[-4000:]
+    assert line.count(f"reading {mnt}/") == 2, line
+    assert re.search(r"rank \d: thread\(s\) .* in state D \(uninterruptible", log), log[-4000:]
+    assert re.search(r"exitcode\s*:\s*75\b", log), log[-4000:]

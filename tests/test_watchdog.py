@@ -65,6 +65,11 @@ def test_every_rank_in_data_is_the_file_system_and_a_lone_process_is_named_with_
     what, stuck = verdict(stuck_reads, 3, NOW, 60, 2)
     assert stuck == [0, 1, 2] and what.startswith("the file system")
     assert stuck_reads[1].doing(NOW) == f"data, {STATE_D}, reading /nfs/x/1.jpg for 70 s"
+    evaluating = [record(r, phase="evaluation", read=f"/nfs/val/{r}.jpg", read_since=NOW - 70,
+                         blocked=2, **IN_DATA) for r in range(2)]   # evaluation's reads, too
+    what, stuck = verdict(evaluating, 2, NOW, 60, 2)
+    assert stuck == [0, 1] and what.startswith("the file system")
+    assert "2 thread(s) in state D" in evaluating[0].doing(NOW)
     alone = record(0, phase="data", read="/nfs/x/9.jpg", read_since=NOW - 61, **IN_DATA)
     what, stuck = verdict([alone], 1, NOW, 60, 2)
     assert stuck == [0] and "file system" in what and "/nfs/x/9.jpg" in alone.doing(NOW)
