@@ -394,3 +394,26 @@ time.sleep(120)
                           text=True)
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert "exit deadline (2 s) passed; exiting with code 75" in proc.stderr
+
+
+def test_the_ddp_engine_counts_its_passes_where_they_happen():
+    """The pass counters the watchdog publishes, read from inside the forward and the backward
+    of a real DDPEngine step (one process, grad_accum 2): + while in a pass, equal after."""
+    import torch
+    from engine.config import load_config
+    from engine.distributed import DistInfo
+    from engine.engines import build_engine
+    cfg = load_config("configs/quickstart.yaml", ["train.grad_accum=2", "train.batch_size=8",
+                                                  "train.amp=off", "train.compile=off"])
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    engine = build_engine(cfg, net, DistInfo())
+    at, seen = engine.position, []
+    net.register_forward_hook(lambda *a: seen.append(
+        ("forward", at.forwards, at.forwards_done, at.backwards, at.backwards_done)))
+    net[1].weight.register_hook(lambda g: seen.append(
+        ("backward", at.forwards, at.forwards_done, at.backwards, at.backwards_done)))
+    batch = (torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))
+    engine.train_step(iter([batch, batch]), torch.nn.functional.cross_entropy)
+    assert seen == [("forward", 1, 0, 0, 0), ("backward", 1, 1, 1, 0),
+                    ("forward", 2, 1, 1, 1), ("backward", 2, 2, 2, 1)]
+    assert (at.forwards, at.forwards_done, at.backwards, at.backwards_done) == (2, 2, 2, 2)
