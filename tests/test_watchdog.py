@@ -396,17 +396,14 @@ time.sleep(120)
     assert "exit deadline (2 s) passed; exiting with code 75" in proc.stderr
 
 
-def test_the_ddp_engine_counts_its_passes_where_they_happen():
-    """The pass counters the watchdog publishes, read from inside the forward and the backward
-    of a real DDPEngine step (one process, grad_accum 2): + while in a pass, equal after."""
+PASSES_SEEN = [("forward", 1, 0, 0, 0), ("backward", 1, 1, 1, 0), ("forward", 2, 1, 1, 1),
+               ("backward", 2, 2, 2, 1)]
+
+
+def passes_seen(engine, net):
+    """(where, forwards, forwards_done, backwards, backwards_done) as read from inside each
+    forward and backward of one step of two micro-batches."""
     import torch
-    from engine.config import load_config
-    from engine.distributed import DistInfo
-    from engine.engines import build_engine
-    cfg = load_config("configs/quickstart.yaml", ["train.grad_accum=2", "train.batch_size=8",
-                                                  "train.amp=off", "train.compile=off"])
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-    engine = build_engine(cfg, net, DistInfo())
     at, seen = engine.position, []
     net.register_forward_hook(lambda *a: seen.append(
         ("forward", at.forwards, at.forwards_done, at.backwards, at.backwards_done)))
@@ -414,6 +411,39 @@ def test_the_ddp_engine_counts_its_passes_where_they_happen():
         ("backward", at.forwards, at.forwards_done, at.backwards, at.backwards_done)))
     batch = (torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))
     engine.train_step(iter([batch, batch]), torch.nn.functional.cross_entropy)
-    assert seen == [("forward", 1, 0, 0, 0), ("backward", 1, 1, 1, 0),
-                    ("forward", 2, 1, 1, 1), ("backward", 2, 2, 2, 1)]
-    assert (at.forwards, at.forwards_done, at.backwards, at.backwards_done) == (2, 2, 2, 2)
+    return seen, (at.forwards, at.forwards_done, at.backwards, at.backwards_done)
+
+
+ENGINE_ARGS = ["train.grad_accum=2", "train.batch_size=8", "train.amp=off", "train.compile=off"]
+
+
+def test_the_ddp_engine_counts_its_passes_where_they_happen():
+    """The pass counters the watchdog publishes, read from inside the forward and the backward
+    of a real DDPEngine step (one process, grad_accum 2): + while in a pass, equal after."""
+    import torch
+    from engine.config import load_config
+    from engine.distributed import DistInfo
+    from engine.engines import build_engine
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    engine = build_engine(load_config("configs/quickstart.yaml", ENGINE_ARGS), net, DistInfo())
+    assert passes_seen(engine, net) == (PASSES_SEEN, (2, 2, 2, 2))
+
+
+def test_the_deepspeed_engine_counts_its_passes_alike():
+    """The same counters from a DeepSpeed step (its own process: DeepSpeed keeps process-wide
+    state; ~8 s, most of it DeepSpeed's import): backward ends after DeepSpeed's step."""
+    script = f"""
+import sys, torch
+sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]
+from engine.config import load_config
+from engine.distributed import init_distributed
+from engine.engines import build_engine
+from test_watchdog import ENGINE_ARGS, passes_seen
+cfg = load_config("configs/quickstart.yaml", ["engine.name=deepspeed", *ENGINE_ARGS])
+net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+print(repr(passes_seen(build_engine(cfg, net, init_distributed("gloo", True)), net)))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == repr((PASSES_SEEN, (2, 2, 2, 2)))
