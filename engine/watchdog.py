@@ -40,16 +40,19 @@ dump at the collectives' timeout would have gone: that timeout (hang_timeout_s +
 reached once the watchdog exits.
 
 Store traffic (torchrun's one rendezvous store, keys under this restart attempt's prefix), per
-interval: every rank one ``set`` of its record (~300 B) and one ``get`` of the heartbeat key
-(~100 B, the verdict rides in it); the reporter, instead of the ``get``, one ``multi_get`` of
-the W-1 other records and one ``compare_set`` of the heartbeat. That is 2 requests per rank and
-2W + 1 in all, ~400 B per rank and ~300 B x W at the reporter: at 4,096 ranks and the default
-10 s interval, 8,193 requests per interval (~820/s) and ~1.2 MB read by the reporter, against
-W x (2W - 1) = 33.5 million requests (3.4 million/s) when every rank read every record. The
-reporter is the lowest rank at the start; it names its successors in the heartbeat, and the
-k-th successor takes over when the heartbeat has not moved for (3 + 2k) intervals (any rank
-after 11). A hang costs a few requests more: the others' acknowledgements (``add``), polled by
-the reporter so that it exits after them.
+interval: every rank one ``set`` of its record (~200 B, plus the length of a path in flight)
+and one ``get`` of the heartbeat key (~50 B; a verdict rides in it); the reporter, instead of
+the ``get``, one ``multi_get`` of the W-1 other records and one ``compare_set`` of the
+heartbeat. Per interval that is 2 requests and ~240 B per rank, 3 requests and ~210 B x (W-1)
+at the reporter, 2W + 1 requests in all (measured at W = 8 and 32: tests/test_watchdog.py). At
+4,096 ranks and the default 10 s interval: 8,193 requests per interval (~820/s) and ~860 KB
+read by the reporter, against W x (2W - 1) = 33.5 million requests per interval (3.4 million/s)
+when every rank read every record. The reporter is rank 0 at the start; it names its
+successors (the next live ranks) in the heartbeat, and successor k (0, 1, 2) takes over once
+the heartbeat has not moved for (3 + 2k) intervals, any other rank after 11. A hang costs a few requests more: the verdict (what, who, at most 8 ranks named and
+64 silent ones to kill: under 10 KB; the table stays in the reporter's log) read once by every
+rank in the heartbeat, and the others' acknowledgements (``add``), polled by the reporter so
+that it exits after them.
 
 Clocks are compared across hosts (each record carries its writer's wall time): cluster nodes
 keep them within milliseconds (NTP), far below any useful timeout.
@@ -80,6 +83,7 @@ HEARTBEAT = "hb"       # the reporter's heartbeat, its successors and, once foun
 ACKS = "acks"          # ranks that have written their stacks after a verdict
 SUCCESSORS = 3         # ranks named to take over from the reporter
 NAMED_AT_MOST = 8      # stuck ranks written out in the HANG line (the table has them all)
+KILLED_AT_MOST = 64    # silent ranks in the published verdict, for their hosts' ranks to kill
 
 
 @dataclass
@@ -519,8 +523,10 @@ class Watchdog:
                "next": [r for r in live if r != self.rank][:SUCCESSORS]}
         found = verdict(records, self.world_size, now, self.timeout, self.interval,
                         self.neighbour_states(records, now))
+        finding = None
         if found is not None and not self._stop.is_set():
-            new["verdict"] = self.finding(records, now, *found)
+            finding = self.finding(records, now, *found)   # the table stays here: O(W) bytes
+            new["verdict"] = {k: v for k, v in finding.items() if k != "table"}
         wanted = json.dumps(new).encode()
         current = self.store.compare_set(HEARTBEAT, self.heartbeat, wanted)
         if current != wanted:   # another rank took over (this one was stopped a while)
@@ -529,9 +535,9 @@ class Watchdog:
             heard = json.loads(current)
             return self.follow(heard["verdict"], mine) if heard.get("verdict") else False
         self.reporting, self.heartbeat = True, current
-        if "verdict" not in new:
+        if finding is None:
             return False
-        self.end_the_job(new["verdict"], records)
+        self.end_the_job(finding, records)
         return True
 
     def neighbour_states(self, records: list[Record], now: float) -> dict[int, str]:
@@ -551,8 +557,8 @@ class Watchdog:
         if len(stuck) > NAMED_AT_MOST:
             shown.append(f"and {len(stuck) - NAMED_AT_MOST} more")
         silent = [[r.host, r.pid, r.rank] for r in records
-                  if r.rank in stuck and now - r.beat > 3 * self.interval]
-        return {"what": what, "who": ", ".join(shown) or "no single rank", "stuck": stuck,
+                  if r.rank in stuck and now - r.beat > 3 * self.interval][:KILLED_AT_MOST]
+        return {"what": what, "who": ", ".join(shown) or "no single rank",
                 "idle": now - started, "by": self.rank, "kill": silent,
                 "stamp": time.strftime("%Y%m%d-%H%M%S", time.localtime(started)),
                 "table": table(records, now)}
