@@ -164,11 +164,13 @@ def worker_start(workers: int):
     by it fails the rank's next batch before the rank reaches the check where it would save.
     So the fork server starts here with SIGTERM and SIGUSR1 (the trainer's stop signals)
     blocked: the mask survives fork and exec, so the server, the resource tracker it starts
-    and every worker forked from it keep those signals pending, never delivered. A worker still
-    ends with its rank: the server exits when the rank's end closes its pipe, and DataLoader's
-    watchdog in each worker sees its parent gone. (The other side of it: ``terminate()`` no
-    longer ends such a worker.) A plain-fork worker inherits the rank's Python handler, which
-    only sets a flag that nothing in the worker reads, and logs one line."""
+    and every worker forked from it keep those signals pending, never delivered, except a
+    SIGTERM from the rank itself (``terminate()``, from DataLoader's shutdown or
+    multiprocessing's exit, which then joins the worker), which ends the worker
+    (``_obey_rank``). A worker still ends with its rank: the server dies with it
+    (``_die_with_rank``), and DataLoader's watchdog in each worker sees its parent gone. A
+    plain-fork worker inherits the rank's Python handler, which only sets a flag that nothing
+    in the worker reads, and logs one line."""
     if (workers == 0 or sys.version_info >= (3, 11, 10) or sys.platform != "linux"
             or not (torch.distributed.is_available() and torch.distributed.is_initialized())):
         return None
@@ -213,6 +215,23 @@ def _die_with_rank() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
     if os.getppid() != int(rank):    # the rank died before prctl
         os._exit(0)
+    os.register_at_fork(after_in_child=lambda: _obey_rank(int(rank)))
+
+
+def _obey_rank(rank: int) -> None:
+    """In a worker forked from that server (SIGTERM blocked): a thread takes each SIGTERM and
+    ends the worker when the rank sent it (what torch's own worker handler does for its
+    parent's); SLURM's, torchrun's or anyone else's is dropped."""
+    import os
+    import signal
+    import threading
+
+    def take() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == rank:
+                os._exit(0)
+
+    threading.Thread(target=take, name="sigterm-from-rank", daemon=True).start()
 
 
 _die_with_rank()
