@@ -1,16 +1,23 @@
 """A throwaway SLURM cluster on 127.0.0.1 for the launcher tests: munged, slurmctld and two
 slurmd (node1, node2: Debian's build allows several slurmd on one host), every file in a temp
 folder, daemons started in the foreground and stopped by PID. ``SlurmCluster.skip_reason()``
-says why one cannot start (no binaries, not root)."""
+says why one cannot start (no binaries, not root).
+
+Process tracking is ``proctrack/cgroup`` by default, as on production clusters (SLURM's
+documentation recommends it): a step's signal then reaches every process of the step, torchrun
+agents, ranks, DataLoader workers and fork servers alike. ``proctrack="linuxproc"`` selects the
+older tracking by process tree."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import ClassVar
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
 
@@ -37,8 +44,14 @@ class SlurmCluster:
     # SIGTERM, then SIGKILL after GraceTime
     GRACE_TIME_S = 60
 
-    def __init__(self, root: Path):
-        self.root = root
+    # ProctrackType and TaskPlugin of each tracking; cgroup also needs cgroup.conf beside
+    # slurm.conf (cgroup v1 with nothing constrained: tracking, not limits)
+    TRACKING: ClassVar[dict[str, tuple[str, str]]] = {
+        "cgroup": ("proctrack/cgroup", "task/affinity,task/cgroup"),
+        "linuxproc": ("proctrack/linuxproc", "task/none")}
+
+    def __init__(self, root: Path, proctrack: str = "cgroup"):
+        self.root, self.proctrack = root, proctrack
         self.procs: list[subprocess.Popen] = []
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -67,6 +80,11 @@ class SlurmCluster:
         self._wait(lambda: sock.exists(), "munged socket")
         ctld, slurmd, *node_ports = _free_ports(2 + len(self.NODES))
         host = socket.gethostname()
+        proctrack, task = self.TRACKING[self.proctrack]
+        if self.proctrack == "cgroup":
+            (r / "cgroup.conf").write_text(
+                "CgroupPlugin=cgroup/v1\nConstrainCores=no\nConstrainRAMSpace=no\n"
+                "ConstrainSwapSpace=no\nConstrainDevices=no\n")
         nodes = "\n".join(
             f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={p} CPUs={os.cpu_count()} "
             f"RealMemory=4000 State=UNKNOWN" for n, p in zip(self.NODES, node_ports))
@@ -85,8 +103,10 @@ SlurmctldPidFile={r / 'slurmctld.pid'}
 SlurmdPidFile={r}/slurmd_%n.pid
 SlurmctldLogFile={r / 'slurmctld.log'}
 SlurmdLogFile={r}/slurmd_%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+ProctrackType={proctrack}
+TaskPlugin={task}
+# job ids of this cluster alone: two clusters on one host never share a cgroup (job_<id>)
+FirstJobId={random.randrange(1000, 900000)}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
