@@ -242,11 +242,11 @@ def verdict(records: list[Record], world_size: int, now: float, timeout: float,
         behind = sorted(r.rank for r in records if r.passes == low)
         return "the others wait for them in a collective (they began more passes)", behind
     if all(r.bwd > r.bwd_done for r in records):
-        return "every rank waits in backward: a collective that never completes (network, " \
-               "NCCL)", []
+        return ("every rank waits in backward: a collective that never completes (network, "
+                "NCCL)"), []
     if all(r.fwd > r.fwd_done for r in records):
-        return "every rank is in its forward pass: compute, or a collective inside it (DDP's " \
-               "buffer broadcast) that never completes", sorted(seen)
+        return ("every rank is in its forward pass: compute, or a collective inside it (DDP's "
+                "buffer broadcast) that never completes"), sorted(seen)
     # the same passes begun everywhere: those in the loop's collective wait for the others
     waiting = [r for r in records if r.phase == COLLECTIVE and r.fwd == r.fwd_done
                and r.bwd == r.bwd_done]
@@ -269,8 +269,8 @@ def ranks(numbers: list[int]) -> str:
 
 
 def table(records: list[Record], now: float) -> str:
-    lines = [f"{'rank':>4} {'host':<20} {'pid':>8} {'step':>8} {'phase':<11} {'idle s':>7} "
-             f"{'fwd':>6} {'bwd':>6} {'st':>2} {'D':>3} {'lost':>4} reading"]
+    lines = [(f"{'rank':>4} {'host':<20} {'pid':>8} {'step':>8} {'phase':<11} {'idle s':>7} "
+              f"{'fwd':>6} {'bwd':>6} {'st':>2} {'D':>3} {'lost':>4} reading")]
     for r in sorted(records, key=lambda r: r.rank):
         passes = (f"{r.fwd}{'+' if r.fwd > r.fwd_done else ' '}",
                   f"{r.bwd}{'+' if r.bwd > r.bwd_done else ' '}")
@@ -381,9 +381,9 @@ def dump_flight_recorder(rank: int) -> str | None:
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return None
     from torch._C import _distributed_c10d as c10d
-    if dist.get_backend() == "nccl" and int(os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", 0)):
+    if dist.get_backend() == "nccl" and int(os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", "0")):
         trace = c10d._dump_nccl_trace()
-    elif int(os.environ.get("TORCH_FR_BUFFER_SIZE", 0)) and hasattr(c10d, "_dump_fr_trace"):
+    elif int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0")) and hasattr(c10d, "_dump_fr_trace"):
         trace = c10d._dump_fr_trace()
     else:
         return None
@@ -596,7 +596,7 @@ class Watchdog:
         except OSError:
             local = None
         if real and local is not None:   # the C-level backstop, should no Python thread run
-            self._backstop = open(local, "a")
+            self._backstop = open(local, "a")  # noqa: SIM115 - open until the process ends
             faulthandler.dump_traceback_later(self.exit_deadline + 5, exit=True,
                                               file=self._backstop)
         path = self.out / name
@@ -610,8 +610,9 @@ class Watchdog:
         silent = [(pid, rank) for host, pid, rank in found.get("kill", [])
                   if host == self.host and pid != self.pid and is_rank(pid, rank)]
         for pid, rank in silent:
-            bounded(lambda: log.error("killing rank %d (pid %d): silent, it would ignore "
-                                      "torchrun's SIGTERM", rank, pid), 1.0)
+            bounded(lambda rank=rank, pid=pid: log.error(
+                "killing rank %d (pid %d): silent, it would ignore torchrun's SIGTERM", rank,
+                pid), 1.0)
         bounded(flush_logs, 2.0)
         if real:
             kill_now(descendants(os.getpid()))
@@ -651,10 +652,10 @@ class Watchdog:
         now = self.clock()
         others = sum(1 for r in records if r.rank != self.rank and now - r.beat <= 3 * self.interval)
         deadline = time.monotonic() + self.ack_wait
+        answered: list[int] = []
         while others and time.monotonic() < deadline:
-            answered: list[int] = []
             if not bounded(lambda: answered.append(self.store.add(ACKS, 0)), 2.0) or \
-                    answered[0] >= others:
+                    answered[-1] >= others:
                 return
             time.sleep(min(0.1, self.interval))
 

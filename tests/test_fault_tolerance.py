@@ -365,7 +365,7 @@ def test_a_rank_in_an_endless_forward_is_named_compute_and_the_flight_recorder_d
     line = hang_line(log)
     assert "Stuck: rank 1 (" in line and "compute (forward)): the others wait for them" in line, \
         log[-4000:]
-    assert re.search(rf"exitcode\s*:\s*75\b", log), log[-4000:]
+    assert re.search(r"exitcode\s*:\s*75\b", log), log[-4000:]
     import pickle
     for rank in (0, 1):
         trace = pickle.loads((tmp_path / f"fr_rank_{rank}").read_bytes())

@@ -7,9 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-from engine.step_times import StepTimes, stragglers
 import pytest
 
+from engine.step_times import StepTimes, stragglers
 from engine.watchdog import COLLECTIVE, STATE_D, Record, Watchdog, verdict
 from trainer_utils import REPO, live_processes_mentioning
 
@@ -44,12 +44,12 @@ def test_a_rank_stuck_in_a_read_while_the_other_waits_inside_compute_is_named_wi
 
 def test_a_rank_in_an_endless_forward_is_named_compute_while_the_other_waits_in_backward():
     spinning = record(1, phase="compute", **IN_FORWARD)
-    what, stuck = verdict([record(0, phase="compute", **IN_BACKWARD), spinning], 2, NOW, 60, 2)
+    _, stuck = verdict([record(0, phase="compute", **IN_BACKWARD), spinning], 2, NOW, 60, 2)
     assert stuck == [1] and spinning.doing(NOW) == "compute (forward)"
     # with gradient accumulation, the rank behind by a whole micro-batch
     behind = record(2, phase="data", fwd=39, fwd_done=39, bwd=39, bwd_done=39)
-    what, stuck = verdict([record(0, **IN_BACKWARD), record(1, **IN_BACKWARD), behind], 3, NOW,
-                          60, 2)
+    _, stuck = verdict([record(0, **IN_BACKWARD), record(1, **IN_BACKWARD), behind], 3, NOW, 60,
+                       2)
     assert stuck == [2]
 
 
