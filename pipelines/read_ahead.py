@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from typing import Callable, Iterable, Iterator
 
 from .read_guard import TIMEOUT_TRIES, ReadTimeout, abandon
@@ -199,7 +199,11 @@ class ReadAhead:
                 if started is not None and time.monotonic() - started >= self.timeout_s:
                     break
                 left = self.timeout_s if started is None else started + self.timeout_s - time.monotonic()
-                wait([task.future], timeout=max(left, 0.001))
+                try:
+                    return task.future.result(timeout=max(left, 0.001))
+                except TimeoutError:
+                    if task.future.done():   # the read's own TimeoutError, not the wait's
+                        raise
             if task.future.done():
                 return task.future.result()
             path = abandon(task.thread, self.timeout_s) or path
