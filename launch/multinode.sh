@@ -8,13 +8,16 @@
 #       data.root=/data/imagenet run.output_dir=/shared/runs/wrn50_2
 #
 # Environment: NPROC_PER_NODE (default: GPUs on this node, else 1), MAX_RESTARTS (default 3),
-# RDZV_ID (default wrn), NODE_RANK (optional; c10d assigns one otherwise).
+# RDZV_ID (default wrn), NODE_RANK (optional; c10d assigns one otherwise), STOP_GRACE_S (default
+# 150: the seconds the ranks get from a stop signal, SIGTERM or SIGUSR1 to torchrun, to their
+# exit, passed as torchrun's --shutdown-timeout; launch/README.md's grace rule says what it must
+# cover; whatever sends the signal must wait that long before its SIGKILL).
 # A worker that dies makes torchrun restart the whole group (up to MAX_RESTARTS times); the
 # trainer resumes from the newest valid checkpoint in run.output_dir (run.resume=auto), which
 # must be on storage every node sees.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-    sed -n '2,16p' "$0"; exit 2
+    sed -n '2,17p' "$0"; exit 2
 fi
 NNODES=$1; ENDPOINT=$2; shift 2
 cd "$(dirname "$0")/.."
@@ -27,4 +30,6 @@ exec "$PYTHON" -m torch.distributed.run \
     --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$ENDPOINT" --rdzv-id="${RDZV_ID:-wrn}" \
     --max-restarts="${MAX_RESTARTS:-3}" \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --shutdown-timeout="${STOP_GRACE_S:-150}" \
     train_imagenet.py "$@"
