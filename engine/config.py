@@ -27,6 +27,7 @@ import yaml
 
 from pipelines.config import (SMALL_DATASETS, ChoiceOrPath, Count, DataConfig, Fraction,
                               NonNegative, Positive, Range, Size)
+from pipelines.read_guard import longest_read_s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A three-way switch. YAML 1.1 reads a bare on/off (and yes/no, true/false) as a boolean, so
@@ -344,6 +345,12 @@ def combination_problems(cfg: Config) -> Iterator[str]:
     if (paper.statistic in ("median", "mean")) == (paper.runs == 1):
         yield (f"paper.runs={paper.runs} with paper.statistic={paper.statistic}: "
                "'single' (and 'unstated') is one run, 'median'/'mean' are over more")
+    read_s = longest_read_s(cfg.data.read_timeout_s)
+    if t.hang_timeout_s and cfg.data.read_timeout_s and t.hang_timeout_s <= read_s:
+        yield (f"train.hang_timeout_s={t.hang_timeout_s:g} must exceed the longest a read may take "
+               f"before it is given up on ({read_s:g} s with data.read_timeout_s="
+               f"{cfg.data.read_timeout_s:g}): the watchdog would end the job, and each restart, "
+               f"on a file that data.on_bad_image would skip")
     data = cfg.data.problem()
     if data:
         yield data

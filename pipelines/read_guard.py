@@ -39,6 +39,13 @@ BACKOFF_S = (0.1, 0.4, 1.6)   # pauses before the 2nd, 3rd and 4th try of a tran
 TIMEOUT_TRIES = 2             # a read that times out: abandoned, tried once more, then failed
 HUNG_AFTER = 4                # abandoned reads in a process past which the mount looks hung
 
+
+def longest_read_s(timeout_s: float) -> float:
+    """The longest a sample read can take before it is given up on (``data.read_timeout_s``):
+    the hang watchdog's timeout must exceed it, or a file that never answers ends the job
+    (and its restarts, each stuck on the same file) instead of being skipped."""
+    return TIMEOUT_TRIES * timeout_s + sum(BACKOFF_S)
+
 _lock = threading.Lock()
 _in_flight: dict[int, tuple[str, float]] = {}     # token -> (path, wall time it started)
 _by_thread: dict[int, int] = {}                   # thread ident -> token of its read

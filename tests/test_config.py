@@ -197,6 +197,8 @@ def test_reading_a_config_imports_neither_torch_nor_dali():
     ("train.ema_decay=1", r"train.ema_decay: must be in \[0, 1\), got 1.0"),
     ("train.label_smoothing=1", r"train.label_smoothing: must be in \[0, 1\)"),
     ("train.hang_timeout_s=-1", r"train.hang_timeout_s: must be >= 0"),
+    ("train.hang_timeout_s=100", r"train.hang_timeout_s=100 must exceed .* \(122.1 s with "
+                                 r"data.read_timeout_s=60\)"),
     ("train.straggler_factor=0.5", r"train.straggler_factor: must be 0 \(off\) or > 1, got 0.5"),
     ("paper.runs=0", r"paper.runs: must be >= 1"),
 ])

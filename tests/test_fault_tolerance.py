@@ -214,7 +214,8 @@ def test_a_stopped_rank_is_named_its_stacks_written_and_the_job_restarts(data, r
     args = ["--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=hung"]
     proc = torchrun(args, base_overrides(data, out, **{
-        "train.epochs": 3, "run.checkpoint_every_steps": 4, "train.hang_timeout_s": timeout}))
+        "train.epochs": 3, "run.checkpoint_every_steps": 4, "train.hang_timeout_s": timeout,
+        "data.read_timeout_s": 0}))
     wait_for_step(out, 9, proc)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     victim = next(int(p) for p in workers.stdout.split() if rank_of(int(p)) == 1)
@@ -288,7 +289,8 @@ def test_a_rank_stopped_during_evaluation_is_found(tmp_path):
     out = tmp_path / "run"
     proc = torchrun(["--nproc-per-node=2", "--max-restarts=1", "--rdzv-backend=c10d",
                      f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=eval-hang"],
-                    base_overrides(data, out, **{"train.epochs": 2, "train.hang_timeout_s": 10}))
+                    base_overrides(data, out, **{"train.epochs": 2, "train.hang_timeout_s": 10,
+                                                 "data.read_timeout_s": 0}))
     wait_for_step(out, 6, proc)                 # epoch 1's last step: its evaluation follows
     stop_rank(proc, 1)
     log = proc.communicate(timeout=300)[0]
@@ -312,7 +314,7 @@ def test_a_rank_stopped_while_writing_a_checkpoint_leaves_none_half_written(tmp_
                     base_overrides(data, out, **{
                         "model.name": "wrn50_2_bottleneck", "model.kwargs": "{}",
                         "train.epochs": 1, "run.checkpoint_every_steps": 2,
-                        "train.hang_timeout_s": 10}))
+                        "train.hang_timeout_s": 10, "data.read_timeout_s": 0}))
     folder, deadline = out / "checkpoints", time.time() + 240
     while not (folder.is_dir() and list(folder.glob(".step_*.tmp*"))):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
@@ -354,7 +356,8 @@ def test_a_rank_in_an_endless_forward_is_named_compute_and_the_flight_recorder_d
     flag = tmp_path / "spin"
     proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
                      f"--master_port={free_port()}"],
-                    base_overrides(data, out, **{"train.epochs": 3, "train.hang_timeout_s": 10}),
+                    base_overrides(data, out, **{"train.epochs": 3, "train.hang_timeout_s": 10,
+                                                 "data.read_timeout_s": 0}),
                     env_extra={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "SPIN_RANK": "1",
                                "SPIN_FLAG": str(flag), "TORCH_FR_BUFFER_SIZE": "200",
                                "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(tmp_path / "fr_rank_")})
@@ -386,9 +389,7 @@ def test_a_rank_stuck_in_a_read_is_named_with_phase_data_and_the_path(tmp_path):
         pytest.skip(why)
     data, out = make_folder(tmp_path / "data"), tmp_path / "run"
     blocked = "train/class_1/005.jpg"
-    extra = {"train.epochs": 1, "train.hang_timeout_s": 10}
-    if "read_timeout_s" in (REPO / "pipelines" / "config.py").read_text():
-        extra["data.read_timeout_s"] = 0
+    extra = {"train.epochs": 1, "train.hang_timeout_s": 10, "data.read_timeout_s": 0}
     with mounted(data, tmp_path / "mnt", latency=0, block_open=[blocked]) as mnt, \
             open(tmp_path / "torchrun.log", "w+") as output:
         proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
@@ -427,9 +428,7 @@ def test_a_data_mount_that_stops_answering_is_named_the_file_system(tmp_path):
     if why:
         pytest.skip(why)
     data, out, output = make_folder(tmp_path / "data"), tmp_path / "run", tmp_path / "log"
-    extra = {"train.epochs": 1, "train.hang_timeout_s": 10}
-    if "read_timeout_s" in (REPO / "pipelines" / "config.py").read_text():
-        extra["data.read_timeout_s"] = 0
+    extra = {"train.epochs": 1, "train.hang_timeout_s": 10, "data.read_timeout_s": 0}
     with mounted(data, tmp_path / "mnt", latency=0, can_hang=True) as mnt, \
             open(output, "w") as sink:
         proc = torchrun(["--nproc-per-node=2", "--master_addr=127.0.0.1",
