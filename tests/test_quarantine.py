@@ -183,7 +183,8 @@ def test_files_going_bad_between_epochs_of_a_two_process_run(tmp_path, backend):
     # hang_timeout_s: a run that stops making progress fails the test in minutes, with every
     # rank's stacks in its hang_*.txt (once, in CI, this run stood still after step 10)
     settings = {"data.backend": backend, "data.workers": 1, "data.max_bad_images": 5,
-                "run.checkpoint_every_steps": 2, "train.hang_timeout_s": 120}
+                "run.checkpoint_every_steps": 2, "train.hang_timeout_s": 120,
+                "data.read_timeout_s": 30}
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run_training(base_overrides(data, full, **settings, **{"train.epochs": 1}), nproc=2)
     shutil.copytree(full, resumed)                      # the second run, from the same start
