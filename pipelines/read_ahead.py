@@ -192,7 +192,7 @@ class ReadAhead:
         again (``TIMEOUT_TRIES`` in all), then its ``ReadTimeout``."""
         if not self.timeout_s:
             return task.future.result()
-        path = None
+        path, pooled = None, True
         for tries in itertools.count(1):
             while not task.future.done():
                 started = task.started
@@ -207,13 +207,22 @@ class ReadAhead:
             if task.future.done():
                 return task.future.result()
             path = abandon(task.thread, self.timeout_s) or path
-            pool.replace(task.thread)
+            if pooled:
+                pool.replace(task.thread)
             if tries >= TIMEOUT_TRIES:
                 error = ReadTimeout(path or f"sample {task.index}", self.timeout_s)
                 if getattr(self.read, "returns_errors", False):
                     return error
                 raise error
-            task = self.submit(pool, task.index)
+            task, pooled = self.retry(task.index), False
+
+    def retry(self, index: int) -> _Task:
+        """The second try of a read that did not answer, started now in a thread of its own: at
+        the back of the pool's queue it would wait behind reads that block as well (a hung
+        mount), and its timeout would never start."""
+        task = _Task(self.read, index)
+        threading.Thread(target=task.run, daemon=True, name="read-retry").start()
+        return task
 
     def __getstate__(self):  # a worker process starts its own threads
         return {**self.__dict__, "_pools": None}

@@ -16,8 +16,9 @@ that never answer given up on.
   ``abandoned_reads()``) and tried once more; then it fails with ``ReadTimeout`` (an
   ``OSError`` with ETIMEDOUT naming the path and the seconds). The reads that are already in
   threads (``read_ahead.ReadAhead``) are timed there, with no extra thread per read;
-  ``timed(read, timeout_s)`` times a read made on its own (a substitute, a single sample). Past
-  ``HUNG_AFTER`` abandoned reads in a process, one error says the file system looks hung.
+  ``timed(read, timeout_s)`` times a read made on its own (a substitute, a single sample). When
+  ``HUNG_AFTER`` reads in a process are abandoned within ``HUNG_WINDOW`` read timeouts, one
+  error says the file system looks hung (a few bad files over days do not).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ TRANSIENT = frozenset((errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, e
                        errno.EHOSTUNREACH, errno.EHOSTDOWN))
 BACKOFF_S = (0.1, 0.4, 1.6)   # pauses before the 2nd, 3rd and 4th try of a transient error
 TIMEOUT_TRIES = 2             # a read that times out: abandoned, tried once more, then failed
-HUNG_AFTER = 4                # abandoned reads in a process past which the mount looks hung
+HUNG_AFTER = 4                # abandoned reads in a process past which the mount looks hung,
+HUNG_WINDOW = 10              # if they came within this many read timeouts of each other
 
 
 def longest_read_s(timeout_s: float) -> float:
@@ -53,6 +56,8 @@ _given_up: set[int] = set()                       # tokens of abandoned reads st
 _tokens = itertools.count()
 _abandoned = 0
 _abandoned_paths: list[str] = []
+_abandon_times: deque = deque(maxlen=HUNG_AFTER)   # monotonic times of the latest
+_said_hung = [float("-inf")]                     # when the file system was last said hung
 
 
 @contextmanager
@@ -92,8 +97,8 @@ def count_abandoned(n: int = 1) -> None:
 
 def abandon(thread: int | None, seconds: float) -> str | None:
     """The read that ``thread`` (an ident) has in flight is given up on: counted, left out of
-    ``oldest_read``; its path (None if the thread is in no ``reading``). The ``HUNG_AFTER``-th
-    abandoned read of the process logs that the file system looks hung."""
+    ``oldest_read``; its path (None if the thread is in no ``reading``). ``HUNG_AFTER`` abandoned
+    within ``HUNG_WINDOW`` timeouts log that the file system looks hung."""
     global _abandoned
     with _lock:
         token = _by_thread.get(thread) if thread is not None else None
@@ -102,15 +107,23 @@ def abandon(thread: int | None, seconds: float) -> str | None:
             _given_up.add(token)
         _abandoned += 1
         count = _abandoned
+        now = time.monotonic()
+        _abandon_times.append(now)
+        window = HUNG_WINDOW * seconds
+        hung = (len(_abandon_times) == HUNG_AFTER and now - _abandon_times[0] <= window
+                and now - _said_hung[0] > window)
+        if hung:
+            _said_hung[0] = now
         if path is not None:
             _abandoned_paths[:] = [*_abandoned_paths[-15:], path]
         paths = list(_abandoned_paths)
     log.warning("read abandoned after %g s (data.read_timeout_s; its thread stays blocked): %s",
                 seconds, path or "unknown path")
-    if count == HUNG_AFTER:
+    if hung:
         where = os.path.commonpath(paths[-HUNG_AFTER:]) if paths else "unknown"
-        log.error("the file system looks hung: %d reads abandoned in this process after %g s "
-                  "each (data.read_timeout_s), under %s", count, seconds, where)
+        log.error("the file system looks hung: %d reads abandoned in this process within %g s "
+                  "(%d in all), after %g s each (data.read_timeout_s), under %s", HUNG_AFTER,
+                  now - _abandon_times[0], count, seconds, where)
     return path
 
 

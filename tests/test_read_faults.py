@@ -11,6 +11,7 @@ import gc
 import logging
 import threading
 import time
+from collections import deque
 
 import pytest
 import torch
@@ -123,6 +124,8 @@ def test_past_a_few_abandoned_reads_one_error_says_the_file_system_looks_hung(mo
                                                                               caplog):
     monkeypatch.setattr(read_guard, "_abandoned", 0)
     monkeypatch.setattr(read_guard, "_abandoned_paths", [])
+    monkeypatch.setattr(read_guard, "_abandon_times", deque(maxlen=read_guard.HUNG_AFTER))
+    monkeypatch.setattr(read_guard, "_said_hung", [float("-inf")])
     never = threading.Event()
 
     def read(i):
@@ -142,6 +145,41 @@ def test_past_a_few_abandoned_reads_one_error_says_the_file_system_looks_hung(mo
     hung = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(hung) == 1 and "looks hung" in hung[0].getMessage()
     assert "/lustre/imagenet/train/n01" in hung[0].getMessage()
+
+
+def test_a_few_bad_files_far_apart_do_not_say_the_file_system_is_hung(monkeypatch, caplog):
+    monkeypatch.setattr(read_guard, "_abandon_times", deque(maxlen=read_guard.HUNG_AFTER))
+    monkeypatch.setattr(read_guard, "_said_hung", [float("-inf")])
+    for _ in range(read_guard.HUNG_AFTER + 1):    # further apart than 10 timeouts of 10 ms
+        read_guard.abandon(None, 0.01)
+        time.sleep(0.15)
+    assert not [r for r in caplog.records if r.levelno == logging.ERROR]
+    for _ in range(read_guard.HUNG_AFTER):        # close together: hung
+        read_guard.abandon(None, 1.0)
+    assert len([r for r in caplog.records if "looks hung" in r.getMessage()]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_when_every_read_blocks_the_retry_still_times_out():
+    """A mount that stops answering: every read from sample 4 on blocks, more reads than
+    threads. The retry of the first one starts at once (not queued behind the blocked ones), so
+    the consumer gets its ReadTimeout after two timeouts instead of waiting forever."""
+    never = threading.Event()
+
+    def read(i):
+        if i >= 4:
+            never.wait()
+        return b"%d" % i
+
+    reader = ReadAhead(read, 16, timeout_s=0.2)(range(40))
+    try:
+        assert [next(reader) for _ in range(4)] == [b"0", b"1", b"2", b"3"]
+        started = time.monotonic()
+        with pytest.raises(read_guard.ReadTimeout):
+            next(reader)
+        assert time.monotonic() - started < 30
+    finally:
+        never.set()
 
 
 def read_ahead_threads() -> int:
