@@ -46,28 +46,50 @@ def lists_files(cfg: DataConfig) -> bool:
 
 def list_once(cfg: DataConfig, dist: DistInfo, listings: Path) -> dict[str, Samples]:
     """Each split's samples on this rank, listed by rank 0 alone ({} for data sets that are
-    not a listing of files: CIFAR, SVHN, synthetic)."""
+    not a listing of files: CIFAR, SVHN, synthetic). An error on any rank is raised on every
+    rank (no rank is left waiting in a collective)."""
     if not lists_files(cfg):
         return {}
     held = {}
     for split in SPLITS:
         pinned = listings / f"{split}.json"
-        samples, error = None, None
+        listed = everywhere(lambda: open_samples(cfg.root, split, cfg.file_list,
+                                                 cfg.listing_cache, pinned), dist.is_main)
         if dist.is_main:
-            try:
-                samples = open_samples(cfg.root, split, cfg.file_list, cfg.listing_cache, pinned)
-            except Exception as e:   # noqa: BLE001 - raised again below, on every rank together
-                error = e
-        failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-        if error is not None:
-            raise error
-        if failed:
-            raise RuntimeError(f"rank 0 could not list the {split} split: {failed}")
-        if not dist.is_main:   # rank 0's pinned listing, read as is: no walk, no validation
-            samples = open_samples(cfg.root, split, cfg.file_list, "off", pinned)
+            samples, was_pinned = listed, pinned.is_file()
+        was_pinned = broadcast_object(was_pinned if dist.is_main else None)
+        read = everywhere(lambda: rank0s_listing(cfg, split, pinned, was_pinned),
+                          not dist.is_main)
+        if not dist.is_main:
+            samples = read
         agree(split, samples, dist)
         held[split] = samples
     return held
+
+
+def rank0s_listing(cfg: DataConfig, split: str, pinned: Path, was_pinned: bool) -> Samples:
+    """The listing rank 0 pinned, read as is: no walk, no validation."""
+    if was_pinned and not pinned.is_file():
+        raise FileNotFoundError(f"{pinned}, written by rank 0, is not there on this node: "
+                                f"run.output_dir must be on storage that every node sees")
+    return open_samples(cfg.root, split, cfg.file_list, "off", pinned)
+
+
+def everywhere(work, here: bool):
+    """``work()`` where ``here``; what it raises on any rank is raised on every rank."""
+    result, error = None, None
+    if here:
+        try:
+            result = work()
+        except Exception as e:   # noqa: BLE001 - raised below, on every rank together
+            error = e
+    errors = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        raise RuntimeError(f"rank {failed[0][0]} could not list the data: {failed[0][1]}")
+    return result
 
 
 def agree(split: str, samples: Samples, dist: DistInfo) -> None:
@@ -75,9 +97,11 @@ def agree(split: str, samples: Samples, dist: DistInfo) -> None:
     digests = all_gather_object(digest(samples))
     if len(set(digests)) == 1:
         return
-    held = all_gather_object(rows(samples))   # the error path alone pays for this
-    raise ListingMismatch(f"the ranks hold different {split} listings: " + "; ".join(
-        difference(0, held[0], r, held[r]) for r in range(len(held)) if digests[r] != digests[0]))
+    reference = broadcast_object(rows(samples) if dist.is_main else None)  # the error path only
+    mine = None if digests[dist.rank] == digests[0] else difference(0, reference, dist.rank,
+                                                                    rows(samples))
+    found = [d for d in all_gather_object(mine) if d is not None]
+    raise ListingMismatch(f"the ranks hold different {split} listings: " + "; ".join(found))
 
 
 def difference(a: int, rows_a: list[tuple], b: int, rows_b: list[tuple]) -> str:

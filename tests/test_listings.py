@@ -13,7 +13,8 @@ from pipeline_data import write_jpeg_folder
 WORLD = 3
 
 
-def _rank(rank: int, init: str, data: str, cache: str, run_dir: str, drop_on_rank: int) -> None:
+def _rank(rank: int, init: str, data: str, cache: str, run_dir: str, drop_on_rank: int,
+          local_on_rank: int) -> None:
     import torch.distributed as dist
 
     from engine.distributed import DistInfo
@@ -33,7 +34,12 @@ def _rank(rank: int, init: str, data: str, cache: str, run_dir: str, drop_on_ran
         from pipelines.config import DataConfig
         cfg = DataConfig(root=data, backend="torch", listing_cache=cache)
         from pathlib import Path
-        held = list_once(cfg, DistInfo(rank, WORLD), Path(run_dir) / "listings")
+        listings = Path(run_dir) / ("listings" if rank != local_on_rank else f"local{rank}")
+        try:
+            held = list_once(cfg, DistInfo(rank, WORLD), listings)
+        except Exception as e:  # noqa: BLE001
+            counts["error"] = f"{type(e).__name__}: {e}"
+            return
         counts["train"] = len(held["train"])
         if drop_on_rank == rank:    # a rank that looked at a changed tree
             held["train"].files.pop(4)
@@ -44,14 +50,14 @@ def _rank(rank: int, init: str, data: str, cache: str, run_dir: str, drop_on_ran
             counts["mismatch"] = str(e)
     finally:
         dist.destroy_process_group()
-    Path(run_dir, f"counts{rank}.json").write_text(json.dumps(counts))
+        Path(run_dir, f"counts{rank}.json").write_text(json.dumps(counts))
 
 
-def run_job(tmp_path, name, data, cache, drop_on_rank=-1) -> list[dict]:
+def run_job(tmp_path, name, data, cache, drop_on_rank=-1, local_on_rank=-1) -> list[dict]:
     run_dir = tmp_path / name
     run_dir.mkdir()
     mp.spawn(_rank, args=(str(tmp_path / f"{name}.init"), str(data), str(cache), str(run_dir),
-                          drop_on_rank), nprocs=WORLD, join=True)
+                          drop_on_rank, local_on_rank), nprocs=WORLD, join=True)
     return [json.loads((run_dir / f"counts{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -79,3 +85,14 @@ def test_ranks_holding_different_lists_stop_naming_the_first_difference(tmp_path
     for c in counts:   # every rank raises, with the same message
         assert "rank 2" in c["mismatch"] and "sample 4" in c["mismatch"], c
     assert len({c["mismatch"] for c in counts}) == 1
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_that_cannot_see_the_pinned_listing_ends_every_rank(tmp_path):
+    """A run directory that is not shared (node-local): rank 2 cannot read what rank 0 pinned.
+    It says so, and the others stop too instead of waiting in the digest's collective."""
+    data = write_jpeg_folder(tmp_path / "data", per_class=4)
+    counts = run_job(tmp_path, "job", data, "off", local_on_rank=2)
+    assert "not there on this node" in counts[2]["error"], counts
+    for c in counts[:2]:
+        assert c["error"].startswith("RuntimeError: rank 2 could not list"), counts
