@@ -4,8 +4,9 @@ DataLoader workers started from a fork server (a rank of a distributed job,
 ``torch_backend.worker_start``) receive their data set pickled, every epoch: ImageNet's 1.28M
 relative paths are ~60 MB of pickle per worker per epoch, and then a private copy of 1.28M
 Python strings in each. Pickled here, a long listing is written once to a memory-mapped file
-(``/dev/shm`` where there is one) and a worker receives its path: the pages are shared by every
-process of the node, and a path is decoded only when its sample is read.
+(``/dev/shm`` where there is one) and a worker receives its path: the pages are shared by the
+rank and its workers, and a path is decoded only when its sample is read. A copy goes with its
+listing; those of processes that died without cleaning up are removed by the next one made.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+PREFIX = "wrn_listing_"   # + the creating process's pid
 SHARE_FROM = 10_000   # shorter listings are pickled as they are: a few hundred KB at most
 
 
@@ -70,7 +72,8 @@ def share(owner, files: Sequence[str], labels: Sequence[int]) -> tuple[Sequence,
     folder = getattr(owner, "_shared_folder", None)
     if folder is None:
         base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        folder = tempfile.mkdtemp(prefix="wrn_listing_", dir=base)
+        sweep(base or tempfile.gettempdir())
+        folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}_", dir=base)
         encoded = [f.encode() for f in files]
         offsets = np.zeros(len(encoded) + 1, np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
@@ -85,3 +88,26 @@ def share(owner, files: Sequence[str], labels: Sequence[int]) -> tuple[Sequence,
 def remove(folder: str, creator: int) -> None:
     if os.getpid() == creator:   # not a forked child that happened to collect its copy
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep(base: str) -> None:
+    """Remove the copies of processes that are gone: a rank that ended by ``os._exit`` (a hang's
+    exit code 75) or SIGKILL never ran its finalizer, and /dev/shm is memory."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(PREFIX):].split("_", 1)[0]
+        if name.startswith(PREFIX) and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True

@@ -69,3 +69,20 @@ def test_the_shared_copy_goes_with_its_listing(tmp_path):
     gc.collect()
     assert not os.path.exists(folder)
     assert shared_listing.SHARE_FROM <= N
+
+
+def test_copies_left_by_processes_that_died_are_removed_by_the_next_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+    code = ("import os, pickle, pathlib, sys; sys.path[:0] = sys.argv[1:]; "
+            "import test_shared_listing as t; s = t.listing(pathlib.Path('/tmp')); "
+            "pickle.dumps(s); print(s._shared_folder, flush=True); os._exit(75)")
+    tests = os.path.dirname(__file__)
+    left = subprocess.run([sys.executable, "-c", code, tests, os.path.dirname(tests)],
+                          capture_output=True, text=True).stdout.strip()
+    assert left and os.path.isdir(left)           # os._exit: no finalizer ran
+    samples = listing(tmp_path)
+    pickle.dumps(samples)
+    assert not os.path.exists(left)
+    assert os.path.isdir(samples._shared_folder)   # a live process's copy stays
