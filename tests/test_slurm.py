@@ -238,7 +238,8 @@ def test_a_stopped_rank_restarts_the_group_and_the_job_completes(cluster, clone,
     import signal
     out = clone / "runs" / "hung"
     job = submit(cluster, clone, base_overrides(data, out, **{
-        "train.epochs": 8, "run.checkpoint_every_steps": 2, "train.hang_timeout_s": 10}), "hung")
+        "train.epochs": 8, "run.checkpoint_every_steps": 2, "train.hang_timeout_s": 10,
+        "data.read_timeout_s": 0}), "hung")   # reads never given up on: a 10 s hang timeout
     wait_for_step(cluster, job, out, 5)
     candidates = subprocess.run(["pgrep", "-f", f"run.output_dir={out}"],
                                 capture_output=True, text=True).stdout.split()
