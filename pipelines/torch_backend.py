@@ -150,13 +150,20 @@ class Found:
 
 
 def worker_start(workers: int):
-    """How DataLoader workers start: plain fork, except in a rank of a distributed job, where
-    they are forked from a single-threaded fork server. A rank has native threads (gloo's,
-    NCCL's) that create a Python thread state without the GIL when they release a tensor; a
-    fork at that moment leaves the child waiting forever on the lock they held (CPython
-    gh-112275, fixed in 3.11.10 and 3.12): a worker stuck before it ran a line, and its rank
-    waiting for the batch until the hang watchdog ends the job. Each epoch's workers receive
-    the data set pickled, as it is at that epoch, and import the main script as spawned
+    """How DataLoader workers start: plain fork, except in a launched job (a rank of a
+    distributed job, a torchrun worker, a SLURM step), where they are forked from a
+    single-threaded fork server started with the stop signals blocked. Two reasons:
+
+    - a rank has native threads (gloo's, NCCL's) that create a Python thread state without the
+      GIL when they release a tensor; a fork at that moment leaves the child waiting forever on
+      the lock they held (CPython gh-112275, fixed in 3.11.10 and 3.12): a worker stuck before
+      it ran a line, and its rank waiting for the batch until the hang watchdog ends the job;
+    - on every Python, a plain-fork worker runs torch's own SIGTERM handler, which ends the
+      worker for a SIGTERM from its parent and dies of anyone else's: SLURM's to every process
+      of the step (below) killed the workers before their rank could save.
+
+    Each epoch's workers receive the data set pickled, as it is at that epoch (a long listing as
+    the path of a shared copy: ``shared_listing``), and import the main script as spawned
     processes do (ours guard their ``__main__``).
 
     Workers leave stopping to their rank. SLURM with ``proctrack/cgroup`` sends a step's signal
@@ -168,11 +175,8 @@ def worker_start(workers: int):
     SIGTERM from the rank itself (``terminate()``, from DataLoader's shutdown or
     multiprocessing's exit, which then joins the worker), which ends the worker
     (``_obey_rank``). A worker still ends with its rank: the server dies with it
-    (``_die_with_rank``), and DataLoader's watchdog in each worker sees its parent gone. A
-    plain-fork worker inherits the rank's Python handler, which only sets a flag that nothing
-    in the worker reads, and logs one line."""
-    if (workers == 0 or sys.version_info >= (3, 11, 10) or sys.platform != "linux"
-            or not (torch.distributed.is_available() and torch.distributed.is_initialized())):
+    (``_die_with_rank``), and DataLoader's watchdog in each worker sees its parent gone."""
+    if workers == 0 or sys.platform != "linux" or not launched():
         return None
     import os
     import signal
@@ -198,6 +202,15 @@ def worker_start(workers: int):
 
 
 _FORK_SERVER_OF = "WRN_FORK_SERVER_OF"
+
+
+def launched() -> bool:
+    """Whether a launcher's stop signal may reach this process's workers too: a rank of a
+    distributed job, a torchrun worker, a SLURM step (with ``proctrack/cgroup`` a step's
+    signal reaches every process of the step)."""
+    import os
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_STEP_ID" in os.environ
 
 
 def _die_with_rank() -> None:
