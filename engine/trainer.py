@@ -151,13 +151,16 @@ class Trainer:
         done = st.step - st.epoch * schedule.steps_per_epoch
         self.loaders.train.set_epoch(st.epoch, done * schedule.grad_accum)
         batches = iter(self.loaders.train)
-        self.model.train()
-        self.window = Window()
-        self.hooks.call("before_epoch")
-        for _ in range(done, schedule.steps_per_epoch):
-            self.run_step(batches)
-            if self.stop_reason is not None:
-                return
+        try:
+            self.model.train()
+            self.window = Window()
+            self.hooks.call("before_epoch")
+            for _ in range(done, schedule.steps_per_epoch):
+                self.run_step(batches)
+                if self.stop_reason is not None:
+                    return
+        finally:   # the epoch's loader ends now (its DataLoader workers), not when collected
+            getattr(batches, "close", lambda: None)()
         self.end_epoch()
 
     def run_step(self, batches) -> None:

@@ -274,8 +274,9 @@ class IndexedLoader(EpochOrder):
                             multiprocessing_context=worker_start(self.workers))
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self._iteration = iteration = object()
+        batches = iter(loader)
         try:
-            for batch in loader:
+            for batch in batches:
                 if batch is None:
                     continue
                 images, labels, *found = batch
@@ -286,6 +287,8 @@ class IndexedLoader(EpochOrder):
                 images = images.to(self.spec.device, non_blocking=True, memory_format=memory_format)
                 yield images, labels.to(self.spec.device, non_blocking=True)
         finally:
+            # the workers end now, not when the garbage collector finds a cycle that holds them
+            getattr(batches, "_shutdown_workers", lambda: None)()
             if self._iteration is iteration:   # not an older epoch's iterator collected late
                 self.close()
 
