@@ -27,7 +27,6 @@ of the bytes when ``read`` returns its errors, ``read_or_error``).
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import threading
 import time
