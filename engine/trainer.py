@@ -106,6 +106,8 @@ class Trainer:
     """``train()`` runs ``schedule`` over ``loaders.train`` with ``engine`` (which owns the wrapped
     model, optimizer and precision of ``model``), calling ``hooks`` in their order."""
 
+    reserved_keys = RESERVED_KEYS   # the checkpoint keys that are the loop's own
+
     def __init__(self, model: nn.Module, engine, loaders: Loaders, schedule: Schedule,
                  hooks: Iterable[Hook] = (), *, loss_fn: Callable,
                  batch_transform: Callable | None = None, dist: DistInfo = DistInfo(),

@@ -45,6 +45,18 @@ def imports(name: str, path: Path, modules: dict) -> set[str]:
                 target = target.rpartition(".")[0]
             if target and target != name:
                 found.add(target)
+                found.update(outer_packages(name, target, modules))
+    return found
+
+
+def outer_packages(name: str, target: str, modules: dict) -> set[str]:
+    """Importing ``a.b.c`` runs ``a/b/__init__.py`` first: a dependency on package ``a.b`` for a
+    module outside it (one inside is already being imported with its package)."""
+    found, package = set(), target.rpartition(".")[0]
+    while package:
+        if package in modules and not (name + ".").startswith(package + "."):
+            found.add(package)
+        package = package.rpartition(".")[0]
     return found
 
 

@@ -17,7 +17,6 @@ import torch
 from .. import checkpoint as ckpt
 from ..distributed import BufferSync, all_gather_object, barrier, broadcast_object
 from ..errors import TrainingDiverged
-from ..trainer import RESERVED_KEYS
 from .base import CHECKPOINT, START, Check, Hook
 
 log = logging.getLogger("wrn_large.train")
@@ -33,7 +32,8 @@ class CheckpointHook(Hook):
         self.saved: tuple[int, int] | None = None   # (step, epoch) last saved or resumed from
 
     def before_train(self) -> None:
-        clash = ({h.name for h in self.trainer.hooks} | RESERVED_KEYS) & self.metadata.keys()
+        clash = ({h.name for h in self.trainer.hooks} | self.trainer.reserved_keys) & \
+            self.metadata.keys()
         if clash:
             raise ValueError(f"checkpoint metadata would replace the run's state {sorted(clash)}")
         self.trainer.phase(CHECKPOINT)
