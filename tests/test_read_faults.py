@@ -244,7 +244,9 @@ def test_sixteen_ranks_finish_with_the_file_whose_open_never_returns_in_bad_imag
             # other rank does; then the file system answers and that rank ends too.
             lingering = {}
             while time.time() < deadline:
-                lingering = {pid: thread_states(pid) for pid in cluster.rank_pids(zombies=True)}
+                # a process whose threads are all Z has exited (its agent has not reaped it yet)
+                lingering = {pid: states for pid in cluster.rank_pids(zombies=True)
+                             if set(states := thread_states(pid)) - {"Z"}}
                 if all(set(states) <= {"D", "Z"} for states in lingering.values()):
                     break                                 # only stuck ranks are left
                 time.sleep(0.5)
