@@ -89,12 +89,6 @@ def abandoned_reads() -> int:
     return _abandoned
 
 
-def count_abandoned(n: int = 1) -> None:
-    global _abandoned
-    with _lock:
-        _abandoned += n
-
-
 def abandon(thread: int | None, seconds: float) -> str | None:
     """The read that ``thread`` (an ident) has in flight is given up on: counted, left out of
     ``oldest_read``; its path (None if the thread is in no ``reading``). ``HUNG_AFTER`` abandoned
