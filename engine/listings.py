@@ -10,6 +10,7 @@ downstream would notice. A mismatch stops the job naming the ranks and the first
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.config import DataConfig
@@ -24,13 +25,13 @@ class ListingMismatch(RuntimeError):
     pass
 
 
-def rows(samples: Samples) -> list[tuple]:
+def rows(samples: Samples) -> Iterator[tuple]:
     """What identifies each sample: its file and label (a folder), or its place in the shards
     and label (a pack: ``pipelines.pack.PackedSamples``)."""
     if hasattr(samples, "files"):
-        return list(zip(samples.files, samples.labels))
-    return list(zip((samples.shards[s] for s in samples.shard), samples.offset.tolist(),
-                    samples.size.tolist(), samples.labels))
+        return zip(samples.files, samples.labels)
+    return zip((samples.shards[s] for s in samples.shard), samples.offset.tolist(),
+               samples.size.tolist(), samples.labels)
 
 
 def digest(samples: Samples) -> str:
@@ -97,9 +98,9 @@ def agree(split: str, samples: Samples, dist: DistInfo) -> None:
     digests = all_gather_object(digest(samples))
     if len(set(digests)) == 1:
         return
-    reference = broadcast_object(rows(samples) if dist.is_main else None)  # the error path only
+    reference = broadcast_object(list(rows(samples)) if dist.is_main else None)  # error path only
     mine = None if digests[dist.rank] == digests[0] else difference(0, reference, dist.rank,
-                                                                    rows(samples))
+                                                                    list(rows(samples)))
     found = [d for d in all_gather_object(mine) if d is not None]
     raise ListingMismatch(f"the ranks hold different {split} listings: " + "; ".join(found))
 
