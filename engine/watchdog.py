@@ -174,26 +174,27 @@ def proc_state(path: str) -> str:
         return ""
 
 
-def thread_states() -> tuple[str, int]:
-    """The main thread's state and the number of this process's threads in state D."""
-    main = str(threading.main_thread().native_id)
+def task_states() -> dict[str, str]:
+    """The /proc state of each thread of this process, by thread id ({} where unknown)."""
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
-        return "", 0
-    states = {tid: proc_state(f"/proc/self/task/{tid}/stat") for tid in tids}
+        return {}
+    return {tid: proc_state(f"/proc/self/task/{tid}/stat") for tid in tids}
+
+
+def thread_states() -> tuple[str, int]:
+    """The main thread's state and the number of this process's threads in state D."""
+    states = task_states()
+    main = str(threading.main_thread().native_id)
     return states.get(main, ""), sum(1 for state in states.values() if state == "D")
 
 
 def threads_in_state_d() -> list[str]:
     """This process's threads in uninterruptible sleep, as 'tid (name)'."""
     names = {t.native_id: t.name for t in threading.enumerate()}
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return []
-    return [f"{tid} ({names.get(int(tid), '?')})" for tid in tids
-            if proc_state(f"/proc/self/task/{tid}/stat") == "D"]
+    return [f"{tid} ({names.get(int(tid), '?')})" for tid, state in task_states().items()
+            if state == "D"]
 
 
 def reads_in_flight() -> tuple[str | None, float | None, int]:

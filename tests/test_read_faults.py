@@ -265,10 +265,7 @@ def test_sixteen_ranks_finish_with_the_file_whose_open_never_returns_in_bad_imag
 def thread_states(pid: int) -> str:
     """The states of a process's threads (/proc/PID/task/*/stat: R, S, D, Z, ...)."""
     import pathlib
-    states = ""
-    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            states += (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            pass
-    return states
+
+    from engine.watchdog import proc_state
+    return "".join(proc_state(str(task / "stat"))
+                   for task in pathlib.Path(f"/proc/{pid}/task").glob("*"))
