@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 # --test-system (--with-slurm is the same): also the Debian packages the tests run for real:
 # slurm-wlm and munge (a throwaway SLURM cluster), fuse and libfuse2 (a file system with a
 # parallel file system's latency), libfuse-dev, gcc and pkg-config (its C daemon, which the
-# benchmarks use). Without them those tests skip with the reason. Needs root.
+# benchmarks use), prometheus (the server that scrapes a run's ranks). Without them those tests
+# skip with the reason. Needs root.
 if [[ " $* " == *" --test-system "* ]] || [[ " $* " == *" --with-slurm "* ]]; then
     missing=()
     command -v slurmctld >/dev/null || missing+=(slurm-wlm munge)
@@ -15,6 +16,7 @@ if [[ " $* " == *" --test-system "* ]] || [[ " $* " == *" --with-slurm "* ]]; th
         || missing+=(fuse libfuse2)
     { command -v cc >/dev/null && pkg-config --exists fuse 2>/dev/null; } \
         || missing+=(gcc pkg-config libfuse-dev)
+    command -v prometheus >/dev/null || missing+=(prometheus)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
