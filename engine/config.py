@@ -120,6 +120,13 @@ class RunConfig:
     log_every_steps: Count = 20
     progress: bool = True           # progress bar on rank 0
     max_steps: Size = 0             # stop (with a checkpoint) after this many optimizer steps; 0 = off
+    # where rank 0 writes the run's figures (engine/metrics.py, engine/trackers.py): jsonl,
+    # tensorboard, mlflow (MLFLOW_TRACKING_URI), wandb (WANDB_MODE=offline without a network)
+    loggers: list = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    # every rank's health for Prometheus (engine/hooks/prometheus.py): rank r serves on this port
+    # + its local rank; 0 = free ports, listed in RUN_DIR/prometheus_targets.json (file_sd);
+    # null = no exporter
+    prometheus_port: Annotated[int, Range("[0, 65535]")] | None = None
 
 
 ErrorPercent = Annotated[float, Range("[0, 100]")]  # a test error in %
