@@ -37,8 +37,9 @@ from .engines import PRECISION_NAMES, build_engine, engine_class, set_determinis
 from .errors import RunDirInUse, TrainingDiverged
 from .listings import list_once
 from .hooks import (CheckpointHook, EmaHook, EvalHook, MetricsHook, ProgressBarHook,
-                    QuarantineHook, RunDirHook, StepTimesHook, StopHook, SummaryHook,
-                    WatchdogHook)
+                    PrometheusHook, QuarantineHook, RunDirHook, StepTimesHook, StopHook,
+                    SummaryHook, WatchdogHook)
+from .hooks.prometheus import require_client
 from .metrics import open_sinks
 from .provenance import provenance, write_json
 from .schedule import Schedule, scaled_lr
@@ -68,6 +69,11 @@ def check_names(cfg: Config) -> None:
             check()
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
+    if cfg.run.prometheus_port is not None:
+        try:
+            require_client()          # an optional extra: said before anything starts
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def resolve(cfg: Config, dist: DistInfo) -> Config:
@@ -229,6 +235,10 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
                             metadata={"config": to_dict(cfg), "num_classes": num_classes,
                                       "classes": classes, "class_names": names},
                             buffers=buffers, is_main=main),
+             # every rank's; after the step times, checkpoints and quarantine it reports
+             PrometheusHook(cfg.run.prometheus_port, out, rank=dist.rank,
+                            local_rank=dist.local_rank, is_main=main)
+             if cfg.run.prometheus_port is not None else None,
              SummaryHook(out, model=cfg.model.name, data=f"{cfg.data.dataset} ({cfg.data.root})",
                          provenance=run_provenance, step_times=step_times, is_main=main),
              run_dir]

@@ -6,6 +6,7 @@ from .ema import EmaHook
 from .evaluation import EvalHook
 from .metrics import MetricsHook
 from .progress import ProgressBarHook
+from .prometheus import PrometheusHook
 from .quarantine import QuarantineHook
 from .run_dir import RunDirHook
 from .step_times import StepTimesHook
@@ -14,5 +15,5 @@ from .summary import SummaryHook
 from .watchdog import WatchdogHook
 
 __all__ = ["Check", "Hook", "HookList", "PerRank", "CheckpointHook", "EmaHook", "EvalHook",
-           "MetricsHook", "ProgressBarHook", "QuarantineHook", "RunDirHook", "StepTimesHook",
-           "REQUEUE_MARKER", "StopHook", "SummaryHook", "WatchdogHook"]
+           "MetricsHook", "ProgressBarHook", "PrometheusHook", "QuarantineHook", "RunDirHook",
+           "StepTimesHook", "REQUEUE_MARKER", "StopHook", "SummaryHook", "WatchdogHook"]
