@@ -40,7 +40,7 @@ from .hooks import (CheckpointHook, EmaHook, EvalHook, MetricsHook, ProgressBarH
                     PrometheusHook, QuarantineHook, RunDirHook, StepTimesHook, StopHook,
                     SummaryHook, WatchdogHook)
 from .hooks.prometheus import require_client
-from .metrics import open_sinks
+from .metrics import sink_problem
 from .provenance import provenance, write_json
 from .schedule import Schedule, scaled_lr
 from .trainer import Loaders, Trainer
@@ -48,7 +48,6 @@ from .watchdog import Watchdog, rank_store
 
 log = logging.getLogger("wrn_large.train")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-METRIC_SINKS = ("jsonl", "tensorboard")
 
 
 def console_logging(rank: int) -> None:
@@ -74,6 +73,9 @@ def check_names(cfg: Config) -> None:
             require_client()          # an optional extra: said before anything starts
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    for name in cfg.run.loggers:
+        if problem := sink_problem(name):
+            raise ConfigError(f"run.loggers: {problem}")
 
 
 def resolve(cfg: Config, dist: DistInfo) -> Config:
@@ -228,8 +230,8 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
              EvalHook(loaders.val, evaluated, dist.device, forward=engine.eval_forward,
                       every=cfg.run.eval_every_epochs, buffers=buffers),
              QuarantineHook(quarantines, out, main) if quarantines else None,
-             MetricsHook(open_sinks(METRIC_SINKS, out) if main else [], out,
-                         f"{cfg.model.name} on {cfg.data.dataset}", is_main=main),
+             MetricsHook(cfg.run.loggers if main else [], out,
+                         f"{cfg.model.name} on {cfg.data.dataset}", to_dict(cfg), is_main=main),
              CheckpointHook(out, engine, resume=cfg.run.resume,
                             every=cfg.run.checkpoint_every_steps, keep=cfg.run.keep_checkpoints,
                             metadata={"config": to_dict(cfg), "num_classes": num_classes,
@@ -261,7 +263,7 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
 
 
 def last_good_checkpoint(out: Path) -> str:
-    newest = next((p for p in ckpt.list_checkpoints(out) if ckpt.is_complete(p)), None)
+    newest = ckpt.newest_complete(out)
     return f"The last good checkpoint is {newest}." if newest else "No checkpoint was written yet."
 
 

@@ -137,6 +137,15 @@ def is_complete(path: Path) -> bool:
     return path.is_file() or (path / COMPLETE_MARKER).is_file()
 
 
+def newest_complete(output_dir) -> Path | None:
+    return next((p for p in list_checkpoints(output_dir) if is_complete(p)), None)
+
+
+def checksums_of(path: Path) -> Path:
+    """The file of a checkpoint's checksums: ``<file>.sha256``, or a directory's manifest."""
+    return checksum_file(path) if path.is_file() else path / MANIFEST
+
+
 def prune(output_dir, keep: int) -> None:
     """Delete all but the ``keep`` newest complete checkpoints (incomplete leftovers too)."""
     kept = 0

@@ -1,27 +1,65 @@
-"""Run outputs on rank 0: the metric sinks (metrics.jsonl, TensorBoard events), the
-training-curve PNG and the closing summary table."""
+"""Run outputs on rank 0: the metric sinks (metrics.jsonl, TensorBoard events; the trackers,
+MLflow and W&B, are engine/trackers.py's), the training-curve PNG and the closing summary
+table."""
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
+
+from .checkpoint import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class RunInfo:
+    """What a sink is told of the run when it opens (at the first epoch the run trains, after
+    any resume)."""
+
+    out: Path                   # the run directory
+    name: str                   # how trackers name the run: the run directory as given
+    config: dict                # the resolved config
+    start_step: int             # the optimizer step the run (re)starts from: 0 or its checkpoint's
+    # metrics.jsonl's records up to start_step, which a tracker that missed some (a start
+    # killed before its tracker thread sent them) sends first
+    earlier: list = field(default_factory=list)
+
+
+def read_records(path: Path, up_to: int) -> list[dict]:
+    """The records of a metrics.jsonl up to step ``up_to`` (a line cut short by a kill is left
+    out)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines(keepends=True):
+        if line.endswith("\n"):
+            record = json.loads(line)
+            if record["step"] <= up_to:
+                records.append(record)
+    return records
+
+
 class MetricSink(Protocol):
     """Where a run's figures go: ``write(kind, step, values)`` for each record ("train" at each
-    check, "epoch" at each epoch's end), ``close()`` at the end. A tracker is one more class
-    registered with ``@register_sink("name")``."""
+    check, "epoch" at each epoch's end), ``close(status, artifacts)`` at the end (status: the
+    trainer's, None when the run failed; artifacts: files a tracker may keep). A resumed run
+    writes each step once: a sink opened at ``start_step`` drops (or skips) what an earlier
+    start wrote after it. A sink is one more class registered with ``@register_sink("name")``;
+    ``requires`` names the module it imports (checked before a run starts, engine/build.py)."""
 
     def write(self, kind: str, step: int, values: dict) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str | None, artifacts: list[Path]) -> None: ...
 
 
-SINKS: dict[str, Callable[[Path], MetricSink]] = {}
+SINKS: dict[str, Callable[[RunInfo], MetricSink]] = {}
+EXTRA = "pip install 'wrn-large[tracking]'"   # the optional trackers' packages
 
 
 def register_sink(name: str):
@@ -32,47 +70,66 @@ def register_sink(name: str):
     return wrap
 
 
+def sink_problem(name: str) -> str | None:
+    """Why ``run.loggers`` cannot have ``name`` here (unknown, or its package is missing)."""
+    if name not in SINKS:
+        close = difflib.get_close_matches(str(name), SINKS, n=1)
+        return (f"unknown logger {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; valid: {', '.join(SINKS)}")
+    module = getattr(SINKS[name], "requires", None)
+    if module and importlib.util.find_spec(module) is None:
+        return f"{name} needs the {module} package: {EXTRA}"
+    return None
+
+
+def numbers(values: dict) -> dict:
+    """The plain numbers of a record (not lists, flags or the epoch's index)."""
+    return {k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
+
+
 @register_sink("jsonl")
 class JsonlSink:
     """``RUN_DIR/metrics.jsonl``: one JSON object per record, ``{"type": kind, "step": step,
-    **values}``, flushed at once."""
+    **values}``, flushed at once. Opened at step S, the records an earlier start wrote after S
+    are dropped first (they are written again, by the steps that redo them)."""
 
-    def __init__(self, out: str | Path):
-        self.file = open(Path(out) / "metrics.jsonl", "a")
+    def __init__(self, run: RunInfo):
+        path = run.out / "metrics.jsonl"
+        if path.is_file():
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in run.earlier))
+        self.file = open(path, "a")
 
     def write(self, kind: str, step: int, values: dict) -> None:
         self.file.write(json.dumps({"type": kind, "step": step, **values}) + "\n")
         self.file.flush()
 
-    def close(self) -> None:
+    def close(self, status, artifacts) -> None:
         self.file.close()
 
 
 @register_sink("tensorboard")
 class TensorBoardSink:
-    """``RUN_DIR/tensorboard``: every number of a record (but the epoch's index) as KIND/KEY."""
+    """``RUN_DIR/tensorboard``: every number of a record as KIND/KEY. Opened at step S, the events
+    of steps after S are purged (TensorBoard's ``purge_step``)."""
 
-    def __init__(self, out: str | Path):
+    def __init__(self, run: RunInfo):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(Path(out) / "tensorboard"))
+        self.writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=run.start_step + 1)
 
     def write(self, kind: str, step: int, values: dict) -> None:
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        for key, value in numbers(values).items():
+            self.writer.add_scalar(f"{kind}/{key}", value, step)
 
-    def close(self) -> None:
+    def close(self, status, artifacts) -> None:
         self.writer.close()
 
 
-def open_sinks(names, out: str | Path) -> list[MetricSink]:
-    sinks = []
-    for name in names:
-        try:
-            sinks.append(SINKS[name](out))
-        except ImportError as e:   # tensorboard is a dependency; the others suffice without it
-            log.warning("metrics sink %s unavailable (%s): not written", name, e)
-    return sinks
+def open_sinks(names, run: RunInfo) -> list[MetricSink]:
+    """The sinks of ``run.loggers`` (their packages were checked before the run started; the
+    trackers register theirs when engine/trackers.py is imported, as engine/hooks does); a
+    tracker that cannot be reached is a warning, never the run."""
+    return [SINKS[name](run) for name in names]
 
 
 def plot_curves(history: list[dict], path: str | Path, title: str) -> None:

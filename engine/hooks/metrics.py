@@ -1,12 +1,16 @@
-"""Metric writing on rank 0: each check's figures and each epoch's record to the sinks
-(engine/metrics.py: metrics.jsonl, TensorBoard), the epoch's line in the log, and the training
-curves (``training_curves.png``) redrawn after every epoch."""
+"""Metric writing on rank 0: each check's figures and each epoch's record to the sinks of
+``run.loggers`` (engine/metrics.py: metrics.jsonl, TensorBoard; engine/trackers.py: MLflow, W&B),
+the epoch's line in the log, and the training curves (``training_curves.png``) redrawn after
+every epoch. The sinks open when the first epoch starts, once a resume has set the step they
+continue from."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from ..metrics import MetricSink, fmt, plot_curves
+from .. import checkpoint as ckpt
+from .. import trackers  # noqa: F401 - registers the trackers' sinks (mlflow, wandb)
+from ..metrics import MetricSink, RunInfo, fmt, open_sinks, plot_curves, read_records
 from .base import Check, Hook
 
 log = logging.getLogger("wrn_large.train")
@@ -14,11 +18,24 @@ LOGGED = ("top1", "top5", "top1_ema")   # of an epoch's record, beside its train
 
 
 class MetricsHook(Hook):
-    """``sinks`` and the plot: rank 0's (the other ranks give none and draw nothing)."""
+    """``loggers``' sinks and the plot: rank 0's (``is_main``; the others give no loggers and
+    draw nothing). ``config``: the resolved config, which trackers record."""
 
-    def __init__(self, sinks: list[MetricSink], out: str | Path, title: str,
+    def __init__(self, loggers, out: str | Path, title: str, config: dict | None = None,
                  is_main: bool = True):
-        self.sinks, self.out, self.title, self.is_main = sinks, Path(out), title, is_main
+        self.loggers, self.out, self.title, self.is_main = list(loggers), Path(out), title, is_main
+        self.config = config or {}
+        self.sinks: list[MetricSink] | None = None
+
+    def open(self) -> None:
+        if self.sinks is None:
+            step = self.trainer.state.step
+            earlier = read_records(self.out / "metrics.jsonl", step)
+            self.sinks = open_sinks(self.loggers, RunInfo(self.out, str(self.out), self.config,
+                                                          step, earlier))
+
+    def before_epoch(self) -> None:
+        self.open()
 
     def write(self, kind: str, step: int, values: dict) -> None:
         for sink in self.sinks:
@@ -38,6 +55,18 @@ class MetricsHook(Hook):
                                                  if k in LOGGED))
         plot_curves(t.state.history, self.out / "training_curves.png", self.title)
 
+    def artifacts(self) -> list[Path]:
+        """What trackers keep of the run: the curves, the config, the final checkpoint's
+        checksum."""
+        files = [self.out / "training_curves.png", self.out / "config.yaml"]
+        newest = ckpt.newest_complete(self.out)
+        if newest is not None:
+            files.append(ckpt.checksums_of(newest))
+        return [p for p in files if p.is_file()]
+
     def after_train(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        status = self.trainer.status
+        if status is not None and self.loggers:
+            self.open()       # a run resumed after its last epoch still closes its trackers
+        for sink in self.sinks or []:
+            sink.close(status, self.artifacts() if status is not None else [])
