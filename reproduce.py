@@ -13,10 +13,18 @@ Each run goes to OUT/<config>/<dataset>/seed<k> (OUT is --out). The same command
 a kill or a cancelled array does only what is missing: a finished run is never run again, an
 interrupted one resumes from its last checkpoint. SIGTERM to this process is passed to the run
 in progress, which checkpoints and stops (exit 143). KEY=VALUE overrides apply to every run, as in
-train_imagenet.py. OUT/results.csv has one row per run with its commit, config digest, seed,
-world size, precision, hardware and versions; OUT/results.md the table in the paper's layout
-(networks down, data sets across); OUT/results.png each seed's point and the paper's value.
-Runs of one row that differ in config or commit are refused (or shown apart: --split-mixed).
+train_imagenet.py; a run directory that holds a run of another config is refused, but operational
+keys (data.workers, data.read_ahead, timeouts, logging, ports: engine/provenance.py's
+OPERATIONAL) may change between the starts of a run.
+
+OUT/results.csv has one row per run and metric with its commit, config digest, seed, world size,
+precision, hardware, versions and starts; OUT/results_summary.csv one row per network and data
+set (n, median, mean, std, min, max of the test error, the paper's number, statistic and runs,
+and the difference); OUT/results.md the table in the paper's layout (networks down, data sets
+across); OUT/results.png each seed's point and the paper's value. Runs of one row that differ in
+config or commit are refused (or shown apart: --split-mixed). A run whose starts (its first and
+every resume) differ in commit, world size or precision is flagged: a warning here, its
+mixed_starts column in results.csv and a line in results.md.
 """
 from __future__ import annotations
 
@@ -58,7 +66,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from engine.config import ConfigError, check_paths, load_config
-    from engine.results_table import MixedRuns, read_run, write_table
+    from engine.results_table import MixedRuns, read_run, start_warnings, write_table
     from engine.sweep import STOPPED, claim, plan, queued_array, run_locally, submit_array
 
     if args.seeds < 1:
@@ -111,14 +119,16 @@ def main(argv=None) -> int:
                 failed.append((run, code))
                 print(f"run failed (exit {code}): {run.run_dir}/train.log", file=sys.stderr)
     results = [r for r in (read_run(p.run_dir, p.name, p.order, p.paper) for p in runs) if r]
+    for line in start_warnings(results):
+        print(f"warning: {line}", file=sys.stderr)
     try:
         write_table(results, out, args.split_mixed)
     except MixedRuns as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     left = len(runs) - len(results)
-    print(f"{len(results)} of {len(runs)} runs finished -> {out}/results.md, results.csv, results.png"
-          + (f"; {left} still to run" if left else ""))
+    print(f"{len(results)} of {len(runs)} runs finished -> {out}/results.md, results.csv, "
+          f"results_summary.csv, results.png" + (f"; {left} still to run" if left else ""))
     return 1 if failed else 0
 
 

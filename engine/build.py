@@ -7,7 +7,8 @@
 2. joins the job torchrun describes and takes the run directory (a lock, ``train.log``);
 3. builds the loaders (with the run's quarantines), the model, the engine, the schedule and the
    hooks, in the order the loop calls them (``engine/hooks/``);
-4. on rank 0 writes ``config.yaml`` and ``provenance.json``.
+4. on rank 0 writes ``config.yaml`` and ``provenance.json`` (this start added to the run's
+   earlier ones; ``SummaryHook`` adds the step it resumed from).
 
 ``train(cfg)`` is what ``train_imagenet.py`` runs: build, train, return the summary.
 """
@@ -41,7 +42,7 @@ from .hooks import (CheckpointHook, EmaHook, EvalHook, MetricsHook, ProgressBarH
                     SummaryHook, WatchdogHook)
 from .hooks.prometheus import require_client
 from .metrics import sink_problem
-from .provenance import provenance, write_json
+from .provenance import provenance, with_earlier_starts, write_json
 from .schedule import Schedule, scaled_lr
 from .trainer import Loaders, Trainer
 from .watchdog import Watchdog, rank_store
@@ -220,7 +221,8 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     schedule = build_schedule(cfg, loaders.train)
     buffers = BufferSync([model] + ([ema.module] if ema else []), t.dist_bn)
     precision = PRECISION_NAMES[engine.amp_dtype]
-    run_provenance = provenance(cfg, dist.world_size, dist.device, precision) if main else {}
+    run_provenance = with_earlier_starts(provenance(cfg, dist.world_size, dist.device, precision,
+                                                    hosts), out / "provenance.json") if main else {}
     watchdog = Watchdog(t.hang_timeout_s, dist.rank, dist.world_size, out,
                         rank_store(dist.rank, dist.world_size) if t.hang_timeout_s > 0 else None,
                         position=getattr(engine, "position", None))
@@ -248,7 +250,8 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
                       loss_fn=loss_fn, batch_transform=batch_transform, dist=dist,
                       check_every=cfg.run.log_every_steps, seed=t.seed)
     if main:
-        save_config(cfg, out / "config.yaml", run_provenance)
+        save_config(cfg, out / "config.yaml",
+                    {k: v for k, v in run_provenance.items() if k != "starts"})
         write_json(out / "provenance.json", run_provenance)
         micro = micro_batch_size(cfg, dist)
         log.info("model %s: %.2fM parameters, %d classes; %s engine, %d process(es) on %s; "

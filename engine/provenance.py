@@ -1,13 +1,24 @@
 """What a run's numbers came from: the commit, the config's digest, the seed, the world size, the
 precision, the hardware and the versions of what it imported. Rank 0 writes it at the start of a
 run (``provenance.json``) and again, with the final metrics, when the run finishes
-(``result.json``: its presence is what ``reproduce.py`` takes for "this run is done")."""
+(``result.json``: its presence is what ``reproduce.py`` takes for "this run is done").
+
+A run may be started several times (resumed after a kill, a requeue, a torchrun restart), each
+time perhaps at another commit, world size or precision: both files list every start that
+trained (``starts``: time, commit, world size, hosts, precision, hardware, the step it resumed
+from), and their top-level fields are the latest start's. ``mixed_starts`` names what the
+starts of a run differ in (reproduce.py flags such a run).
+
+``config_digest`` decides which runs are "the same run" (a sweep's run directory, a row of its
+table): it leaves out the seed, the ``paper:`` section and ``OPERATIONAL``, the keys that do
+not change what a run computes."""
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
 import subprocess
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -17,22 +28,56 @@ from .config import REPO_ROOT, Config, to_dict
 
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda120", "deepspeed", "timm", "numpy",
             "pillow", "onnx", "onnxruntime", "detectron2", "pycocotools")
-# keys that name where or how verbosely a run goes, not what it computes; the seed is a run's own
-NOT_IN_DIGEST = {"run": ("output_dir", "resume", "progress", "log_every_steps", "keep_checkpoints"),
-                 "train": ("seed",), "paper": None}
+# The keys that change where a run goes, how it reports, or how it meets faults, never what it
+# computes: a run resumed with other values of them is the same run, and runs of one table row
+# may differ in them. Each with the reason it cannot change the numbers.
+OPERATIONAL = {
+    "run.output_dir": "where the run goes (a sweep's run directory is its identity already)",
+    "run.resume": "which checkpoint a start resumes from; resuming is exact (tested)",
+    "run.checkpoint_every_steps": "how often it saves; resuming is exact (tested), and the "
+                                  "BatchNorm statistics made equal over ranks at a save (a mean "
+                                  "or rank 0's) are read by evaluation alone, which takes the "
+                                  "same anyway",
+    "run.keep_checkpoints": "how many saves stay on disk",
+    "run.max_steps": "where a start stops early (with a checkpoint); the schedule is the "
+                     "epochs', and a stopped start writes no result",
+    "run.log_every_steps": "how often the loop logs and checks for NaN and stop requests",
+    "run.progress": "rank 0's progress bar",
+    "run.loggers": "where the figures are written (jsonl, tensorboard, mlflow, wandb)",
+    "run.prometheus_port": "the health exporter's port",
+    "data.workers": "DataLoader workers / DALI threads: every random draw is a function of "
+                    "(seed, epoch, sample), never of the process that makes it",
+    "data.read_ahead": "files read ahead by threads: the same bytes, earlier",
+    "data.read_timeout_s": "when a stuck read is given up on: a fault's handling",
+    "data.on_bad_image": "skip or stop at a file that cannot be read: on readable data a run "
+                         "computes the same either way (substitutes go to bad_images.txt)",
+    "data.max_bad_images": "how many bad files stop the run: a fault's handling",
+    "data.listing_cache": "where the listing is cached (checked against the folders)",
+    "train.hang_timeout_s": "when the watchdog ends a stuck job",
+    "train.straggler_factor": "when a slow rank is named in the log",
+}
+# besides them: the seed (a row's runs differ in it) and the paper's numbers (not the run's)
+NOT_IN_DIGEST = ("train.seed", "paper", *OPERATIONAL)
+# what the starts of one run must share for its numbers to be one computation's
+START_KEYS = ("commit", "world_size", "precision")
+
+
+def digest_values(values: dict) -> dict:
+    """``values`` (a config as a dict) without the keys ``config_digest`` leaves out."""
+    kept = {}
+    for section, keys in values.items():
+        if section in NOT_IN_DIGEST:
+            continue
+        kept[section] = {k: v for k, v in keys.items() if f"{section}.{k}" not in NOT_IN_DIGEST} \
+            if isinstance(keys, dict) else keys
+    return kept
 
 
 def config_digest(values: dict) -> str:
-    """sha256 (first 12 hex) of a config's values as a run computes with them, seed excluded:
-    the runs of one row of a table share it."""
-    kept = {}
-    for section, keys in values.items():
-        if section in NOT_IN_DIGEST and NOT_IN_DIGEST[section] is None:
-            continue
-        drop = NOT_IN_DIGEST.get(section, ())
-        kept[section] = {k: v for k, v in values[section].items() if k not in drop} \
-            if isinstance(values[section], dict) else values[section]
-    text = yaml.safe_dump(kept, sort_keys=True)
+    """sha256 (first 12 hex) of a config's values as a run computes with them (``digest_values``):
+    the runs of one row of a table share it, and a sweep's run directory keeps it across the
+    run's starts (``engine/sweep.py``)."""
+    text = yaml.safe_dump(digest_values(values), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -76,12 +121,56 @@ def hardware(device) -> str:
     return f"CPU: {cpu}"
 
 
-def provenance(cfg: Config, world_size: int, device, precision: str) -> dict:
+def provenance(cfg: Config, world_size: int, device, precision: str,
+               hosts: list[str] = ()) -> dict:
+    """This start's provenance; ``starts`` lists this start alone (``with_earlier_starts``)."""
     values = to_dict(cfg)
-    return {"commit": git_commit(), "config_digest": config_digest(values), "model": cfg.model.name,
-            "dataset": cfg.data.dataset, "seed": cfg.train.seed, "world_size": world_size,
-            "precision": precision, "deterministic": cfg.train.deterministic,
-            "hardware": hardware(device), "versions": versions()}
+    found = {"commit": git_commit(), "config_digest": config_digest(values),
+             "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.train.seed,
+             "world_size": world_size, "precision": precision,
+             "deterministic": cfg.train.deterministic, "hardware": hardware(device),
+             "versions": versions()}
+    start = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "commit": found["commit"], "world_size": world_size,
+             "hosts": list(dict.fromkeys(hosts)), "precision": precision,
+             "hardware": found["hardware"], "resumed_from_step": None}
+    return {**found, "starts": [start]}
+
+
+def earlier_starts(path: Path) -> list[dict]:
+    """The starts a run's ``provenance.json`` lists that went on to train (a start's
+    ``resumed_from_step`` is set when its training begins); one made of the top-level fields
+    of a file written before starts were listed."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if "starts" not in old:
+        return [{"time": None, **{k: old.get(k) for k in (*START_KEYS, "hardware")},
+                 "hosts": [], "resumed_from_step": None}] if "commit" in old else []
+    return [s for s in old["starts"] if s.get("resumed_from_step") is not None]
+
+
+def with_earlier_starts(values: dict, path: Path) -> dict:
+    """``values`` with the starts of ``path`` before its own (which is the last)."""
+    return {**values, "starts": earlier_starts(path) + values["starts"][-1:]}
+
+
+def began_training(values: dict, step: int) -> dict:
+    """``values`` once its start's training begins at ``step``: a start from scratch (step 0)
+    owes nothing to the earlier ones, which are dropped."""
+    start = {**values["starts"][-1], "resumed_from_step": step}
+    return {**values, "starts": (values["starts"][:-1] if step else []) + [start]}
+
+
+def mixed_starts(starts: list[dict]) -> dict[str, list]:
+    """What the starts of one run differ in: {key: its values in order} for ``START_KEYS``."""
+    mixed = {}
+    for key in START_KEYS:
+        seen = list(dict.fromkeys(s.get(key) for s in starts))
+        if len(seen) > 1:
+            mixed[key] = seen
+    return mixed
 
 
 def write_json(path: Path, values: dict) -> None:

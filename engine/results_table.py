@@ -1,7 +1,13 @@
 """The table of a sweep (reproduce.py): every finished run's final test error, per network and
 data set the median and spread over seeds beside the paper's number, as results.csv (one row per
-run, with its provenance), results.md (the paper's layout: networks down, data sets across) and
-results.png (each seed's point, our median and the paper's value)."""
+run, with its provenance), results_summary.csv (one row per network and data set: n, median,
+mean, std, min, max, the paper's number and statistic), results.md (the paper's layout:
+networks down, data sets across) and results.png (each seed's point, our median and the
+paper's value).
+
+A run resumed at another commit, world size or precision than it started with is flagged, not
+refused: results.csv's ``mixed_starts`` names what differs, results.md lists it below the
+tables and reproduce.py prints a warning (``start_warnings``)."""
 from __future__ import annotations
 
 import csv
@@ -11,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .metrics import fmt
+from .provenance import mixed_starts
 
 DATASET_METRICS = {"cifar10": ("cifar10",), "cifar100": ("cifar100",), "svhn": ("svhn",),
                    "imagenet": ("top1", "top5")}
@@ -18,7 +25,10 @@ METRIC_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN",
                  "top1": "top-1", "top5": "top-5"}
 CSV_COLUMNS = ("network", "table", "metric", "seed", "test_error", "paper", "config",
                "config_digest", "commit", "world_size", "precision", "deterministic", "hardware",
-               "versions", "run_dir")
+               "versions", "starts", "mixed_starts", "run_dir")
+SUMMARY_COLUMNS = ("network", "table", "dataset", "metric", "n", "median", "mean", "std", "min",
+                   "max", "paper", "paper_statistic", "paper_runs", "diff", "mixed_start_runs",
+                   "config", "config_digest", "commit")
 
 
 class MixedRuns(ValueError):
@@ -39,6 +49,15 @@ class RunResult:
     paper: dict         # metric -> the paper's, where it gives one
     paper_statistic: str
     paper_runs: int
+
+    @property
+    def starts(self) -> list[dict]:
+        """Its starts (result.json's ``starts``; none listed by runs of older code)."""
+        return self.provenance.get("starts") or []
+
+    @property
+    def mixed(self) -> dict[str, list]:
+        return mixed_starts(self.starts)
 
 
 @dataclass
@@ -108,6 +127,21 @@ def group(runs: list[RunResult], split_mixed: bool = False) -> list[Row]:
     return list(rows.values())
 
 
+def describe_mixed(mixed: dict[str, list], short: bool = False) -> str:
+    """'commit: a -> b; world_size: 1 -> 2' (commits cut to 12 characters with ``short``)."""
+    def show(key, value):
+        return str(value)[:12] if short and key == "commit" and value else str(value)
+    return "; ".join(f"{key}: {' -> '.join(show(key, v) for v in values)}"
+                     for key, values in mixed.items())
+
+
+def start_warnings(runs: list[RunResult]) -> list[str]:
+    """A line per run whose starts differ in commit, world size or precision."""
+    return [f"{run.run_dir}: its starts differ ({describe_mixed(run.mixed, short=True)}); its "
+            f"numbers may not be what one start would give"
+            for run in sorted(runs, key=lambda r: (r.order, r.seed)) if run.mixed]
+
+
 def write_csv(runs: list[RunResult], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -123,7 +157,30 @@ def write_csv(runs: list[RunResult], path: Path) -> None:
                     "world_size": p["world_size"], "precision": p["precision"],
                     "deterministic": p["deterministic"], "hardware": p["hardware"],
                     "versions": " ".join(f"{k}={v}" for k, v in p["versions"].items()),
+                    "starts": len(run.starts) or "", "mixed_starts": describe_mixed(run.mixed),
                     "run_dir": str(run.run_dir)})
+
+
+def write_summary(rows: list[Row], path: Path) -> None:
+    """results_summary.csv: per row of the table (network, metric) the statistics of its
+    runs' test errors (%), the paper's number, the statistic and run count it is, and diff =
+    ours - paper, ours being the paper's statistic (the mean where it gives a mean, else the
+    median)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            s, first = row.stats(), row.runs[0]
+            writer.writerow({
+                "network": row.network, "table": first.table,
+                "dataset": first.provenance["dataset"], "metric": row.metric,
+                **{k: f"{s[k]:.4f}" for k in ("median", "mean", "std", "min", "max")},
+                "n": s["n"], "paper": "" if s["paper"] is None else s["paper"],
+                "paper_statistic": first.paper_statistic, "paper_runs": first.paper_runs,
+                "diff": "" if s["diff"] is None else f"{s['diff']:.4f}",
+                "mixed_start_runs": sum(1 for r in row.runs if r.mixed), "config": first.config,
+                **{k: " ".join(dict.fromkeys(r.provenance[k] for r in row.runs))
+                   for k in ("config_digest", "commit")}})
 
 
 def markdown(rows: list[Row]) -> str:
@@ -166,6 +223,12 @@ def markdown(rows: list[Row]) -> str:
                 commits[p["commit"][:12]] = digests[p["config_digest"]] = None
             line += [", ".join(commits), ", ".join(digests)]
             out.append("| " + " | ".join(line) + " |")
+    mixed = {run.run_dir: run for row in rows for run in row.runs if run.mixed}
+    if mixed:
+        out += ["", "Runs resumed with another commit, world size or precision than they "
+                    "started with:", ""]
+        out += [f"- {'/'.join(run.run_dir.parts[-3:])}: {describe_mixed(run.mixed, short=True)}"
+                for run in mixed.values()]
     return "\n".join(out) + "\n"
 
 
@@ -201,6 +264,7 @@ def plot(rows: list[Row], path: Path) -> None:
 def write_table(runs: list[RunResult], out: Path, split_mixed: bool = False) -> list[Row]:
     rows = group(runs, split_mixed)
     write_csv(runs, out / "results.csv")
+    write_summary(rows, out / "results_summary.csv")
     (out / "results.md").write_text(markdown(rows))
     if rows:
         plot(rows, out / "results.png")

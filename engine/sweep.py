@@ -4,7 +4,9 @@ OUT/<config>/<dataset>/seed<k>, run locally one after another or as one SLURM jo
 A run is finished when its result.json exists (the trainer writes it last), and is never run
 again; any other run is started, or resumed from its checkpoint by the trainer's
 run.resume=auto. Each run directory holds ``sweep.json``: the config and overrides it was
-started with; a later sweep that asks something else of the same directory is refused."""
+started with; a later sweep that asks something else of the same directory is refused, unless
+what differs is operational (``engine.provenance.OPERATIONAL``: workers, read-ahead, timeouts,
+logging, ports), which a run may change between its starts."""
 from __future__ import annotations
 
 import json
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import REPO_ROOT, ConfigError, find_config, load_config, to_dict
-from .provenance import config_digest
+from .provenance import config_digest, digest_values
 
 
 @dataclass
@@ -79,13 +81,15 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def claim(run: PlannedRun) -> None:
-    """Record what this run directory is for, or refuse if it holds another config's run."""
+    """Record what this run directory is for, or refuse if it holds another config's run. The
+    recorded values' digest is computed again, so a directory claimed before a key became
+    operational is judged by today's list."""
     path = run.run_dir / "sweep.json"
     digest = config_digest(run.values)
     if path.is_file():
         old = json.loads(path.read_text())
-        if old["digest"] != digest:
-            changed = differences(old["values"], run.values)
+        if config_digest(old["values"]) != digest:
+            changed = differences(digest_values(old["values"]), digest_values(run.values))
             raise ConfigError(f"{run.run_dir} holds a run of another config ({'; '.join(changed[:5])})"
                               f": use another --out, or remove that directory")
         return

@@ -1,12 +1,14 @@
-"""reproduce.py: a tiny table (2 configs x 3 seeds on a learnable JPEG folder), its numbers
-against the runs' own metrics.jsonl, a sweep killed in the middle of a run and finished by the
-same command, SIGTERM to a two-process sweep, and two fresh runs of one seed that agree
-exactly."""
+"""reproduce.py: a tiny table (2 configs x 3 seeds on a learnable JPEG folder), its numbers and
+its summary file against the runs' own metrics.jsonl and result.json, a sweep killed in the
+middle of a run and finished by the same command with another data.workers (accepted: an
+operational key), SIGTERM to a two-process sweep whose run is resumed at another commit
+(flagged), and two fresh runs of one seed that agree exactly."""
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -74,6 +76,31 @@ def test_tiny_table_equals_the_runs_own_metrics(tmp_path, data):
         assert all(r["world_size"] == "1" and r["precision"] == "fp32" and "torch=" in r["versions"]
                    and r["commit"] for r in mine)
     assert spread, "the runs agree: this table cannot tell median from mean"
+    assert {(r["starts"], r["mixed_starts"]) for r in rows} == {("1", "")}
+
+    # the summary beside results.csv: per network and metric, from the runs' result.json
+    summary = list(csv.DictReader(open(out / "results_summary.csv")))
+    assert len(summary) == 2 * 2
+    for name, width in (("a", 1), ("b", 2)):
+        results = [json.loads((out / f"net_{name}" / "imagenet" / f"seed{s}" / "result.json")
+                              .read_text()) for s in range(3)]
+        for metric in ("top1", "top5"):
+            values = [100 - r[f"final_{metric}"] for r in results]
+            line = next(r for r in summary
+                        if r["network"] == f"WRN-10-{width}" and r["metric"] == metric)
+            assert float(line["median"]) == pytest.approx(statistics.median(values), abs=1e-4)
+            assert float(line["mean"]) == pytest.approx(statistics.mean(values), abs=1e-4)
+            assert float(line["std"]) == pytest.approx(statistics.stdev(values), abs=1e-4)
+            assert (float(line["min"]), float(line["max"])) == pytest.approx(
+                (min(values), max(values)), abs=1e-4)
+            assert float(line["diff"]) == pytest.approx(
+                statistics.median(values) - PAPER[name][metric], abs=1e-4)
+            assert (line["n"], line["table"], line["dataset"], float(line["paper"]),
+                    line["paper_statistic"], line["paper_runs"], line["mixed_start_runs"]) == \
+                ("3", "T1", "imagenet", PAPER[name][metric], "median", "3", "0")
+        start = results[0]["starts"]
+        assert len(start) == 1 and start[0]["resumed_from_step"] == 0 and start[0]["hosts"]
+        assert start[0]["commit"] == results[0]["commit"] and start[0]["world_size"] == 1
     assert "## Table T1" in md and "median of 3 runs" in md
     assert (out / "results.png").stat().st_size > 0
     assert any(line.startswith("# versions: ") and "torch " in line
@@ -99,12 +126,12 @@ def test_tiny_table_equals_the_runs_own_metrics(tmp_path, data):
     assert changed.returncode == 2 and "optim.lr" in changed.stderr
 
 
-def sweep_until_a_checkpoint(args: list[str], run_dir: Path, threads: int = THREADS
-                             ) -> subprocess.Popen:
-    """reproduce.py ARGS started in a session of its own, returned once ``run_dir`` holds a
-    checkpoint."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO,
+def sweep_until_a_checkpoint(args: list[str], run_dir: Path, threads: int = THREADS,
+                             repo: Path = REPO) -> subprocess.Popen:
+    """reproduce.py ARGS (``repo``'s) started in a session of its own, returned once
+    ``run_dir`` holds a checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, str(repo / "reproduce.py"), *args], cwd=repo,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 600
@@ -117,11 +144,35 @@ def sweep_until_a_checkpoint(args: list[str], run_dir: Path, threads: int = THRE
     return proc
 
 
+def repo_at_another_commit(folder: Path) -> tuple[Path, str]:
+    """This checkout's files as they are now (tracked, untracked but not ignored, and the built
+    extensions), committed in a repository of their own: (its folder, the commit), the same
+    code at another commit."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "-co", "--exclude-standard"],
+                            capture_output=True)
+    if listed.returncode:
+        pytest.skip(f"{REPO} is not a git checkout")
+    names = [n for n in listed.stdout.decode().split("\0") if n]
+    names += [str(p.relative_to(REPO)) for package in ("wrn_large", "pipelines", "engine")
+              for p in (REPO / package).rglob("*.so")]
+    for name in names:
+        if (REPO / name).is_file():            # a tracked file deleted meanwhile is listed too
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, folder / name)
+    git = ["git", "-C", str(folder), "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "another commit"]):
+        subprocess.run(git + command, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+    return folder, head.stdout.strip()
+
+
 def test_a_killed_sweep_is_finished_by_the_same_command(tmp_path, data):
+    """... with another data.workers (an operational key: the same run, the same numbers)."""
     config = write_table_configs(tmp_path / "configs")[0]
     out = tmp_path / "sweep"
     extra = {"train.epochs": 3, "run.checkpoint_every_steps": 2}
     args = [str(config), "--seeds", "2", "--out", str(out), *sweep_overrides(data, **extra)]
+    assert "data.workers=0" in args
     second = out / "net_a" / "imagenet" / "seed1"
     proc = sweep_until_a_checkpoint(args, second)
     os.killpg(proc.pid, signal.SIGKILL)                  # the sweep and its run, at once
@@ -130,10 +181,13 @@ def test_a_killed_sweep_is_finished_by_the_same_command(tmp_path, data):
     assert (first / "result.json").is_file() and not (second / "result.json").exists()
     stamp = (first / "result.json").stat().st_mtime_ns
 
-    again = reproduce(args)
+    again = reproduce([a.replace("data.workers=0", "data.workers=1") for a in args])
     assert f"seed 1 resumes in {second}" in again.stdout and "seed 0" not in again.stdout
     assert (first / "result.json").stat().st_mtime_ns == stamp
     assert "resumed from" in (second / "train.log").read_text()
+    starts = json.loads((second / "result.json").read_text())["starts"]
+    assert [s["resumed_from_step"] > 0 for s in starts] == [False, True]
+    assert "warning" not in again.stderr           # one commit, one world size, one precision
 
     # the interrupted run ends where an uninterrupted one of the same seed does
     whole = tmp_path / "whole"
@@ -146,13 +200,15 @@ def test_a_killed_sweep_is_finished_by_the_same_command(tmp_path, data):
 def test_sigterm_to_a_two_process_sweep_stops_its_run_with_a_checkpoint(tmp_path, data):
     """reproduce.py --nproc 2 (torchrun per run), SIGTERM to reproduce.py alone (a `kill PID`):
     it is passed on, the run checkpoints and stops, nothing is left running, the sweep exits
-    143; the same command resumes the run with its 2 processes and finishes it."""
+    143; the same command resumes the run with its 2 processes and finishes it. The first start
+    ran the same code at another commit: the run is flagged (warning, results.csv, results.md)."""
     config = write_table_configs(tmp_path / "configs")[0]
     out = tmp_path / "sweep"
     args = [str(config), "--seeds", "1", "--nproc", "2", "--out", str(out),
             *sweep_overrides(data, **{"train.epochs": 3, "run.checkpoint_every_steps": 2})]
     run = out / "net_a" / "imagenet" / "seed0"
-    proc = sweep_until_a_checkpoint(args, run, threads=1)
+    other, commit = repo_at_another_commit(tmp_path / "repo")
+    proc = sweep_until_a_checkpoint(args, run, threads=1, repo=other)
     try:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=120)[0].decode()
@@ -171,7 +227,15 @@ def test_sigterm_to_a_two_process_sweep_stops_its_run_with_a_checkpoint(tmp_path
     assert f"seed 0 resumes in {run}" in again.stdout
     assert "resumed from" in (run / "train.log").read_text()
     with open(out / "results.csv") as f:
-        assert {row["world_size"] for row in csv.DictReader(f)} == {"2"}
+        rows = list(csv.DictReader(f))
+    assert {row["world_size"] for row in rows} == {"2"}
+    starts = json.loads((run / "result.json").read_text())["starts"]
+    assert starts[0]["commit"] == commit != starts[1]["commit"] == rows[0]["commit"]
+    assert [(s["world_size"], s["precision"]) for s in starts] == [(2, "fp32")] * 2
+    assert {(row["starts"], row["mixed_starts"]) for row in rows} == \
+        {("2", f"commit: {commit} -> {starts[1]['commit']}")}
+    assert f"warning: {run}: its starts differ (commit: {commit[:12]} -> " in again.stderr
+    assert f"- net_a/imagenet/seed0: commit: {commit[:12]} -> " in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

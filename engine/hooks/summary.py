@@ -1,13 +1,18 @@
 """The run's outcome: a summary table on rank 0 when training ends (finished, stopped by a
 signal or at run.max_steps), and ``result.json`` beside its ``provenance.json`` when it
-finished (reproduce.py's mark of a finished run). ``result`` holds the figures either way."""
+finished (reproduce.py's mark of a finished run). ``result`` holds the figures either way.
+
+Once the checkpoint hook has resumed (or not), rank 0 writes ``provenance.json`` again with the
+step this start trains from: a start from scratch drops the earlier starts, a resumed one keeps
+them (``engine/provenance.py``); ``result.json`` carries the same ``starts``. Comes after the
+checkpoint hook."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
 from ..metrics import fmt, summary_table
-from ..provenance import write_json
+from ..provenance import began_training, write_json
 from .base import Hook
 from .step_times import StepTimesHook
 
@@ -21,6 +26,9 @@ class SummaryHook(Hook):
 
     def before_train(self) -> None:
         self.t0 = time.time()
+        if self.is_main and self.provenance.get("starts"):
+            self.provenance = began_training(self.provenance, self.trainer.state.step)
+            write_json(self.out / "provenance.json", self.provenance)
 
     def after_train(self) -> None:
         t = self.trainer
