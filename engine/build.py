@@ -77,6 +77,9 @@ def check_names(cfg: Config) -> None:
     for name in cfg.run.loggers:
         if problem := sink_problem(name):
             raise ConfigError(f"run.loggers: {problem}")
+    if problem := wrn_large.argument_problem(cfg.model.name, cfg.model.kwargs):
+        raise ConfigError(f"model.kwargs: {problem} (model.kwargs is {cfg.model.kwargs}; to "
+                          f"drop it when changing model.name, add model.kwargs={{}})")
 
 
 def resolve(cfg: Config, dist: DistInfo) -> Config:
@@ -117,14 +120,10 @@ def collective_timeout(hang_timeout_s: float) -> timedelta | None:
 # ------------------------------------------------------------------ the parts
 def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    kwargs = {"num_classes": num_classes, **cfg.model.kwargs}
-    try:
-        model = wrn_large.create_model(cfg.model.name, pretrained=cfg.model.pretrained,
-                                       use_ema=cfg.model.pretrained_ema, **kwargs)
-    except TypeError as e:
-        raise TypeError(f"{e} (model.kwargs is {cfg.model.kwargs}; to drop it when changing "
-                        f"model.name, add model.kwargs={{}})") from e
-    return model.to(dist.device)
+    model = wrn_large.create_model(cfg.model.name, pretrained=cfg.model.pretrained,
+                                   use_ema=cfg.model.pretrained_ema,
+                                   **{"num_classes": num_classes, **cfg.model.kwargs})
+    return model.to(dist.device)   # model.kwargs were checked before the run began (check_names)
 
 
 def build_loss(cfg: Config, num_classes: int):

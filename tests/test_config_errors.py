@@ -130,3 +130,22 @@ def test_the_command_itself_exits_2_with_one_line_and_no_torch(tmp_path):
     assert said == ["config error: command line: data.on_bad_image: 'skp' is not one of skip, stop"]
     assert "yaml" in imported and "torch" not in imported
     assert not out_dir.exists()
+
+
+def test_a_name_or_argument_no_registry_knows_is_a_config_error_naming_the_key():
+    """The open sets (registries) are checked by ``engine.build.check_names`` before any process
+    group or run directory: train_imagenet.py prints the error as one line, exit code 2
+    (tests/test_trackers.py runs the command for run.loggers)."""
+    import pytest
+
+    from engine.build import check_names
+    from engine.config import ConfigError, load_config
+    cases = {"model.name=wrn_nope": "model.name: unknown model 'wrn_nope'",
+             "engine.name=ddpp": "engine.name:",
+             "data.backend=dalii": "data.backend:",
+             "model.kwargs={widen: 2}": "model.kwargs: wrn_imagenet() got unknown argument(s) 'widen'",
+             "run.loggers=[jsonl,mlfow]": "run.loggers: unknown logger 'mlfow' (did you mean mlflow?)"}
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError) as error:
+            check_names(load_config(str(REPO_ROOT / "configs" / "quickstart.yaml"), [override]))
+        assert str(error.value).startswith(expected), (override, str(error.value))

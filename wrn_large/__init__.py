@@ -6,10 +6,11 @@
     wrn_large.list_models("wrn_40*")
 """
 from ._features import FeatureInfo
-from ._registry import ModelInfo, create_model, is_model, list_models, model_info, register_model
+from ._registry import (ModelInfo, argument_problem, create_model, is_model, list_models,
+                        model_info, register_model)
 from . import cifar, imagenet  # noqa: F401  (registers the models)
 from .stats import count_params, count_macs
 from . import timm_compat  # noqa: F401  (mirrors the registry into timm's)
 
-__all__ = ["FeatureInfo", "ModelInfo", "create_model", "is_model", "list_models", "model_info",
-           "register_model", "count_params", "count_macs"]
+__all__ = ["FeatureInfo", "ModelInfo", "argument_problem", "create_model", "is_model",
+           "list_models", "model_info", "register_model", "count_params", "count_macs"]

@@ -77,20 +77,28 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}.{hint} Valid models: {', '.join(list_models())}")
 
 
-def create_model(name: str, pretrained: str | None = None, use_ema: bool = False,
-                 **kwargs) -> nn.Module:
-    """Build a registered model; ``pretrained`` is a path to one of our checkpoints (its EMA
-    weights with ``use_ema``) or a torchvision state dict (see ``wrn_large.weights``)."""
+def argument_problem(name: str, kwargs: dict) -> str | None:
+    """What is wrong with ``kwargs`` for the model ``name`` (arguments its builder does not
+    take), or None."""
     _check_name(name)
-    builder = _builders[name]
-    params = [p for p, v in inspect.signature(builder).parameters.items()
+    params = [p for p, v in inspect.signature(_builders[name]).parameters.items()
               if v.kind is not inspect.Parameter.VAR_KEYWORD and p != "pretrained"]
     valid = params + list(TIMM_OPTIONS)
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
-        raise TypeError(f"{name}() got unknown argument(s) {', '.join(map(repr, unknown))}; "
-                        f"valid arguments: {', '.join(valid)}")
-    model = builder(**kwargs)
+        return (f"{name}() got unknown argument(s) {', '.join(map(repr, unknown))}; "
+                f"valid arguments: {', '.join(valid)}")
+    return None
+
+
+def create_model(name: str, pretrained: str | None = None, use_ema: bool = False,
+                 **kwargs) -> nn.Module:
+    """Build a registered model; ``pretrained`` is a path to one of our checkpoints (its EMA
+    weights with ``use_ema``) or a torchvision state dict (see ``wrn_large.weights``)."""
+    problem = argument_problem(name, kwargs)
+    if problem:
+        raise TypeError(problem)
+    model = _builders[name](**kwargs)
     if pretrained:
         from .weights import load_pretrained
         load_pretrained(model, pretrained, use_ema=use_ema)
