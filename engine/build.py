@@ -41,7 +41,7 @@ from .hooks import (CheckpointHook, EmaHook, EvalHook, MetricsHook, ProgressBarH
                     PrometheusHook, QuarantineHook, RunDirHook, StepTimesHook, StopHook,
                     SummaryHook, WatchdogHook)
 from .hooks.prometheus import require_client
-from .metrics import sink_problem
+from .metrics import loggers_problem
 from .provenance import provenance, with_earlier_starts, write_json
 from .schedule import Schedule, scaled_lr
 from .trainer import Loaders, Trainer
@@ -74,9 +74,8 @@ def check_names(cfg: Config) -> None:
             require_client()          # an optional extra: said before anything starts
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    for name in cfg.run.loggers:
-        if problem := sink_problem(name):
-            raise ConfigError(f"run.loggers: {problem}")
+    if problem := loggers_problem(cfg.run.loggers):
+        raise ConfigError(f"run.loggers: {problem}")
     if problem := wrn_large.argument_problem(cfg.model.name, cfg.model.kwargs):
         raise ConfigError(f"model.kwargs: {problem} (model.kwargs is {cfg.model.kwargs}; to "
                           f"drop it when changing model.name, add model.kwargs={{}})")

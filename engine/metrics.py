@@ -36,12 +36,18 @@ def read_records(path: Path, up_to: int) -> list[dict]:
     out)."""
     if not path.is_file():
         return []
-    records = []
+    records, unreadable = [], 0
     for line in path.read_text().splitlines(keepends=True):
-        if line.endswith("\n"):
-            record = json.loads(line)
-            if record["step"] <= up_to:
-                records.append(record)
+        try:
+            record = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            unreadable += line.endswith("\n")
+        elif record["step"] <= up_to:
+            records.append(record)
+    if unreadable:
+        log.warning("%s: %d line(s) that are not a record left out", path, unreadable)
     return records
 
 
@@ -68,6 +74,15 @@ def register_sink(name: str):
         return cls
 
     return wrap
+
+
+def loggers_problem(names: list) -> str | None:
+    """Why ``run.loggers`` cannot be ``names`` here (a name twice, unknown, or its package is
+    missing)."""
+    twice = sorted({str(n) for n in names if names.count(n) > 1})
+    if twice:
+        return f"{', '.join(twice)} listed twice"
+    return next((p for p in map(sink_problem, names) if p), None)
 
 
 def sink_problem(name: str) -> str | None:
@@ -129,7 +144,15 @@ def open_sinks(names, run: RunInfo) -> list[MetricSink]:
     """The sinks of ``run.loggers`` (their packages were checked before the run started; the
     trackers register theirs when engine/trackers.py is imported, as engine/hooks does); a
     tracker that cannot be reached is a warning, never the run."""
-    return [SINKS[name](run) for name in names]
+    sinks = []
+    try:
+        for name in names:
+            sinks.append(SINKS[name](run))
+    except BaseException:
+        for sink in sinks:            # the ones opened: let go of their files and threads
+            sink.close(None, [])
+        raise
+    return sinks
 
 
 def plot_curves(history: list[dict], path: str | Path, title: str) -> None:

@@ -12,6 +12,7 @@ so sending them again would record them twice).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from .checkpoint import CHECKSUM_SUFFIX, MANIFEST, write_text_atomic
@@ -26,7 +28,9 @@ from .metrics import RunInfo, numbers, register_sink
 
 log = logging.getLogger("wrn_large.train")
 CLOSE_WAIT_S = float(os.environ.get("WRN_TRACKER_CLOSE_WAIT_S", 60))
-MAX_QUEUED = 10_000          # records held while a server does not answer; older ones dropped
+MAX_QUEUED = 100_000         # records kept while a server does not answer; older ones dropped
+BATCH = 200                  # records per send (MLflow takes up to 1000 metrics a request)
+RETRY_S, MAX_RETRY_S = 5.0, 120.0   # after a failure, the next try (doubling)
 # MLflow's HTTP client retries a failed request 7 times with exponential backoff (minutes): a
 # tracker thread stuck that long falls behind the run. Users' own settings win.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
@@ -69,85 +73,144 @@ class TrackerRecord:
 
 
 class Background:
-    """A tracker's opening, writes and close, run in order in a daemon thread. A failure is
-    logged (the first of each call, then every 50th) and the next call tries again."""
+    """A tracker driven from a daemon thread: the loop's records go to ``pending`` (oldest
+    first) and the thread sends them in batches, in order. What fails (opening the tracker, a
+    send) stays pending and is tried again after ``RETRY_S`` (doubling up to ``MAX_RETRY_S``),
+    each failure logged (the first of its kind, then every 50th); past ``MAX_QUEUED`` pending
+    records the oldest are dropped, and counted. ``close`` asks the thread to send what is left
+    and close the tracker; ``wait_closed`` gives all trackers one deadline together."""
 
     def __init__(self, name: str, open_tracker, run: RunInfo):
-        self.name, self.tracker, self.failures = name, None, {}
-        self.calls: queue.Queue = queue.Queue()
-        self.dropped = 0
+        self.name, self.open_tracker, self.run = name, open_tracker, run
+        self.tracker, self.failures, self.dropped = None, {}, 0
+        self.lock = threading.Lock()
+        self.pending: deque = deque({"kind": r["type"], "step": r["step"],
+                                     "values": {k: v for k, v in r.items()
+                                                if k not in ("type", "step")}}
+                                    for r in run.earlier)   # those it holds are skipped
+        self.closing: tuple | None = None
+        self.wake: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self.work, name=f"tracker-{name}", daemon=True)
         self.thread.start()
-        self.calls.put(("open", (open_tracker, run)))
 
     def write(self, kind: str, step: int, values: dict) -> None:
-        if self.calls.qsize() >= MAX_QUEUED:
-            self.dropped += 1
-            return
-        self.calls.put(("write", (kind, step, dict(values))))
+        with self.lock:
+            if len(self.pending) >= MAX_QUEUED:
+                self.pending.popleft()
+                self.dropped += 1
+            self.pending.append({"kind": kind, "step": step, "values": dict(values)})
+        self.wake.put(True)
 
     def close(self, status: str | None, artifacts: list[Path]) -> None:
-        self.calls.put(("close", (status, list(artifacts))))
-        self.calls.put(None)
-        self.thread.join(CLOSE_WAIT_S)
-        left = self.calls.qsize() + self.dropped
-        if self.thread.is_alive() or self.dropped:
-            log.warning("%s: %d record(s) not sent (the tracker did not answer within %g s); "
-                        "metrics.jsonl has them all", self.name, left, CLOSE_WAIT_S)
+        self.closing = (status, list(artifacts))
+        self.wake.put(True)
 
     def work(self) -> None:
-        while (call := self.calls.get()) is not None:
-            what, args = call
-            try:
-                if what == "open":
-                    opener, run = args
-                    self.tracker = opener(run)
-                    self.catch_up(run.earlier)
-                elif self.tracker is not None:
-                    getattr(self.tracker, what)(*args)
-            except Exception as e:  # noqa: BLE001 - a tracker never ends the run
-                self.failed(what, e)
+        retry_s = RETRY_S
+        while True:
+            if self.send():
+                retry_s = RETRY_S
+                if self.closing is not None:
+                    self.finish()
+                    return
+                self.wake.get()
+            else:                     # the tracker did not answer: again in a while
+                try:
+                    self.wake.get(timeout=retry_s)
+                except queue.Empty:
+                    pass
+                retry_s = min(2 * retry_s, MAX_RETRY_S)
 
-    def catch_up(self, records: list[dict]) -> None:
-        """The records of metrics.jsonl from before this start, each sent unless the tracker
-        holds it (a killed start can have checkpointed steps its thread had not sent yet)."""
-        for record in records:
-            values = {k: v for k, v in record.items() if k not in ("type", "step")}
-            self.tracker.write(record["type"], record["step"], values)
+    def send(self) -> bool:
+        """Open the tracker if it is not yet, then send every pending record; False on a
+        failure (the records not sent stay pending)."""
+        try:
+            if self.tracker is None:
+                self.tracker = self.open_tracker(self.run)
+            while True:
+                with self.lock:
+                    batch = list(itertools.islice(self.pending, BATCH))
+                if not batch:
+                    return True
+                self.tracker.write_many(batch)
+                with self.lock:       # unless the loop dropped them meanwhile (MAX_QUEUED)
+                    for record in batch:
+                        if self.pending and self.pending[0] is record:
+                            self.pending.popleft()
+        except Exception as e:  # noqa: BLE001 - a tracker never ends the run
+            self.failed("open" if self.tracker is None else "send", e)
+            return False
+
+    def finish(self) -> None:
+        try:
+            self.tracker.close(*self.closing)
+        except Exception as e:  # noqa: BLE001
+            self.failed("close", e)
+
+    def unsent(self) -> int:
+        with self.lock:
+            return len(self.pending) + self.dropped
 
     def failed(self, what: str, error: Exception) -> None:
         count = self.failures[what] = self.failures.get(what, 0) + 1
         if count == 1 or count % 50 == 0:
-            log.warning("%s: %s failed (%d time(s) so far; the run goes on): %s: %s", self.name,
-                        what, count, type(error).__name__, str(error).splitlines()[0][:300]
-                        if str(error) else "")
+            first = str(error).splitlines()[0][:300] if str(error) else ""
+            log.warning("%s: %s failed (%d time(s) so far; the run goes on, records are kept "
+                        "and sent again): %s: %s", self.name, what, count,
+                        type(error).__name__, first)
 
 
-def background(name: str, open_tracker):
-    """A sink class whose tracker ``open_tracker(run)`` runs in a ``Background`` thread."""
+def wait_closed(sinks, seconds: float = None) -> None:
+    """Wait for the closing trackers among ``sinks``, all within one deadline; name what each
+    could not send."""
+    deadline = time.monotonic() + (CLOSE_WAIT_S if seconds is None else seconds)
+    for sink in sinks:
+        if isinstance(sink, Background):
+            sink.thread.join(max(0.0, deadline - time.monotonic()))
+            left = sink.unsent()
+            if sink.thread.is_alive() or left:
+                log.warning("%s: %d record(s) not sent and the run not closed there (the tracker "
+                            "did not answer within %g s of the run's end); metrics.jsonl has "
+                            "every record", sink.name, left, CLOSE_WAIT_S)
+
+
+def background(name: str, open_tracker, prepare=None):
+    """A sink whose tracker ``open_tracker(run)`` is driven by a ``Background`` thread;
+    ``prepare()`` first, in the calling thread (the environment is set there, before the
+    thread)."""
     def sink(run: RunInfo) -> Background:
+        if prepare is not None:
+            prepare()
         return Background(name, open_tracker, run)
 
     return sink
 
 
 # ------------------------------------------------------------------ MLflow
+def mlflow_defaults() -> None:
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+STATUS = {"finished": "FINISHED", "max_steps": "FINISHED", None: "FAILED"}   # else KILLED
+
+
 class MlflowTracker:
     """One MLflow run per run directory, on ``MLFLOW_TRACKING_URI`` (experiment
     ``MLFLOW_EXPERIMENT_NAME``, else MLflow's default): params = the resolved config, metrics
     KIND/KEY at each step, and at the end ``training_curves.png``, ``config.yaml`` and the final
-    checkpoint's ``.sha256`` as artifacts (its hash also as the tag ``final_checkpoint_sha256``)."""
+    checkpoint's ``.sha256`` as artifacts (its hash also as the tag ``final_checkpoint_sha256``).
+    A start from step 0 is a new MLflow run (a run begun again owes nothing to the earlier
+    one); a resumed start continues the recorded one."""
 
     def __init__(self, run: RunInfo):
-        for key, value in MLFLOW_HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         import mlflow
         from mlflow.tracking import MlflowClient
         self.client = MlflowClient()
         uri = mlflow.get_tracking_uri()
         record = TrackerRecord(run.out, "mlflow")
         self.held: dict[str, int] = {}        # kind -> the last step the server holds
-        if record.get("run_id") and record.get("tracking_uri") == uri:
+        if run.start_step and record.get("run_id") and record.get("tracking_uri") == uri:
             self.run_id = record.get("run_id")
             self.client.update_run(self.run_id, status="RUNNING")
             self.held = self.steps_held()
@@ -163,8 +226,8 @@ class MlflowTracker:
 
     def steps_held(self) -> dict[str, int]:
         """Per kind of record, the last step the server holds: asked, not remembered (a start
-        killed after a send and before it learnt of the answer leaves either state); a record's
-        metrics are one request, and records are sent in order."""
+        killed after a send and before it learnt of the answer leaves either state); records
+        are sent in order, a batch in one request."""
         held: dict[str, int] = {}
         for key in self.client.get_run(self.run_id).data.metrics:
             kind = key.split("/", 1)[0]
@@ -192,50 +255,61 @@ class MlflowTracker:
         for i in range(0, len(new), 100):               # MLflow's limit per batch
             self.client.log_batch(self.run_id, params=new[i:i + 100])
 
-    def write(self, kind: str, step: int, values: dict) -> None:
-        if step <= self.held.get(kind, -1):
-            return
+    def write_many(self, records: list[dict]) -> None:
+        """The records the server does not hold, as one request."""
         from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"{kind}/{k}", float(v), now, step) for k, v in numbers(values).items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
-        self.held[kind] = step
+        now, metrics, held = int(time.time() * 1000), [], dict(self.held)
+        for r in records:
+            if r["step"] > held.get(r["kind"], -1):
+                metrics += [Metric(f"{r['kind']}/{k}", float(v), now, r["step"])
+                            for k, v in numbers(r["values"]).items()]
+                held[r["kind"]] = r["step"]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        self.held = held
 
     def close(self, status: str | None, artifacts: list[Path]) -> None:
         if sha256 := checkpoint_sha256(artifacts):
             self.client.set_tag(self.run_id, "final_checkpoint_sha256", sha256)
         for path in artifacts:
             self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, {"finished": "FINISHED", None: "FAILED"}
-                                   .get(status, "KILLED"))
+        self.client.set_terminated(self.run_id, STATUS.get(status, "KILLED"))
 
 
-register_sink("mlflow")(background("mlflow", MlflowTracker)).requires = "mlflow"
+register_sink("mlflow")(background("mlflow", MlflowTracker, mlflow_defaults)).requires = "mlflow"
 
 
 # ------------------------------------------------------------------ Weights & Biases
 class WandbTracker:
     """One W&B run per run directory (``WANDB_PROJECT``, else "wrn-large"; ``WANDB_MODE=offline``
     writes it under RUN_DIR/wandb without a network, for ``wandb sync``): the resolved config,
-    KIND/KEY at each step, the final checkpoint's sha256 in the summary. W&B knows itself which
-    steps a resumed run holds (its ``starting_step``; a sync drops a step it holds): what it was
-    sent is only written out by its service every 15 s (``x_transaction_log_flush_interval``),
-    so a start that is killed loses up to that much, and a record of ours of what it was sent
-    would skip steps it never kept."""
+    KIND/KEY at each step, the final checkpoint's sha256 in the summary. A start from step 0 is
+    a new W&B run. W&B knows itself which steps a resumed run holds (its ``starting_step``; a
+    sync drops a step it holds): what it was sent is only written out by its service every 15 s
+    (``x_transaction_log_flush_interval``), so a start that is killed loses up to that much, and
+    a record of ours of what it was sent would skip steps it never kept. A stop asked from W&B's
+    side is a warning: the job's scheduler stops a job (W&B's default interrupts the main
+    thread, which would leave the other ranks waiting)."""
 
     def __init__(self, run: RunInfo):
         import wandb
-        self.record = TrackerRecord(run.out, "wandb")
-        run_id = self.record.get("id") or secrets.token_hex(4)
+        record = TrackerRecord(run.out, "wandb")
+        run_id = record.get("id") if run.start_step and record.get("id") else secrets.token_hex(4)
+        record.set(id=run_id)           # before init: a start killed inside it keeps the id
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "wrn-large"), id=run_id,
-                              resume="allow", name=run.name, dir=str(run.out),
-                              config=run.config, settings=wandb.Settings(console="off"))
-        if self.record.get("id") != run_id:
-            self.record.set(id=run_id)
+                              resume="allow", name=run.name, dir=str(run.out), config=run.config,
+                              settings=wandb.Settings(console="off", stop_fn=self.stop_asked))
 
-    def write(self, kind: str, step: int, values: dict) -> None:
-        if step >= self.run.starting_step:
-            self.run.log({f"{kind}/{k}": v for k, v in numbers(values).items()}, step=step)
+    @staticmethod
+    def stop_asked() -> None:
+        log.warning("wandb: the run was marked stopped in W&B; training goes on (stop the job "
+                    "with its scheduler: it checkpoints)")
+
+    def write_many(self, records: list[dict]) -> None:
+        for r in records:
+            if r["step"] >= self.run.starting_step:
+                self.run.log({f"{r['kind']}/{k}": v for k, v in numbers(r["values"]).items()},
+                             step=r["step"])
 
     def close(self, status: str | None, artifacts: list[Path]) -> None:
         if sha256 := checkpoint_sha256(artifacts):

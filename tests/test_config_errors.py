@@ -144,7 +144,8 @@ def test_a_name_or_argument_no_registry_knows_is_a_config_error_naming_the_key()
              "engine.name=ddpp": "engine.name:",
              "data.backend=dalii": "data.backend:",
              "model.kwargs={widen: 2}": "model.kwargs: wrn_imagenet() got unknown argument(s) 'widen'",
-             "run.loggers=[jsonl,mlfow]": "run.loggers: unknown logger 'mlfow' (did you mean mlflow?)"}
+             "run.loggers=[jsonl,mlfow]": "run.loggers: unknown logger 'mlfow' (did you mean mlflow?)",
+             "run.loggers=[jsonl,tensorboard,jsonl]": "run.loggers: jsonl listed twice"}
     for override, expected in cases.items():
         with pytest.raises(ConfigError) as error:
             check_names(load_config(str(REPO_ROOT / "configs" / "quickstart.yaml"), [override]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -25,15 +26,18 @@ pytestmark = pytest.mark.slow
 LOGGERS = "run.loggers=[jsonl,tensorboard,mlflow,wandb]"
 
 
-def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on 127.0.0.1 with its sqlite store and artifacts in ``folder`` (the
+    same store again when started again on it), in a session of its own (uvicorn's workers
+    are its children)."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
          "--artifacts-destination", str(folder / "artifacts")],
-        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT,
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     import urllib.request
@@ -66,7 +70,7 @@ def data(tmp_path_factory):
 
 
 def training(out: Path, data: Path, env: dict, *extra: str) -> subprocess.Popen:
-    overrides = base_overrides(data, out, **{"train.epochs": 2, "run.checkpoint_every_steps": 4})
+    overrides = base_overrides(data, out, **{"train.epochs": 2})   # checkpoints at 6, 12, ...
     return subprocess.Popen(
         [sys.executable, str(REPO / "train_imagenet.py"), "--config", "configs/quickstart.yaml",
          *overrides, *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -145,17 +149,23 @@ def wandb_steps(out: Path) -> int:
         return -1
 
 
-def kill_past_checkpoint(run: subprocess.Popen, out: Path, url: str) -> None:
-    """SIGKILL once both trackers hold steps after the step-4 checkpoint (and before the run
-    ends): the resumed run redoes those steps."""
+def kill_past_checkpoint(run: subprocess.Popen, out: Path, url: str) -> int:
+    """SIGKILL once MLflow holds steps after the step-6 checkpoint, before the run ends: the
+    resumed start redoes steps it holds (or, if the loop was past the next checkpoint by then,
+    sends it the ones it lacks). The step MLflow held."""
     deadline = time.time() + 240
-    while min(mlflow_steps(url, out), wandb_steps(out)) < 6:
+    while (held := mlflow_steps(url, out)) < 8:
         assert run.poll() is None, f"the run ended before it was killed:\n{run.stdout.read()}"
-        assert time.time() < deadline, "the trackers recorded nothing past step 5"
+        assert time.time() < deadline, "the trackers recorded nothing past step 7"
         time.sleep(0.05)
     run.kill()
     run.wait(timeout=30)
-    assert mlflow_steps(url, out) < 12, "killed too late"
+    assert held < 30, "killed too late"
+    return held
+
+
+def resumed_at(output: str) -> int:
+    return int(re.search(r"resumed from \S+ at step (\d+)", output).group(1))
 
 
 def finish(run: subprocess.Popen) -> str:
@@ -172,15 +182,15 @@ def test_a_killed_and_resumed_run_is_one_tracker_run_with_each_step_once(tmp_pat
                "WANDB_MODE": "offline", "WANDB_PROJECT": "wrn-test",
                "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.2"}
         out = tmp_path / "run"
-        kill_past_checkpoint(training(out, data, env, LOGGERS), out, url)
-        finish(training(out, data, env, LOGGERS))
+        kill_past_checkpoint(training(out, data, env, LOGGERS, "train.epochs=5"), out, url)
+        assert resumed_at(finish(training(out, data, env, LOGGERS, "train.epochs=5"))) < 30
 
         train = [r for r in read_metrics(out) if r["type"] == "train"]
         epochs = [r for r in read_metrics(out) if r["type"] == "epoch"]
-        assert [r["step"] for r in train] == list(range(1, 13))     # each step once, in order
-        assert [r["step"] for r in epochs] == [6, 12]
+        assert [r["step"] for r in train] == list(range(1, 31))     # each step once, in order
+        assert [r["step"] for r in epochs] == [6, 12, 18, 24, 30]
         loss = {r["step"]: r["loss"] for r in train}
-        checkpoint = out / "checkpoints" / "step_00000012.pt"
+        checkpoint = out / "checkpoints" / "step_00000030.pt"
         sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
         # MLflow: one run, the config as params, each step once and equal to metrics.jsonl
@@ -199,12 +209,12 @@ def test_a_killed_and_resumed_run_is_one_tracker_run_with_each_step_once(tmp_pat
                      for k, v in keys.items() if isinstance(v, dict) and v for kk, vv in v.items()})
         assert run.data.params == flat
         history = client.get_metric_history(run.info.run_id, "train/loss")
-        assert sorted(m.step for m in history) == list(range(1, 13))
+        assert sorted(m.step for m in history) == list(range(1, 31))
         assert all(m.value == pytest.approx(loss[m.step], rel=1e-6) for m in history)
         top1 = client.get_metric_history(run.info.run_id, "epoch/top1")
         assert sorted((m.step, m.value) for m in top1) == [(r["step"], r["top1"]) for r in epochs]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert artifacts == {"training_curves.png", "config.yaml", "step_00000012.pt.sha256"}
+        assert artifacts == {"training_curves.png", "config.yaml", "step_00000030.pt.sha256"}
         assert run.data.tags["final_checkpoint_sha256"] == sha256
 
         # W&B offline: two starts of one run id. The killed start's file holds what W&B's
@@ -215,17 +225,63 @@ def test_a_killed_and_resumed_run_is_one_tracker_run_with_each_step_once(tmp_pat
         kept = json.loads((out / "trackers" / "wandb.json").read_text())["id"]
         killed, resumed = (wandb_history(path) for path in starts)
         assert killed[0] == resumed[0] == {kept}
-        for history, steps in ((killed[1], range(1, 6)), (resumed[1], range(1, 13))):
+        for history, complete in ((killed[1], False), (resumed[1], True)):
             losses = {step: v for (key, step), v in history.items() if key == "train/loss"}
-            assert sorted(losses)[:len(steps)] == list(steps)
+            assert sorted(losses) == list(range(1, 31 if complete else len(losses) + 1))
             assert all(len(v) == 1 and v[0] == pytest.approx(loss[s], rel=1e-6)
                        for s, v in losses.items())
         assert resumed[2]["epoch/top1"] == pytest.approx(epochs[-1]["top1"])
         assert resumed[2]["final_checkpoint_sha256"] == sha256
 
         # TensorBoard: the steps after the checkpoint written by the killed start are purged
-        assert [s for s, _ in tensorboard_steps(out, "train/loss")] == list(range(1, 13))
+        assert [s for s, _ in tensorboard_steps(out, "train/loss")] == list(range(1, 31))
     finally:
+        stop(server)
+
+
+def test_a_tracker_that_hangs_while_the_run_is_killed_gets_every_step_on_resume(tmp_path, data):
+    """The server stops answering (SIGSTOP: connections accepted, never answered) at step 2;
+    the loop goes on regardless, checkpoints at step 6 and is SIGKILLed past it with records
+    still unsent; the server goes down too (what it had not committed lost) and comes back on
+    its store. The resumed start sends the killed start's records from metrics.jsonl, then its
+    own: the MLflow run holds each step once."""
+    server, url = start_mlflow_server(tmp_path / "mlflow")
+    out = tmp_path / "run"
+    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_TIMEOUT": "1",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    loggers = ("run.loggers=[jsonl,mlflow]", "train.epochs=3")
+    try:
+        run = training(out, data, env, *loggers)
+        deadline = time.time() + 240
+        while mlflow_steps(url, out) < 2:
+            assert run.poll() is None and time.time() < deadline, run.stdout.read()
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGSTOP)    # the server and its uvicorn workers
+        stopped = time.time()        # past the checkpoint at 6, and a request timed out
+        while max([r["step"] for r in read_metrics(out)], default=0) < 8 or \
+                time.time() < stopped + 2.5:
+            assert run.poll() is None and time.time() < deadline, run.stdout.read()
+            time.sleep(0.05)
+        run.kill()
+        output = run.communicate(timeout=60)[0]
+        assert "mlflow: send failed" in output, output[-3000:]
+        stop(server)
+        server, url = start_mlflow_server(tmp_path / "mlflow", int(url.rsplit(":", 1)[1]))
+        held = mlflow_steps(url, out)
+        resumed = resumed_at(finish(training(out, data, env, *loggers)))
+        assert held < resumed                  # checkpointed steps the server did not hold
+
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(url)
+        run_id = json.loads((out / "trackers" / "mlflow.json").read_text())["run_id"]
+        loss = {r["step"]: r["loss"] for r in read_metrics(out) if r["type"] == "train"}
+        history = client.get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, 19)) == sorted(loss)
+        assert all(m.value == pytest.approx(loss[m.step], rel=1e-6) for m in history)
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGCONT)
         stop(server)
 
 
@@ -233,19 +289,23 @@ def test_a_tracker_server_that_goes_away_costs_a_warning_not_the_run(tmp_path, d
     server, url = start_mlflow_server(tmp_path / "mlflow")
     out = tmp_path / "run"
     try:
-        run = training(out, data, {"MLFLOW_TRACKING_URI": url, "WRN_TRACKER_CLOSE_WAIT_S": "10",
+        run = training(out, data, {"MLFLOW_TRACKING_URI": url, "WRN_TRACKER_CLOSE_WAIT_S": "5",
                                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
-                       "run.loggers=[jsonl,mlflow]", "train.epochs=3")
-        deadline = time.time() + 240
-        while mlflow_steps(url, out) < 2:
+                       "run.loggers=[jsonl,mlflow]", "train.epochs=4")
+        deadline, held = time.time() + 240, -1
+        while held < 2:
             assert run.poll() is None and time.time() < deadline, run.stdout.read()
             time.sleep(0.05)
+            held = mlflow_steps(url, out)
     finally:
         stop(server)                            # gone for good, mid-run
     output = finish(run)
     assert (out / "result.json").is_file()
-    assert "mlflow: write failed" in output, output[-3000:]
-    assert [r["step"] for r in read_metrics(out) if r["type"] == "train"] == list(range(1, 19))
+    assert "mlflow: send failed" in output, output[-3000:]
+    unsent = re.search(r"mlflow: (\d+) record\(s\) not sent", output)
+    # at least the train records after the last one it took (one may have been under way)
+    assert unsent and int(unsent.group(1)) >= 24 - (held + 1), output[-3000:]
+    assert [r["step"] for r in read_metrics(out) if r["type"] == "train"] == list(range(1, 25))
 
 
 def test_a_logger_whose_package_is_missing_or_unknown_is_one_line(tmp_path, data):

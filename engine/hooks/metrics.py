@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from .. import checkpoint as ckpt
-from .. import trackers  # noqa: F401 - registers the trackers' sinks (mlflow, wandb)
+from .. import trackers  # registers the trackers' sinks (mlflow, wandb)
 from ..metrics import MetricSink, RunInfo, fmt, open_sinks, plot_curves, read_records
 from .base import Check, Hook
 
@@ -28,7 +28,7 @@ class MetricsHook(Hook):
         self.sinks: list[MetricSink] | None = None
 
     def open(self) -> None:
-        if self.sinks is None:
+        if self.sinks is None and self.loggers:
             step = self.trainer.state.step
             earlier = read_records(self.out / "metrics.jsonl", step)
             self.sinks = open_sinks(self.loggers, RunInfo(self.out, str(self.out), self.config,
@@ -38,7 +38,7 @@ class MetricsHook(Hook):
         self.open()
 
     def write(self, kind: str, step: int, values: dict) -> None:
-        for sink in self.sinks:
+        for sink in self.sinks or []:
             sink.write(kind, step, values)
 
     def after_check(self, check: Check) -> None:
@@ -68,5 +68,7 @@ class MetricsHook(Hook):
         status = self.trainer.status
         if status is not None and self.loggers:
             self.open()       # a run resumed after its last epoch still closes its trackers
+        artifacts = self.artifacts() if status is not None else []
         for sink in self.sinks or []:
-            sink.close(status, self.artifacts() if status is not None else [])
+            sink.close(status, artifacts)
+        trackers.wait_closed(self.sinks or [])    # one deadline for them all
