@@ -30,7 +30,9 @@ class MetricsHook(Hook):
     def open(self) -> None:
         if self.sinks is None and self.loggers:
             step = self.trainer.state.step
-            earlier = read_records(self.out / "metrics.jsonl", step)
+            # metrics.jsonl is what trackers catch up from, where this run writes it
+            earlier = read_records(self.out / "metrics.jsonl", step) \
+                if "jsonl" in self.loggers else []
             self.sinks = open_sinks(self.loggers, RunInfo(self.out, str(self.out), self.config,
                                                           step, earlier))
 
