@@ -23,7 +23,7 @@ set (n, median, mean, std, min, max of the test error, the paper's number, stati
 and the difference); OUT/results.md the table in the paper's layout (networks down, data sets
 across); OUT/results.png each seed's point and the paper's value. Runs of one row that differ in
 config or commit are refused (or shown apart: --split-mixed). A run whose starts (its first and
-every resume) differ in commit, world size or precision is flagged: a warning here, its
+every resume) differ in commit, config digest, world size or precision is flagged: a warning here, its
 mixed_starts column in results.csv and a line in results.md.
 """
 from __future__ import annotations

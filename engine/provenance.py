@@ -4,7 +4,7 @@ run (``provenance.json``) and again, with the final metrics, when the run finish
 (``result.json``: its presence is what ``reproduce.py`` takes for "this run is done").
 
 A run may be started several times (resumed after a kill, a requeue, a torchrun restart), each
-time perhaps at another commit, world size or precision: both files list every start that
+time perhaps at another commit, config digest, world size or precision: both files list every start that
 trained (``starts``: time, commit, world size, hosts, precision, hardware, the step it resumed
 from), and their top-level fields are the latest start's. ``mixed_starts`` names what the
 starts of a run differ in (reproduce.py flags such a run).
@@ -30,17 +30,14 @@ PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda120", "deepspeed", "timm", 
             "pillow", "onnx", "onnxruntime", "detectron2", "pycocotools")
 # The keys that change where a run goes, how it reports, or how it meets faults, never what it
 # computes: a run resumed with other values of them is the same run, and runs of one table row
-# may differ in them. Each with the reason it cannot change the numbers.
+# may differ in them. Each with the reason it cannot change the numbers. Not among them:
+# run.checkpoint_every_steps and run.max_steps (a save makes the BatchNorm statistics equal over
+# ranks, and DDP's forward passes rank 0's on: where saves fall changes a multi-rank run's
+# numbers), data.on_bad_image and data.max_bad_images (which files a run trains on).
 OPERATIONAL = {
     "run.output_dir": "where the run goes (a sweep's run directory is its identity already)",
     "run.resume": "which checkpoint a start resumes from; resuming is exact (tested)",
-    "run.checkpoint_every_steps": "how often it saves; resuming is exact (tested), and the "
-                                  "BatchNorm statistics made equal over ranks at a save (a mean "
-                                  "or rank 0's) are read by evaluation alone, which takes the "
-                                  "same anyway",
     "run.keep_checkpoints": "how many saves stay on disk",
-    "run.max_steps": "where a start stops early (with a checkpoint); the schedule is the "
-                     "epochs', and a stopped start writes no result",
     "run.log_every_steps": "how often the loop logs and checks for NaN and stop requests",
     "run.progress": "rank 0's progress bar",
     "run.loggers": "where the figures are written (jsonl, tensorboard, mlflow, wandb)",
@@ -49,9 +46,6 @@ OPERATIONAL = {
                     "(seed, epoch, sample), never of the process that makes it",
     "data.read_ahead": "files read ahead by threads: the same bytes, earlier",
     "data.read_timeout_s": "when a stuck read is given up on: a fault's handling",
-    "data.on_bad_image": "skip or stop at a file that cannot be read: on readable data a run "
-                         "computes the same either way (substitutes go to bad_images.txt)",
-    "data.max_bad_images": "how many bad files stop the run: a fault's handling",
     "data.listing_cache": "where the listing is cached (checked against the folders)",
     "train.hang_timeout_s": "when the watchdog ends a stuck job",
     "train.straggler_factor": "when a slow rank is named in the log",
@@ -59,7 +53,7 @@ OPERATIONAL = {
 # besides them: the seed (a row's runs differ in it) and the paper's numbers (not the run's)
 NOT_IN_DIGEST = ("train.seed", "paper", *OPERATIONAL)
 # what the starts of one run must share for its numbers to be one computation's
-START_KEYS = ("commit", "world_size", "precision")
+START_KEYS = ("commit", "config_digest", "world_size", "precision")
 
 
 def digest_values(values: dict) -> dict:
@@ -131,7 +125,8 @@ def provenance(cfg: Config, world_size: int, device, precision: str,
              "deterministic": cfg.train.deterministic, "hardware": hardware(device),
              "versions": versions()}
     start = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "commit": found["commit"], "world_size": world_size,
+             "commit": found["commit"], "config_digest": found["config_digest"],
+             "world_size": world_size,
              "hosts": list(dict.fromkeys(hosts)), "precision": precision,
              "hardware": found["hardware"], "resumed_from_step": None}
     return {**found, "starts": [start]}
@@ -145,9 +140,9 @@ def earlier_starts(path: Path) -> list[dict]:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
-    if "starts" not in old:
+    if "starts" not in old:       # the step it trained from is not known: -1
         return [{"time": None, **{k: old.get(k) for k in (*START_KEYS, "hardware")},
-                 "hosts": [], "resumed_from_step": None}] if "commit" in old else []
+                 "hosts": [], "resumed_from_step": -1}] if "commit" in old else []
     return [s for s in old["starts"] if s.get("resumed_from_step") is not None]
 
 
@@ -157,10 +152,13 @@ def with_earlier_starts(values: dict, path: Path) -> dict:
 
 
 def began_training(values: dict, step: int) -> dict:
-    """``values`` once its start's training begins at ``step``: a start from scratch (step 0)
-    owes nothing to the earlier ones, which are dropped."""
+    """``values`` once its start's training begins at ``step``: the earlier starts whose work
+    it builds on, those that began before ``step`` (a start from scratch owes nothing to the
+    earlier ones; one that resumed at or after ``step`` was undone, as its steps are done
+    again)."""
     start = {**values["starts"][-1], "resumed_from_step": step}
-    return {**values, "starts": (values["starts"][:-1] if step else []) + [start]}
+    kept = [s for s in values["starts"][:-1] if s["resumed_from_step"] < step]
+    return {**values, "starts": kept + [start]}
 
 
 def mixed_starts(starts: list[dict]) -> dict[str, list]:

@@ -5,7 +5,7 @@ mean, std, min, max, the paper's number and statistic), results.md (the paper's 
 networks down, data sets across) and results.png (each seed's point, our median and the
 paper's value).
 
-A run resumed at another commit, world size or precision than it started with is flagged, not
+A run resumed at another commit, config digest, world size or precision than it started with is flagged, not
 refused: results.csv's ``mixed_starts`` names what differs, results.md lists it below the
 tables and reproduce.py prints a warning (``start_warnings``)."""
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Row:
         paper = self.runs[0].paper.get(self.metric)
         ours = statistics.mean(v) if self.runs[0].paper_statistic == "mean" else statistics.median(v)
         return {"n": len(v), "median": statistics.median(v), "mean": statistics.mean(v),
-                "std": statistics.stdev(v) if len(v) > 1 else 0.0, "min": min(v), "max": max(v),
+                "std": statistics.stdev(v) if len(v) > 1 else None, "min": min(v), "max": max(v),
                 "paper": paper, "diff": None if paper is None else ours - paper}
 
 
@@ -136,7 +136,7 @@ def describe_mixed(mixed: dict[str, list], short: bool = False) -> str:
 
 
 def start_warnings(runs: list[RunResult]) -> list[str]:
-    """A line per run whose starts differ in commit, world size or precision."""
+    """A line per run whose starts differ in commit, config digest, world size or precision."""
     return [f"{run.run_dir}: its starts differ ({describe_mixed(run.mixed, short=True)}); its "
             f"numbers may not be what one start would give"
             for run in sorted(runs, key=lambda r: (r.order, r.seed)) if run.mixed]
@@ -174,7 +174,8 @@ def write_summary(rows: list[Row], path: Path) -> None:
             writer.writerow({
                 "network": row.network, "table": first.table,
                 "dataset": first.provenance["dataset"], "metric": row.metric,
-                **{k: f"{s[k]:.4f}" for k in ("median", "mean", "std", "min", "max")},
+                **{k: "" if s[k] is None else f"{s[k]:.4f}"       # std of one run: none
+                   for k in ("median", "mean", "std", "min", "max")},
                 "n": s["n"], "paper": "" if s["paper"] is None else s["paper"],
                 "paper_statistic": first.paper_statistic, "paper_runs": first.paper_runs,
                 "diff": "" if s["diff"] is None else f"{s['diff']:.4f}",
@@ -216,7 +217,7 @@ def markdown(rows: list[Row]) -> str:
                     line += ["", "", ""]
                     continue
                 s = row.stats()
-                line += [f"{s['median']:.2f} ({s['mean']:.2f} ± {s['std']:.2f}, "
+                line += [f"{s['median']:.2f} ({s['mean']:.2f} ± {fmt(s['std'])}, "
                          f"{s['min']:.2f}-{s['max']:.2f}, n={s['n']})", fmt(s["paper"]),
                          "-" if s["diff"] is None else f"{s['diff']:+.2f}"]
                 p = row.runs[0].provenance
@@ -225,7 +226,7 @@ def markdown(rows: list[Row]) -> str:
             out.append("| " + " | ".join(line) + " |")
     mixed = {run.run_dir: run for row in rows for run in row.runs if run.mixed}
     if mixed:
-        out += ["", "Runs resumed with another commit, world size or precision than they "
+        out += ["", "Runs resumed with another commit, config, world size or precision than they "
                     "started with:", ""]
         out += [f"- {'/'.join(run.run_dir.parts[-3:])}: {describe_mixed(run.mixed, short=True)}"
                 for run in mixed.values()]

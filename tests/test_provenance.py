@@ -33,7 +33,11 @@ def test_the_digest_leaves_out_the_operational_keys_alone():
         assert (config_digest(changed(values, key)) == digest) == left_out, key
     assert {"data.workers", "data.read_ahead", "train.hang_timeout_s", "run.loggers",
             "run.prometheus_port"} <= set(OPERATIONAL)
-    assert not {"run.eval_every_epochs", "data.backend", "train.deterministic"} & set(OPERATIONAL)
+    # where saves fall changes a multi-rank run (BatchNorm made equal over ranks at a save,
+    # passed on by DDP); which files a run trains on
+    assert not {"run.eval_every_epochs", "data.backend", "train.deterministic",
+                "run.checkpoint_every_steps", "run.max_steps", "data.on_bad_image",
+                "data.max_bad_images"} & set(OPERATIONAL)
 
 
 def test_a_sweep_directory_takes_other_operational_values_and_names_only_the_rest(tmp_path):
@@ -74,3 +78,19 @@ def test_a_run_keeps_the_starts_that_trained(tmp_path):
     assert mixed_starts(resumed["starts"]) == {"commit": ["c1", "c2"], "world_size": [1, 2]}
     assert began_training(joined, 0)["starts"] == [start("c2", 2, step=0)]   # from scratch
     assert mixed_starts([start(step=0), start(step=4)]) == {}
+
+
+def test_a_legacy_start_stays_listed_and_an_undone_start_is_dropped(tmp_path):
+    path = tmp_path / "provenance.json"
+    write_json(path, {"commit": "c0", "world_size": 1, "precision": "fp32", "hardware": "CPU"})
+    second = began_training(with_earlier_starts({"starts": [start("c1")]}, path), 40)
+    write_json(path, second)
+    third = began_training(with_earlier_starts({"starts": [start("c1")]}, path), 80)
+    assert [s["commit"] for s in third["starts"]] == ["c0", "c1", "c1"]   # two resumes deep
+    assert mixed_starts(third["starts"]) == {"commit": ["c0", "c1"]}
+    # a start at world size 2 that resumed at 40 and died before its next save, then a start
+    # from the same step-40 checkpoint: the second one's steps undo the first one's
+    died = [start("c1", step=0), start("c1", world_size=2, step=40)]
+    again = began_training({"starts": died + [start("c1")]}, 40)
+    assert [(s["world_size"], s["resumed_from_step"]) for s in again["starts"]] == [(1, 0), (1, 40)]
+    assert mixed_starts(again["starts"]) == {}

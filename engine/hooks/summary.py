@@ -26,7 +26,12 @@ class SummaryHook(Hook):
 
     def before_train(self) -> None:
         self.t0 = time.time()
-        if self.is_main and self.provenance.get("starts"):
+        t = self.trainer
+        # a start of a run that had finished (a requeue or restart after its last save) trains
+        # nothing: it is no start of the run's, and its result stays the finished one's
+        self.already_finished = t.state.epoch >= t.schedule.epochs and \
+            (self.out / "result.json").is_file()
+        if self.is_main and self.provenance.get("starts") and not self.already_finished:
             self.provenance = began_training(self.provenance, self.trainer.state.step)
             write_json(self.out / "provenance.json", self.provenance)
 
@@ -56,6 +61,6 @@ class SummaryHook(Hook):
                 ("outputs", f"{self.out}/ (metrics.jsonl, tensorboard/, training_curves.png, "
                             "checkpoints/)")]
         print(summary_table(rows), flush=True)
-        if t.status == "finished":
+        if t.status == "finished" and not self.already_finished:
             write_json(self.out / "result.json", {**self.result, **self.provenance,
                                                   "final": last})
