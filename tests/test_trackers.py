@@ -240,31 +240,34 @@ def test_a_killed_and_resumed_run_is_one_tracker_run_with_each_step_once(tmp_pat
 
 
 def test_a_tracker_that_hangs_while_the_run_is_killed_gets_every_step_on_resume(tmp_path, data):
-    """The server stops answering (SIGSTOP: connections accepted, never answered) at step 2;
+    """The server stops answering (SIGSTOP: connections accepted, never answered) once it holds
+    a step;
     the loop goes on regardless, checkpoints at step 6 and is SIGKILLed past it with records
     still unsent; the server goes down too (what it had not committed lost) and comes back on
     its store. The resumed start sends the killed start's records from metrics.jsonl, then its
     own: the MLflow run holds each step once."""
     server, url = start_mlflow_server(tmp_path / "mlflow")
     out = tmp_path / "run"
-    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_TIMEOUT": "1",
+    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    loggers = ("run.loggers=[jsonl,mlflow]", "train.epochs=3")
+    loggers = ("run.loggers=[jsonl,mlflow]", "train.epochs=5")
     try:
         run = training(out, data, env, *loggers)
         deadline = time.time() + 240
-        while mlflow_steps(url, out) < 2:
+        while mlflow_steps(url, out) < 1:
             assert run.poll() is None and time.time() < deadline, run.stdout.read()
             time.sleep(0.05)
         os.killpg(server.pid, signal.SIGSTOP)    # the server and its uvicorn workers
-        stopped = time.time()        # past the checkpoint at 6, and a request timed out
+        # past the checkpoint at 6 and a request timed out; a run that finished training by
+        # then waits for its tracker (WRN_TRACKER_CLOSE_WAIT_S), alive to be killed
+        stopped = time.time()
         while max([r["step"] for r in read_metrics(out)], default=0) < 8 or \
-                time.time() < stopped + 2.5:
+                time.time() < stopped + 4.5:
             assert run.poll() is None and time.time() < deadline, run.stdout.read()
             time.sleep(0.05)
         run.kill()
         output = run.communicate(timeout=60)[0]
-        assert "mlflow: send failed" in output, output[-3000:]
+        assert re.search(r"mlflow: (open|send) failed", output), output[-3000:]
         stop(server)
         server, url = start_mlflow_server(tmp_path / "mlflow", int(url.rsplit(":", 1)[1]))
         held = mlflow_steps(url, out)
@@ -276,7 +279,7 @@ def test_a_tracker_that_hangs_while_the_run_is_killed_gets_every_step_on_resume(
         run_id = json.loads((out / "trackers" / "mlflow.json").read_text())["run_id"]
         loss = {r["step"]: r["loss"] for r in read_metrics(out) if r["type"] == "train"}
         history = client.get_metric_history(run_id, "train/loss")
-        assert sorted(m.step for m in history) == list(range(1, 19)) == sorted(loss)
+        assert sorted(m.step for m in history) == list(range(1, 31)) == sorted(loss)
         assert all(m.value == pytest.approx(loss[m.step], rel=1e-6) for m in history)
         assert client.get_run(run_id).info.status == "FINISHED"
     finally:
