@@ -97,10 +97,16 @@ def sink_problem(name: str) -> str | None:
     return None
 
 
-def numbers(values: dict) -> dict:
-    """The plain numbers of a record (not lists, flags or the epoch's index)."""
-    return {k: v for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
+def record(kind: str, step: int, values: dict) -> dict:
+    """A record as metrics.jsonl holds it and trackers are given it."""
+    return {"type": kind, "step": step, **values}
+
+
+def scalars(record: dict) -> dict:
+    """A record's plain numbers as KIND/KEY (not lists, flags, its step or the epoch's index)."""
+    return {f"{record['type']}/{k}": v for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("step", "epoch")}
 
 
 @register_sink("jsonl")
@@ -116,7 +122,7 @@ class JsonlSink:
         self.file = open(path, "a")
 
     def write(self, kind: str, step: int, values: dict) -> None:
-        self.file.write(json.dumps({"type": kind, "step": step, **values}) + "\n")
+        self.file.write(json.dumps(record(kind, step, values)) + "\n")
         self.file.flush()
 
     def close(self, status, artifacts) -> None:
@@ -133,8 +139,8 @@ class TensorBoardSink:
         self.writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=run.start_step + 1)
 
     def write(self, kind: str, step: int, values: dict) -> None:
-        for key, value in numbers(values).items():
-            self.writer.add_scalar(f"{kind}/{key}", value, step)
+        for tag, value in scalars(record(kind, step, values)).items():
+            self.writer.add_scalar(tag, value, step)
 
     def close(self, status, artifacts) -> None:
         self.writer.close()

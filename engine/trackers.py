@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 
 from .checkpoint import CHECKSUM_SUFFIX, MANIFEST, write_text_atomic
-from .metrics import RunInfo, numbers, register_sink
+from .metrics import RunInfo, record, register_sink, scalars
 
 log = logging.getLogger("wrn_large.train")
 CLOSE_WAIT_S = float(os.environ.get("WRN_TRACKER_CLOSE_WAIT_S", 60))
@@ -84,10 +84,7 @@ class Background:
         self.name, self.open_tracker, self.run = name, open_tracker, run
         self.tracker, self.failures, self.dropped = None, {}, 0
         self.lock = threading.Lock()
-        self.pending: deque = deque({"kind": r["type"], "step": r["step"],
-                                     "values": {k: v for k, v in r.items()
-                                                if k not in ("type", "step")}}
-                                    for r in run.earlier)   # those it holds are skipped
+        self.pending: deque = deque(run.earlier)   # those the tracker holds are skipped
         self.closing: tuple | None = None
         self.wake: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self.work, name=f"tracker-{name}", daemon=True)
@@ -98,7 +95,7 @@ class Background:
             if len(self.pending) >= MAX_QUEUED:
                 self.pending.popleft()
                 self.dropped += 1
-            self.pending.append({"kind": kind, "step": step, "values": dict(values)})
+            self.pending.append(record(kind, step, values))
         self.wake.put(True)
 
     def close(self, status: str | None, artifacts: list[Path]) -> None:
@@ -160,10 +157,10 @@ class Background:
                         type(error).__name__, first)
 
 
-def wait_closed(sinks, seconds: float = None) -> None:
+def wait_closed(sinks) -> None:
     """Wait for the closing trackers among ``sinks``, all within one deadline; name what each
     could not send."""
-    deadline = time.monotonic() + (CLOSE_WAIT_S if seconds is None else seconds)
+    deadline = time.monotonic() + CLOSE_WAIT_S
     for sink in sinks:
         if isinstance(sink, Background):
             sink.thread.join(max(0.0, deadline - time.monotonic()))
@@ -174,16 +171,17 @@ def wait_closed(sinks, seconds: float = None) -> None:
                             "every record", sink.name, left, CLOSE_WAIT_S)
 
 
-def background(name: str, open_tracker, prepare=None):
-    """A sink whose tracker ``open_tracker(run)`` is driven by a ``Background`` thread;
+def register_tracker(name: str, open_tracker, requires: str, prepare=None) -> None:
+    """The sink ``name``: its tracker ``open_tracker(run)`` driven by a ``Background`` thread;
     ``prepare()`` first, in the calling thread (the environment is set there, before the
-    thread)."""
+    thread); ``requires``: the module it imports."""
     def sink(run: RunInfo) -> Background:
         if prepare is not None:
             prepare()
         return Background(name, open_tracker, run)
 
-    return sink
+    sink.requires = requires
+    register_sink(name)(sink)
 
 
 # ------------------------------------------------------------------ MLflow
@@ -260,10 +258,9 @@ class MlflowTracker:
         from mlflow.entities import Metric
         now, metrics, held = int(time.time() * 1000), [], dict(self.held)
         for r in records:
-            if r["step"] > held.get(r["kind"], -1):
-                metrics += [Metric(f"{r['kind']}/{k}", float(v), now, r["step"])
-                            for k, v in numbers(r["values"]).items()]
-                held[r["kind"]] = r["step"]
+            if r["step"] > held.get(r["type"], -1):
+                metrics += [Metric(tag, float(v), now, r["step"]) for tag, v in scalars(r).items()]
+                held[r["type"]] = r["step"]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
         self.held = held
@@ -276,7 +273,7 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, STATUS.get(status, "KILLED"))
 
 
-register_sink("mlflow")(background("mlflow", MlflowTracker, mlflow_defaults)).requires = "mlflow"
+register_tracker("mlflow", MlflowTracker, requires="mlflow", prepare=mlflow_defaults)
 
 
 # ------------------------------------------------------------------ Weights & Biases
@@ -308,8 +305,7 @@ class WandbTracker:
     def write_many(self, records: list[dict]) -> None:
         for r in records:
             if r["step"] >= self.run.starting_step:
-                self.run.log({f"{r['kind']}/{k}": v for k, v in numbers(r["values"]).items()},
-                             step=r["step"])
+                self.run.log(scalars(r), step=r["step"])
 
     def close(self, status: str | None, artifacts: list[Path]) -> None:
         if sha256 := checkpoint_sha256(artifacts):
@@ -317,4 +313,4 @@ class WandbTracker:
         self.run.finish(exit_code=0 if status is not None else 1)
 
 
-register_sink("wandb")(background("wandb", WandbTracker)).requires = "wandb"
+register_tracker("wandb", WandbTracker, requires="wandb")
