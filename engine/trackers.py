@@ -111,12 +111,18 @@ class Background:
                     self.finish()
                     return
                 self.wake.get()
-            else:                     # the tracker did not answer: again in a while
-                try:
-                    self.wake.get(timeout=retry_s)
-                except queue.Empty:
-                    pass
+            else:                     # the tracker did not answer: again in a while (records
+                self.pause(retry_s)   # written meanwhile wait; the run's end does not)
                 retry_s = min(2 * retry_s, MAX_RETRY_S)
+
+    def pause(self, seconds: float) -> None:
+        """``seconds``, or until the run's end asks for a last try (once)."""
+        deadline, closed = time.monotonic() + seconds, self.closing is not None
+        while (closed or self.closing is None) and (left := deadline - time.monotonic()) > 0:
+            try:
+                self.wake.get(timeout=left)
+            except queue.Empty:
+                return
 
     def send(self) -> bool:
         """Open the tracker if it is not yet, then send every pending record; False on a

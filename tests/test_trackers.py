@@ -327,3 +327,39 @@ def test_a_logger_whose_package_is_missing_or_unknown_is_one_line(tmp_path, data
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
         assert not (tmp_path / "out").exists()
+
+
+def test_a_tracker_that_fails_is_tried_again_after_its_pause_not_at_every_record(tmp_path):
+    """Records written while a tracker is down wait for its next try (RETRY_S later); the
+    run's end asks for one last try at once, then the pause holds again."""
+    from engine.metrics import RunInfo
+    from engine.trackers import RETRY_S, Background
+
+    tries, up = [], []
+
+    class Tracker:
+        def write_many(self, records):
+            pass
+
+        def close(self, status, artifacts):
+            pass
+
+    def never_opens(run):
+        tries.append(time.monotonic())
+        if up:
+            return Tracker()
+        raise ConnectionError("down")
+
+    tracker = Background("down", never_opens, RunInfo(tmp_path, "run", {}, 0))
+    for step in range(50):
+        tracker.write("train", step, {"loss": 1.0})
+        time.sleep(0.01)
+    assert len(tries) == 1 and tracker.unsent() == 50
+    tracker.close("finished", [])
+    time.sleep(0.5)
+    assert len(tries) == 2 and tries[1] - tries[0] < RETRY_S      # the last try, at once
+    time.sleep(1.0)
+    assert len(tries) == 2                                         # no spinning after it
+    up.append(True)                   # back: its thread sends, closes and ends at the next try
+    tracker.thread.join(3 * RETRY_S)
+    assert not tracker.thread.is_alive() and tracker.unsent() == 0
