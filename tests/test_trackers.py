@@ -150,16 +150,18 @@ def wandb_steps(out: Path) -> int:
 
 
 def kill_past_checkpoint(run: subprocess.Popen, out: Path, url: str) -> int:
-    """SIGKILL once MLflow holds steps after the step-6 checkpoint, before the run ends: the
-    resumed start redoes steps it holds (or, if the loop was past the next checkpoint by then,
-    sends it the ones it lacks). The step MLflow held."""
-    deadline = time.time() + 240
-    while (held := mlflow_steps(url, out)) < 8:
+    """SIGKILL once the loop has recorded step 8 (past the step-6 checkpoint), before the run
+    ends: the resumed start redoes steps MLflow holds or sends it the ones it lacks. The step
+    MLflow held."""
+    deadline = time.time() + 240      # the loop's own record (a file read): polling the
+    while (out / "metrics.jsonl").is_file() is False or \
+            max([r["step"] for r in read_metrics(out)], default=0) < 8:   # server lagged, loaded
         assert run.poll() is None, f"the run ended before it was killed:\n{run.stdout.read()}"
-        assert time.time() < deadline, "the trackers recorded nothing past step 7"
-        time.sleep(0.05)
+        assert time.time() < deadline, "the run recorded nothing past step 7"
+        time.sleep(0.02)
     run.kill()
     run.wait(timeout=30)
+    held = mlflow_steps(url, out)
     assert held < 30, "killed too late"
     return held
 
