@@ -236,7 +236,7 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
                             every=cfg.run.checkpoint_every_steps, keep=cfg.run.keep_checkpoints,
                             metadata={"config": to_dict(cfg), "num_classes": num_classes,
                                       "classes": classes, "class_names": names},
-                            buffers=buffers, is_main=main),
+                            buffers=buffers, is_main=main, background=cfg.run.async_checkpoint),
              # every rank's; after the step times, checkpoints and quarantine it reports
              PrometheusHook(cfg.run.prometheus_port, out, rank=dist.rank,
                             local_rank=dist.local_rank, is_main=main)

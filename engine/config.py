@@ -116,6 +116,9 @@ class RunConfig:
     resume: Annotated[str, ChoiceOrPath(("auto", "none"), "a checkpoint")] = "auto"
     checkpoint_every_steps: Size = 0  # 0 = only at the end of each epoch
     keep_checkpoints: Count = 3
+    # write checkpoints in a thread while training goes on (the loop stalls for a host copy);
+    # off: the loop waits for each write (engine/checkpoint_writer.py). DeepSpeed: always waits
+    async_checkpoint: bool = True
     eval_every_epochs: Count = 1
     log_every_steps: Count = 20
     progress: bool = True           # progress bar on rank 0

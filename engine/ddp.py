@@ -84,11 +84,19 @@ class DDPEngine(Engine):
     def step_was_skipped(self) -> bool:
         return self.skipped
 
+    saves_in_background = True    # one file, written by rank 0 alone
+
+    def checkpoint_contents(self, client_state: dict) -> dict | None:
+        """Rank 0's checkpoint (the weights are the same on every rank); None elsewhere."""
+        if not self.is_main:
+            return None
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), **client_state}
+
     def save_checkpoint(self, path: str, client_state: dict) -> None:
-        if self.is_main:
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict(), **client_state}
-            save_file_atomic(state, path, checksum=True)
+        contents = self.checkpoint_contents(client_state)
+        if contents is not None:
+            save_file_atomic(contents, path, checksum=True)
         barrier()
 
     def load_checkpoint(self, path: str) -> dict:

@@ -11,6 +11,11 @@ evaluation feeds the cast module inputs of its dtype (``Engine.eval_forward``), 
 ``weights.pt`` of each checkpoint holds the fp32 master weights. Its parameters stay contiguous
 (``deepspeed.initialize`` views each one as bytes to broadcast it, and ZeRO 1/2 replace them by
 views into a flat buffer): ``train.channels_last=on`` gives channels_last activations only.
+
+Checkpoints are saved synchronously whatever ``run.async_checkpoint`` says
+(``saves_in_background`` stays False): DeepSpeed writes its own directory, each rank its
+shards, inside its ``save_checkpoint``, and there is no single state dict to copy to the host
+and hand to our writer thread (engine/checkpoint_writer.py).
 """
 from __future__ import annotations
 

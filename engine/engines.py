@@ -158,7 +158,18 @@ class Engine:
         the optimizer state were left as they were, and the loss scale lowered)."""
         return False
 
+    # whether a CheckpointWriter may write what ``checkpoint_contents`` gives, while training
+    # goes on (run.async_checkpoint); else the loop waits for ``save_checkpoint``
+    saves_in_background = False
+
+    def checkpoint_contents(self, client_state: dict) -> dict | None:
+        """Take the state: what this rank writes into a checkpoint file (the live tensors, to be
+        copied before the next step changes them), None on the ranks that write nothing. Only
+        for engines that save in the background; writing it is the writer's."""
+        raise NotImplementedError
+
     def save_checkpoint(self, path: str, client_state: dict) -> None:
+        """Take the state and write it now, on every rank; returns once it is complete."""
         raise NotImplementedError
 
     def load_checkpoint(self, path: str) -> dict:

@@ -38,6 +38,8 @@ OPERATIONAL = {
     "run.output_dir": "where the run goes (a sweep's run directory is its identity already)",
     "run.resume": "which checkpoint a start resumes from; resuming is exact (tested)",
     "run.keep_checkpoints": "how many saves stay on disk",
+    "run.async_checkpoint": "when a save's bytes are written, not what they hold (a copy of the "
+                            "state at the same step; resuming is exact, tested)",
     "run.log_every_steps": "how often the loop logs and checks for NaN and stop requests",
     "run.progress": "rank 0's progress bar",
     "run.loggers": "where the figures are written (jsonl, tensorboard, mlflow, wandb)",

@@ -4,6 +4,15 @@ The files themselves (atomic, checksummed, the fallback to an older valid one) a
 ``engine/checkpoint.py``'s; what goes in them is the engine's (model, optimizer) and the loop's
 ``state_dict`` (its state, the RNG streams and every stateful hook's), plus ``metadata``.
 
+Saves in the background (``run.async_checkpoint``, on by default; engines that write one file,
+``Engine.saves_in_background``): at a save rank 0 copies the state to host memory and its
+``CheckpointWriter`` thread writes it while every rank trains on; retention pruning follows the
+new checkpoint's completion there. One save is in flight at most: every rank waits at the next
+save until rank 0's previous one is complete, and a failed write is raised there on every rank.
+The run's last save (its end, a stop by signal or ``run.max_steps``) is waited for by every
+rank before the loop ends, so the final checkpoint is complete when the process exits; a
+failed run still joins the save in flight (``after_train``).
+
 Which checkpoint a run resumes from is rank 0's choice, given to every rank: ranks that each
 listed and verified the folder themselves could pick different ones (a file system's
 attribute cache, node-local copies) and train on different weights."""
@@ -15,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
+from ..checkpoint_writer import CheckpointWriter
 from ..distributed import BufferSync, all_gather_object, barrier, broadcast_object
 from ..errors import TrainingDiverged
 from .base import CHECKPOINT, START, Check, Hook
@@ -25,11 +35,12 @@ log = logging.getLogger("wrn_large.train")
 class CheckpointHook(Hook):
     def __init__(self, out: str | Path, engine, *, resume: str = "auto", every: int = 0,
                  keep: int = 3, metadata: dict | None = None, buffers: BufferSync | None = None,
-                 is_main: bool = True):
+                 is_main: bool = True, background: bool = True):
         self.out, self.engine, self.resume_from = Path(out), engine, resume
         self.every, self.keep, self.metadata = every, keep, dict(metadata or {})
         self.buffers, self.is_main = buffers, is_main
         self.saved: tuple[int, int] | None = None   # (step, epoch) last saved or resumed from
+        self.writer = CheckpointWriter() if background else None
 
     def before_train(self) -> None:
         clash = ({h.name for h in self.trainer.hooks} | self.trainer.reserved_keys) & \
@@ -68,13 +79,50 @@ class CheckpointHook(Hook):
                    if t.is_floating_point()):
             # the last step produced inf/NaN weights: never let them replace a good checkpoint
             raise TrainingDiverged(trainer.diverged("finite, but the weights are not", step))
-        self.engine.save_checkpoint(str(path), {**trainer.state_dict(), **self.metadata})
-        if self.is_main:
-            ckpt.prune(self.out, self.keep)
-            log.info("saved checkpoint %s", path)
-        barrier()
+        state = {**trainer.state_dict(), **self.metadata}
+        if self.in_background():
+            self.save_in_background(path, state)
+        else:
+            self.engine.save_checkpoint(str(path), state)
+            if self.is_main:
+                self.written(path)
+            barrier()
         self.saved = (step, trainer.state.epoch)
         return path
+
+    def in_background(self) -> bool:
+        return self.writer is not None and self.engine.saves_in_background
+
+    def save_in_background(self, path: Path, state: dict) -> None:
+        """Rank 0 hands a host copy of the state to the writer after the previous save is
+        complete; the run's last save is waited for as well."""
+        self.wait_for_writer()
+        contents = self.engine.checkpoint_contents(state)
+        if contents is not None:
+            self.writer.submit(contents, str(path), after=lambda: self.written(path))
+        if self.is_last_save():
+            self.wait_for_writer()
+
+    def written(self, path: Path) -> None:
+        """Rank 0, once ``path`` is complete (in the writer's thread when in the background)."""
+        ckpt.prune(self.out, self.keep)
+        log.info("saved checkpoint %s", path)
+
+    def wait_for_writer(self) -> None:
+        """Every rank waits until rank 0's save in flight is complete; its failure is raised
+        on every rank (no rank left in a collective that rank 0 has left)."""
+        on_rank0(self.writer.wait, self.is_main)
+
+    def is_last_save(self) -> bool:
+        trainer = self.trainer
+        return trainer.stop_reason is not None or trainer.state.epoch >= trainer.schedule.epochs
+
+    def after_train(self) -> None:
+        """The save in flight is complete before the run ends, whatever ended it (a failed
+        write is raised, or logged beside the run's own error). Rank 0's alone: no collective
+        here, the ranks may have failed at different points."""
+        if self.writer is not None:
+            self.writer.wait()
 
     def resume(self) -> None:
         choice = self.resume_from
