@@ -55,7 +55,7 @@ def list_once(cfg: DataConfig, dist: DistInfo, listings: Path) -> dict[str, Samp
     for split in SPLITS:
         pinned = listings / f"{split}.json"
         listed = everywhere(lambda: open_samples(cfg.root, split, cfg.file_list,
-                                                 cfg.listing_cache, pinned), dist.is_main)
+                                                 cfg.listing_cache, pinned, cfg.shard_cache), dist.is_main)
         if dist.is_main:
             samples, was_pinned = listed, pinned.is_file()
         was_pinned = broadcast_object(was_pinned if dist.is_main else None)
@@ -73,7 +73,7 @@ def rank0s_listing(cfg: DataConfig, split: str, pinned: Path, was_pinned: bool) 
     if was_pinned and not pinned.is_file():
         raise FileNotFoundError(f"{pinned}, written by rank 0, is not there on this node: "
                                 f"run.output_dir must be on storage that every node sees")
-    return open_samples(cfg.root, split, cfg.file_list, "off", pinned)
+    return open_samples(cfg.root, split, cfg.file_list, "off", pinned, cfg.shard_cache)
 
 
 def everywhere(work, here: bool):

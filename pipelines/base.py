@@ -50,7 +50,7 @@ class LoaderSpec:
             return self.samples
         from .sources import open_samples
         return open_samples(cfg.root, self.split, cfg.file_list, cfg.listing_cache,
-                            self.pinned_listing())
+                            self.pinned_listing(), cfg.shard_cache)
 
 
 @runtime_checkable

@@ -101,13 +101,18 @@ class DataConfig:
     file_list: str | None = None   # clean list from `python -m pipelines verify`; "{split}" -> train/val
     on_bad_image: Literal["skip", "stop"] = "skip"  # skip (quarantine, substitute, go on; pipelines/quarantine.py) | stop
     max_bad_images: Size | None = None  # skip: more bad images in a split stop the run (None: 0.1% of it, at least 1)
-    read_ahead: Count = 64         # files read ahead per process (threads): hides a parallel file system's per-open latency; memory: this many encoded files
+    # skip: more shards of an s3:// pack unreadable after every retry (each one event, all its samples set aside) stop the run (None: 0.1% of the split's shards, at least 1)
+    max_bad_shards: Size | None = None
+    # files read ahead per process (threads): hides a parallel file system's per-open latency (an s3:// pack's per-request latency: raise it to ~ latency x images/s per process, e.g. 128-256 for S3 on a GPU node); memory: this many encoded files
+    read_ahead: Count = 64
     # seconds a sample read may take before it is abandoned, tried once more, then a bad image (skip) or a stop naming the file; 0: off (pipelines/read_guard.py)
     read_timeout_s: NonNegative = 60.0
     # folder listings cached and checked by directory mtimes: auto (~/.cache/wrn_large/listings) | off | a folder
     listing_cache: Annotated[str, ChoiceOrPath(("auto", "off"), "a folder")] = "auto"
     # backend=synthetic: train samples per epoch (val: a tenth, so at least 10)
     synthetic_samples: Annotated[int, Range("[10, inf)")] = 12800
+    # data.root=s3://...: a node-local folder where the pack's shards are downloaded whole in the background (checked against their SHA-256) and read from once there; None: every sample a range GET (pipelines/s3_pack.py)
+    shard_cache: str | None = None
     svhn_extra: bool = False       # svhn: add extra_32x32.mat to the training set (paper: 604k)
 
     def problem(self) -> str | None:

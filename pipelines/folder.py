@@ -199,7 +199,7 @@ def folder_problem(root) -> str | None:
 
 
 def open_folder(root: str | os.PathLike, split: str, file_list: str | None = None,
-                listing_cache: str = "auto", pinned: Path | None = None) -> Samples:
+                listing_cache: str = "auto", pinned: Path | None = None, **_) -> Samples:
     """A split's samples from the folder, or through a file list (``data.file_list``).
 
     ``pinned``: where a run keeps the folder listing its first start used (the trainer's

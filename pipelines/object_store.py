@@ -180,6 +180,17 @@ def size_of(url) -> int | None:
         raise error from None
 
 
+def recorded_sha256(url) -> str | None:
+    """The SHA-256 that ``upload`` recorded in the object's metadata (checked then against the
+    bytes read back), or None; an ``ObjectStoreError`` (ENOENT) if there is no such object."""
+    u = parse(url)
+    try:
+        answer = client().head_object(Bucket=u.bucket, Key=u.key)
+    except _errors() as e:
+        raise failure(url, "look up", e) from None
+    return answer.get("Metadata", {}).get("sha256")
+
+
 def exists(url) -> bool:
     return size_of(url) is not None
 
@@ -245,12 +256,14 @@ def write(url, data: bytes, if_absent: bool = False) -> None:
 
 def upload(path: str | os.PathLike, url, sha256: str | None = None) -> str:
     """The local file ``path`` as the object ``url`` (multipart where large), then read back and
-    checked against the file's SHA-256 (computed before the upload where not given). Returns
-    that SHA-256; an ``ObjectStoreError`` if the object's bytes differ."""
+    checked against the file's SHA-256 (computed before the upload where not given), which the
+    object also carries as its metadata ``sha256`` (``recorded_sha256``). Returns that SHA-256;
+    an ``ObjectStoreError`` if the object's bytes differ."""
     u = parse(url)
     expected = sha256 or file_sha256(path)
     try:
-        client().upload_file(str(path), u.bucket, u.key)
+        client().upload_file(str(path), u.bucket, u.key,
+                             ExtraArgs={"Metadata": {"sha256": expected}})
     except _errors() as e:
         raise failure(url, "upload", e) from None
     except Exception as e:  # noqa: BLE001 - s3transfer wraps boto's errors in its own

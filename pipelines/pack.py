@@ -86,26 +86,45 @@ class PackedSamples:
                 self._fds, self._pid = {}, os.getpid()
             fd = self._fds.get(shard)
             if fd is None:
-                fd = self._fds[shard] = os.open(self.root / self.shards[shard], os.O_RDONLY)
+                fd = self._fds[shard] = os.open(self.local_path(shard), os.O_RDONLY)
             return fd
 
     def read(self, index: int) -> bytes:
         size, shard, offset = int(self.size[index]), int(self.shard[index]), int(self.offset[index])
-        with reading(f"{self.root / self.shards[shard]} (sample {index}, byte {offset})"):
-            data = os.pread(self._fd(shard), size, offset)
+        with reading(f"{self.location(shard)} (sample {index}, byte {offset})"):
+            data = self.read_range(shard, offset, size)
         if len(data) != size:
             raise OSError(f"{self.describe(index)}: shard ends {size - len(data)} bytes short")
         return data
 
+    # the byte source: a subclass reads the same shards elsewhere (s3_pack: range requests)
+    def location(self, shard: int) -> str:
+        """Where shard ``shard`` is, as messages name it."""
+        return str(self.root / self.shards[shard])
+
+    def local_path(self, shard: int) -> Path:
+        return self.root / self.shards[shard]
+
+    def read_range(self, shard: int, offset: int, size: int) -> bytes:
+        return os.pread(self._fd(shard), size, offset)
+
+    def member_name(self, shard: int, offset: int) -> str:
+        """The tar member whose data starts at ``offset`` (from its header)."""
+        header = self.read_range(shard, offset - 512, 512)
+        return tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").name
+
+    def shard_members(self, index: int) -> list[int]:
+        """The samples held by the shard that holds sample ``index``."""
+        return np.flatnonzero(self.shard == self.shard[index]).tolist()
+
     def describe(self, index: int) -> str:
         """``OUT/train/shard-000003.tar:KEY.jpg``, the member name read from its tar header."""
-        shard = self.root / self.shards[int(self.shard[index])]
-        header = os.pread(self._fd(int(self.shard[index])), 512, int(self.offset[index]) - 512)
+        shard, offset = int(self.shard[index]), int(self.offset[index])
         try:
-            name = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").name
-        except tarfile.TarError:
-            name = f"sample {index} at offset {int(self.offset[index])}"
-        return f"{shard}:{name}"
+            name = self.member_name(shard, offset)
+        except (OSError, tarfile.TarError):
+            name = f"sample {index} at offset {offset}"
+        return f"{self.location(shard)}:{name}"
 
     def __getstate__(self):  # picklable for worker processes: descriptors are reopened there
         state = dict(self.__dict__)
@@ -128,12 +147,21 @@ def open_pack(root, split: str, file_list: str | None = None, **_) -> PackedSamp
 def pack_problem(root) -> str | None:
     """What stops ``root``'s ``pack.json`` from being read as a pack of this format, or None."""
     try:
-        manifest = json.loads((Path(root) / PACK_JSON).read_text())
-    except (OSError, ValueError) as e:
+        text = (Path(root) / PACK_JSON).read_text()
+    except OSError as e:
         return f"{Path(root) / PACK_JSON} cannot be read as a pack's manifest: {e}"
+    return manifest_problem(Path(root) / PACK_JSON, text)
+
+
+def manifest_problem(where, text: str) -> str | None:
+    """What stops ``text``, the manifest read from ``where``, from being a pack of this format."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        return f"{where} cannot be read as a pack's manifest: {e}"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        return (f"{Path(root) / PACK_JSON} is of pack format {found!r}, this version "
+        return (f"{where} is of pack format {found!r}, this version "
                 f"reads {FORMAT}: pack the data again (python -m pipelines pack)")
     return None
 
@@ -237,26 +265,89 @@ def write_shard(path: Path, samples, indices: list[int], reader: ReadAhead) -> l
 
 def read_idx(path: Path) -> list[tuple[int, int]]:
     """(offset, size) of each sample's first member in a wds2idx index file."""
-    lines = path.read_text().splitlines()
+    return parse_idx(Path(path).read_text(), path)
+
+
+def parse_idx(text: str, where) -> list[tuple[int, int]]:
+    lines = text.splitlines()
     version, count = lines[0].split()
     if version != "v1.2" or int(count) != len(lines) - 1:
-        raise PackError(f"{path}: not a v1.2 index of {count} samples")
+        raise PackError(f"{where}: not a v1.2 index of {count} samples")
     return [(int(f[1]), int(f[2])) for f in (line.split() for line in lines[1:])]
 
 
-def pack_split(samples, sizes: np.ndarray, out: Path, shard_bytes: int, reader: ReadAhead,
-               progress: bool) -> int:
+class LocalDestination:
+    """Where ``pack`` writes: a local folder, written in place (shards under temporary names,
+    renamed when complete). ``s3_pack.S3Destination`` is the same for a bucket: shards staged
+    locally, then uploaded and checked. A shard with its ``.idx`` is complete."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def staging(self, split: str) -> Path:
+        """The local folder a split's shards are written to before ``publish_shard``."""
+        return self.root / split
+
+    def read_text(self, name: str) -> str | None:
+        path = self.root / name
+        return path.read_text() if path.is_file() else None
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.root / name).write_text(text)
+
+    def holds_anything(self) -> bool:
+        return self.root.exists() and any(self.root.iterdir())
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def complete_shard(self, split: str, name: str) -> tuple[list, str] | None:
+        """(rows of its .idx, its SHA-256) of a shard complete from an earlier run, or None."""
+        idx = (self.root / split / name).with_suffix(".idx")
+        if not idx.is_file():
+            return None
+        return read_idx(idx), file_sha256(self.root / split / name)
+
+    def publish_shard(self, split: str, tar: Path) -> str:
+        """The shard written at ``tar`` (and its .idx beside it) made part of the pack; its
+        SHA-256."""
+        return file_sha256(tar)
+
+    def publish(self, name: str, path: Path) -> None:
+        """The finished local file ``path`` (in a staging folder) as the pack's ``name``."""
+        os.replace(path, self.root / name)
+
+    def close(self) -> None:
+        pass
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pack_split(samples, sizes: np.ndarray, dest, split: str, shard_bytes: int,
+               reader: ReadAhead, progress: bool) -> int:
+    """The split's shards (those complete from an earlier run kept), then its ``index.npz``
+    with each shard's SHA-256 (what a shard cache checks its downloads against), last."""
     from tqdm import tqdm
-    out.mkdir(parents=True, exist_ok=True)
+    stage = dest.staging(split)
+    stage.mkdir(parents=True, exist_ok=True)
     shard_of, offset, size = (np.zeros(len(samples), t) for t in (np.int32, np.int64, np.int64))
-    shards, start = [], 0
-    bar = tqdm(total=len(samples), desc=f"pack {out.name}", unit="img", disable=not progress,
+    shards, digests, start = [], [], 0
+    bar = tqdm(total=len(samples), desc=f"pack {split}", unit="img", disable=not progress,
                dynamic_ncols=True)
     while start < len(samples):
         name = f"shard-{len(shards):06d}.tar"
-        idx = (out / name).with_suffix(".idx")
-        if idx.is_file():  # complete from an earlier run
-            rows = read_idx(idx)
+        done = dest.complete_shard(split, name)
+        if done is not None:  # complete from an earlier run
+            rows, digest = done
             stop = start + len(rows)
             offset[start:stop], size[start:stop] = np.array(rows).T
         else:
@@ -264,67 +355,91 @@ def pack_split(samples, sizes: np.ndarray, out: Path, shard_bytes: int, reader: 
             while stop < len(samples) and (stop == start or total < shard_bytes):
                 total += int(sizes[stop]) + 1536
                 stop += 1
-            rows = write_shard(out / name, samples, list(range(start, stop)), reader)
+            rows = write_shard(stage / name, samples, list(range(start, stop)), reader)
             offset[start:stop], size[start:stop] = np.array([r[:2] for r in rows]).T
+            digest = dest.publish_shard(split, stage / name)
         shard_of[start:stop] = len(shards)
         shards.append(name)
+        digests.append(digest)
         bar.update(stop - start)
         start = stop
     bar.close()
-    tmp = out / (INDEX + ".tmp.npz")
+    tmp = stage / (INDEX + ".tmp.npz")
     np.savez(tmp, shards=np.array(shards), shard=shard_of, offset=offset, size=size,
-             label=np.array(samples.labels, np.int32), classes=np.array(samples.classes))
-    os.replace(tmp, out / INDEX)
+             label=np.array(samples.labels, np.int32), classes=np.array(samples.classes),
+             sha256=np.array(digests))
+    dest.publish(f"{split}/{INDEX}", tmp)
     return len(shards)
+
+
+def destination(out: str):
+    """Where ``out`` is: an ``s3://`` URL (``s3_pack``) or a local folder; another URL scheme
+    is refused, never taken for a local path."""
+    scheme = url_scheme(out)
+    if scheme == "s3":
+        from .s3_pack import S3Destination
+        return S3Destination(out)
+    if scheme is not None:
+        raise PackError(f"{out}: pack writes a local folder or an s3:// URL, not {scheme}://")
+    return LocalDestination(Path(out))
 
 
 def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float = SHARD_MB,
          read_ahead: int = 64, progress: bool = True) -> dict[str, tuple[int, int]]:
-    if url_scheme(out):
-        raise PackError(f"{out}: no data source writes {url_scheme(out)}:// URLs yet: pack to a "
-                        f"local folder")
     if url_scheme(data_dir):
         raise PackError(f"{data_dir}: pack reads a local folder, not a "
                         f"{url_scheme(data_dir)}:// URL")
-    src, dst = Path(data_dir), Path(out)
+    src = Path(data_dir)
     if is_pack(src):
         raise PackError(f"{src} is already a pack")
     missing = [s for s in SPLITS if not (src / s).is_dir()]
     if missing:
         raise PackError(f"{src} has no {' or '.join(m + '/' for m in missing)}: pack needs the "
                         f"ImageNet layout ({src}/train/<class>/<image>, {src}/val/<class>/<image>)")
+    dest = destination(out)
     splits = {s: open_folder(src, s, file_list, listing_cache="off") for s in SPLITS}
     sizes = {split: check_input(samples, split) for split, samples in splits.items()}
     plan = {"format": FORMAT, "source": str(src.resolve()), "file_list": file_list,
             "shard_mb": shard_mb,
             "splits": {s: {"samples": len(v), "digest": samples_digest(v)} for s, v in splits.items()}}
-    manifest = dst / PACK_JSON
-    if manifest.is_file():
-        earlier = json.loads(manifest.read_text())
+    try:
+        start_pack(dest, plan)
+        stage = dest.staging("")
+        names = read_classes_tsv(src / CLASSES_TSV) if (src / CLASSES_TSV).is_file() else {}
+        write_classes_tsv(stage / (CLASSES_TSV + ".tmp"), splits["train"].classes, names)
+        dest.publish(CLASSES_TSV, stage / (CLASSES_TSV + ".tmp"))
+        reader_for = {s: ReadAhead(v.read, read_ahead) for s, v in splits.items()}
+        counts = {}
+        for split, samples in splits.items():
+            shards = pack_split(samples, sizes[split], dest, split, int(shard_mb * 2**20),
+                                reader_for[split], progress)
+            counts[split] = (len(samples), shards)
+        return counts
+    finally:
+        dest.close()
+
+
+def start_pack(dest, plan: dict) -> None:
+    """``pack.json`` written first (the same input, resumed: checked against it); refused where
+    ``dest`` holds a pack of another input, or anything that is no pack."""
+    found = dest.read_text(PACK_JSON)
+    if found is not None:
+        earlier = json.loads(found)
         if {k: earlier.get(k) for k in ("format", "shard_mb", "splits")} != \
                 {k: plan[k] for k in ("format", "shard_mb", "splits")}:
-            raise PackError(f"{dst} holds a pack of another input ({earlier.get('source')}, "
+            raise PackError(f"{dest} holds a pack of another input ({earlier.get('source')}, "
                             f"or other files or shard size): choose another OUT or remove it")
-    elif dst.exists() and any(dst.iterdir()):
-        raise PackError(f"{dst} exists and is not a pack: choose an empty or new folder")
-    dst.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(plan, indent=1))
-    names = read_classes_tsv(src / CLASSES_TSV) if (src / CLASSES_TSV).is_file() else {}
-    write_classes_tsv(dst / CLASSES_TSV, splits["train"].classes, names)
-    reader_for = {s: ReadAhead(v.read, read_ahead) for s, v in splits.items()}
-    counts = {}
-    for split, samples in splits.items():
-        shards = pack_split(samples, sizes[split], dst / split, int(shard_mb * 2**20),
-                            reader_for[split], progress)
-        counts[split] = (len(samples), shards)
-    return counts
+    elif dest.holds_anything():
+        raise PackError(f"{dest} exists and is not a pack: choose an empty or new folder")
+    dest.prepare()
+    dest.write_text(PACK_JSON, json.dumps(plan, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines pack", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", help="ImageNet-layout root (with train/ and val/)")
-    p.add_argument("out", help="the pack's folder (train with data.root=OUT)")
+    p.add_argument("out", help="the pack's folder or s3://bucket/prefix (train with data.root=OUT)")
     p.add_argument("--file-list", help="a clean list from `verify`; {split} becomes train/val")
     p.add_argument("--shard-mb", type=float, default=SHARD_MB, help="shard size (default %(default)s)")
     p.add_argument("--read-ahead", type=int, default=64, help="reads in flight")
@@ -336,6 +451,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, (n, shards) in counts.items():
-        print(f"{split}: {n} images in {shards} shard(s) -> {Path(a.out) / split}")
+        print(f"{split}: {n} images in {shards} shard(s) -> {a.out.rstrip('/')}/{split}")
     print(f"train with data.root={a.out}; check it with `python -m pipelines verify {a.out}`")
     return 0

@@ -28,10 +28,11 @@ costs, is ``BadImagePolicy``, the one loop both backends (DALI, torch) call.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Callable
 
 from .read_ahead import ReadAhead, read_or_error
-from .read_guard import Retrying, timed
+from .read_guard import Retrying, ShardUnreadable, timed
 from .sample_rng import sample_uniforms
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,16 @@ class Quarantine:
     """One split's quarantined samples (index -> reason).
 
     Made before its samples are known (``quarantine_for``: by whoever builds the loader, who
-    keeps it and checkpoints ``state()``); the backend ``bind``s it to the split's samples."""
+    keeps it and checkpoints ``state()``); the backend ``bind``s it to the split's samples.
 
-    def __init__(self, split: str, limit: int | None = None):
-        self.split, self._limit = split, limit
+    A shard of a pack in object storage that stays unreadable (``read_guard.ShardUnreadable``)
+    is one event: every sample of the shard is quarantined at once under one reason naming the
+    shard (``unreadable shard URL: why``), logged once and counted against ``shard_limit``
+    (``data.max_bad_shards``), not against the image budget. The state stays index -> reason:
+    the shards are read back from the reasons (a checkpoint's, another rank's)."""
+
+    def __init__(self, split: str, limit: int | None = None, shard_limit: int | None = None):
+        self.split, self._limit, self._shard_limit = split, limit, shard_limit
         self.samples, self.size = None, 0
         self.bad: dict[int, str] = {}
 
@@ -84,6 +91,12 @@ class Quarantine:
     def limit(self) -> int:
         return self._limit if self._limit is not None else max(1, self.size // 1000)
 
+    @property
+    def shard_limit(self) -> int:
+        """``data.max_bad_shards`` (None: 0.1% of the split's shards, at least 1)."""
+        shards = len(getattr(self.samples, "shards", ()))
+        return self._shard_limit if self._shard_limit is not None else max(1, shards // 1000)
+
     def __contains__(self, index: int) -> bool:
         return index in self.bad
 
@@ -93,18 +106,44 @@ class Quarantine:
     def describe(self, index: int) -> str:
         return self.samples.describe(index) if self.samples is not None else f"sample {index}"
 
+    def bad_images(self) -> dict[int, str]:
+        """The samples quarantined one by one (not as part of an unreadable shard)."""
+        return {i: r for i, r in self.bad.items() if shard_of(r) is None}
+
+    def bad_shards(self) -> dict[str, str]:
+        """Unreadable shards: URL -> reason."""
+        return {shard: r for r in self.bad.values() if (shard := shard_of(r)) is not None}
+
     def add(self, index: int, reason: str) -> None:
         if index in self.bad:
             return
+        if shard_of(reason) is not None:
+            return self.add_shard(index, reason)
         self.bad[index] = reason
+        images = self.bad_images()
         log.warning("bad image quarantined (%d of at most %d, data.max_bad_images): %s: %s",
-                    len(self.bad), self.limit, self.describe(index), reason)
-        if len(self.bad) > self.limit:
-            listing = "\n".join(f"  {self.describe(i)}: {r}" for i, r in self.bad.items())
+                    len(images), self.limit, self.describe(index), reason)
+        if len(images) > self.limit:
+            listing = "\n".join(f"  {self.describe(i)}: {r}" for i, r in images.items())
             raise TooManyBadImages(
-                f"{len(self.bad)} bad images in the {self.split} split, more than "
+                f"{len(images)} bad images in the {self.split} split, more than "
                 f"data.max_bad_images={self.limit}: a broken mount or data set, not bad luck. "
                 f"Check the data (python -m pipelines verify), then resume:\n{listing}")
+
+    def add_shard(self, index: int, reason: str) -> None:
+        """Every sample of the shard holding ``index``, under ``reason`` (which names it)."""
+        members = getattr(self.samples, "shard_members", lambda i: [i])(index)
+        for i in members:
+            self.bad.setdefault(i, reason)
+        shards = self.bad_shards()
+        log.warning("unreadable shard quarantined (%d of at most %d, data.max_bad_shards), its "
+                    "%d samples set aside: %s", len(shards), self.shard_limit, len(members), reason)
+        if len(shards) > self.shard_limit:
+            listing = "\n".join(f"  {r}" for r in shards.values())
+            raise TooManyBadImages(
+                f"{len(shards)} unreadable shards in the {self.split} split, more than "
+                f"data.max_bad_shards={self.shard_limit}: a broken bucket or connection, not "
+                f"bad luck. Check the pack's objects, then resume:\n{listing}")
 
     def substitute(self, index: int, seed: int, epoch: int) -> int:
         """``index`` itself, or for a quarantined sample the first good one of its candidates."""
@@ -137,6 +176,15 @@ class Quarantine:
         return lines
 
 
+_SHARD_EVENT = re.compile(r"^unreadable shard (\S+): ")
+
+
+def shard_of(reason: str) -> str | None:
+    """The shard a quarantine reason names as unreadable (``read_guard.ShardUnreadable``)."""
+    match = _SHARD_EVENT.match(reason)
+    return match.group(1) if match else None
+
+
 def raise_if_folder_gone(samples, index: int, error: Exception) -> None:
     """A missing file whose class folder is gone too is no bad image but a broken data set (an
     unmounted or deleted folder): an error naming the folder, whatever data.on_bad_image says."""
@@ -152,7 +200,9 @@ def quarantine_for(cfg, split: str) -> Quarantine | None:
     to the samples); None under ``stop``."""
     if cfg.on_bad_image not in ("skip", "stop"):
         raise ValueError(f"data.on_bad_image={cfg.on_bad_image!r}: valid: skip, stop")
-    return Quarantine(split, cfg.max_bad_images) if cfg.on_bad_image == "skip" else None
+    if cfg.on_bad_image == "stop":
+        return None
+    return Quarantine(split, cfg.max_bad_images, cfg.max_bad_shards)
 
 
 class BadImagePolicy:
@@ -204,6 +254,8 @@ class BadImagePolicy:
             if self.drop_bad and self.quarantine is not None and index in self.quarantine:
                 return None
             try:
+                if isinstance(data, ShardUnreadable):
+                    raise BadImage(data.strerror)          # names the shard: one event
                 if isinstance(data, OSError):
                     raise_if_folder_gone(self.samples, index, data)
                     raise BadImage(f"cannot read: {data.strerror or data}")

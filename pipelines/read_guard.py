@@ -133,6 +133,19 @@ class ReadTimeout(TimeoutError):
         return ReadTimeout, (self.filename, self.seconds, self.tries)
 
 
+class ShardUnreadable(OSError):
+    """A read from a shard in object storage that failed after the object store's retries
+    (EIO: transient, so ``Retrying`` tries it again; what still fails is one event for the whole
+    shard, ``quarantine.Quarantine`` sets its samples aside at once). ``shard``: its URL."""
+
+    def __init__(self, shard: str, why: str):
+        super().__init__(errno.EIO, f"unreadable shard {shard}: {why}")
+        self.shard, self.why = shard, why
+
+    def __reduce__(self):   # picklable from a DataLoader worker
+        return ShardUnreadable, (self.shard, self.why)
+
+
 def transient(error: BaseException) -> bool:
     """A read error worth trying again (not ``ReadTimeout``: a timeout is retried once, by
     whoever timed it)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-from . import folder, pack
+from . import folder, pack, s3_pack
 from .folder import url_scheme
 
 
@@ -71,6 +71,7 @@ def register_source(source: Source) -> Source:
 
 register_source(Source("pack", pack.open_pack, pack.pack_problem, claims=pack.is_pack))
 register_source(Source(LOCAL_FALLBACK, folder.open_folder, folder.folder_problem))
+register_source(Source("s3", s3_pack.open_s3_pack, s3_pack.s3_pack_problem, schemes=("s3",)))
 
 
 def available_sources() -> list[str]:
@@ -98,14 +99,16 @@ def source_for(root: str | os.PathLike) -> Source:
 
 
 def open_samples(root: str | os.PathLike, split: str, file_list: str | None = None,
-                 listing_cache: str = "auto", pinned: Path | None = None) -> Samples:
+                 listing_cache: str = "auto", pinned: Path | None = None,
+                 shard_cache: str | None = None) -> Samples:
     """A split's samples from whichever source reads ``root`` (``data.root``).
 
     ``file_list``: ``data.file_list`` (the folder source reads the folder through it);
     ``listing_cache``: ``data.listing_cache``; ``pinned``: where the run pins the listing of its
-    first start (``LoaderSpec.pinned_listing``), so a resumed run reads the same samples."""
+    first start (``LoaderSpec.pinned_listing``), so a resumed run reads the same samples;
+    ``shard_cache``: ``data.shard_cache`` (for an s3:// pack)."""
     return source_for(root).open(root, split, file_list=file_list, listing_cache=listing_cache,
-                                 pinned=pinned)
+                                 pinned=pinned, shard_cache=shard_cache)
 
 
 def root_problem(root: str | os.PathLike | None) -> str | None:

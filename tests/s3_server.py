@@ -6,7 +6,8 @@
   of it that adds a round trip's latency to every request and injects what moto does not
   produce: 5xx answers, throttling (503 ``SlowDown``), access denied, and a connection cut off
   mid-object (headers and part of the body, then a closed socket). Faults are rules set at run
-  time (``proxy.set_faults([...])``); ``proxy.stats()`` counts what it served and injected.
+  time (``proxy.set_faults([...])``); ``proxy.stats()`` counts what it served (in all and by
+  method; the paths PUT, in order) and injected.
 
 ``s3_env(url)`` is the environment a client needs (endpoint, dummy credentials, region): the
 standard AWS variables, as a user sets them for a real bucket.
@@ -187,12 +188,15 @@ class ProxyState:
         self.latency_s = latency_ms / 1000
         self.rules: list[dict] = []
         self.lock = threading.Lock()
-        self.stats = {"requests": 0, "injected": {}}
+        self.stats = {"requests": 0, "injected": {}, "methods": {}, "puts": []}
         self.local = threading.local()
 
     def fault_for(self, method: str, path: str) -> str | None:
         with self.lock:
             self.stats["requests"] += 1
+            self.stats["methods"][method] = self.stats["methods"].get(method, 0) + 1
+            if method == "PUT":
+                self.stats["puts"].append(path.split("?")[0])
             for rule in self.rules:
                 if rule.get("method", method) != method:
                     continue

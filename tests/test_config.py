@@ -300,8 +300,8 @@ def test_a_missing_path_is_named(places):
 
 
 def test_a_url_is_not_taken_for_a_local_path(places):
-    problem = paths_problem(["data.root=s3://bucket/imagenet"])
-    assert problem.startswith("data.root") and "no data source reads s3:// URLs" in problem
+    problem = paths_problem(["data.root=gs://bucket/imagenet"])
+    assert problem.startswith("data.root") and "no data source reads gs:// URLs" in problem
     assert "a URL" in paths_problem(["model.pretrained=https://example.com/w.pt"])
 
 

@@ -49,13 +49,13 @@ def test_a_url_is_read_by_the_source_of_its_scheme_and_never_as_a_path(data, tmp
                                                                         monkeypatch):
     root, _ = data
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "s3:" / "bucket" / "train").mkdir(parents=True)   # a local folder named "s3:"
-    with pytest.raises(ValueError, match=r"no data source reads s3:// URLs \(sources: pack, "
-                                         r"folder\)"):
-        open_samples("s3://bucket", "train")
-    assert root_problem("s3://bucket/data").startswith("no data source reads s3:// URLs")
-    with pytest.raises(ValueError, match="no data source reads s3://"):
-        build_loader(DataConfig(root="s3://bucket", backend="torch"), LoaderSpec("train", 2))
+    (tmp_path / "gs:" / "bucket" / "train").mkdir(parents=True)   # a local folder named "gs:"
+    with pytest.raises(ValueError, match=r"no data source reads gs:// URLs \(sources: pack, "
+                                         r"folder, s3 \(s3://\)\)"):
+        open_samples("gs://bucket", "train")
+    assert root_problem("gs://bucket/data").startswith("no data source reads gs:// URLs")
+    with pytest.raises(ValueError, match="no data source reads gs://"):
+        build_loader(DataConfig(root="gs://bucket", backend="torch"), LoaderSpec("train", 2))
     with pytest.raises(ValueError, match="read from a local folder, not a s3:// URL"):
         build_loader(DataConfig(root="s3://bucket", dataset="cifar10"), LoaderSpec("train", 2))
 
@@ -69,7 +69,7 @@ def test_a_url_is_read_by_the_source_of_its_scheme_and_never_as_a_path(data, tmp
     assert len(open_samples("mem://store/ok", "val")) == 9 and opened == [("mem://store/ok", "val")]
     assert root_problem("mem://store/ok") is None
     assert root_problem("mem://elsewhere") == "mem://elsewhere: no such store"
-    assert "sources: pack, folder, memory (mem://)" in root_problem("gs://bucket")
+    assert "sources: pack, folder, s3 (s3://), memory (mem://)" in root_problem("gs://bucket")
     with pytest.raises(ValueError, match="mem:// is read by the memory source already"):
         sources.register_source(Source("other", open=print, schemes=("mem",)))
 
@@ -91,12 +91,15 @@ def test_root_problem_without_listing_anything(data, tmp_path):
 
 
 def test_sources_import_no_torch_and_no_circle():
-    """sources imports folder and pack; pack imports folder; neither imports sources."""
+    """sources imports folder, pack and s3_pack; pack imports folder; none imports sources;
+    boto3 is imported on the first object store request, not before."""
     proc = python("import sys, pipelines.sources as s\n"
                   "assert 'torch' not in sys.modules, 'torch'\n"
-                  "print(s.root_problem('s3://b/k'))")
-    assert proc.returncode == 0 and "no data source reads s3://" in proc.stdout, proc.stderr
-    for module, not_imported in (("folder", ("pack", "sources")), ("pack", ("sources",))):
+                  "assert 'boto3' not in sys.modules, 'boto3'\n"
+                  "print(s.root_problem('gs://b/k'))")
+    assert proc.returncode == 0 and "no data source reads gs://" in proc.stdout, proc.stderr
+    for module, not_imported in (("folder", ("pack", "sources")), ("pack", ("sources",)),
+                                 ("s3_pack", ("sources",))):
         proc = python(f"import sys, pipelines.{module}\n"
                       f"print([m for m in {not_imported!r} if 'pipelines.' + m in sys.modules])")
         assert proc.returncode == 0 and proc.stdout.strip() == "[]", (module, proc.stdout,
@@ -105,11 +108,11 @@ def test_sources_import_no_torch_and_no_circle():
 
 def test_pack_refuses_a_url_in_one_line_and_writes_nothing(data, tmp_path):
     root, _ = data
-    proc = python("", tmp_path, "-m", "pipelines", "pack", root, "s3://bucket/pack")
+    proc = python("", tmp_path, "-m", "pipelines", "pack", root, "gs://bucket/pack")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "error: s3://bucket/pack: no data source writes s3:// URLs yet: pack to a local folder"]
-    assert list(tmp_path.iterdir()) == []                   # no local folder named "s3:"
+        "error: gs://bucket/pack: pack writes a local folder or an s3:// URL, not gs://"]
+    assert list(tmp_path.iterdir()) == []                   # no local folder named "gs:"
     proc = python("", tmp_path, "-m", "pipelines", "pack", "s3://bucket/data", tmp_path / "out")
     assert proc.returncode == 2 and "pack reads a local folder" in proc.stderr
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,285 @@
+"""Packs in S3-compatible object storage: ``data.root=s3://bucket/prefix`` (the ``s3`` source of
+``pipelines.sources``) and ``python -m pipelines pack DATA s3://bucket/prefix`` (``S3Destination``).
+
+The objects are those of a local pack (``pack.py``): ``pack.json``, ``classes.tsv``,
+``<split>/shard-NNNNNN.tar`` + ``.idx``, ``<split>/index.npz`` (with each shard's SHA-256).
+Reading is the local pack's code (``pack.PackedSamples``: the same index, labels, order,
+quarantine) with another byte source: sample i is one range GET of exactly its bytes
+(``object_store.read``), many in flight through the loaders' read-ahead (``data.read_ahead``).
+A shard whose reads still fail after every retry (boto3's, then ``read_guard.Retrying``'s) is
+``ShardUnreadable``: one event for the quarantine, its samples all set aside at once and counted
+against ``data.max_bad_shards``.
+
+``data.shard_cache=DIR`` (a node-local folder): each process that reads the pack downloads its
+shards whole into DIR in a background thread, one after another, each checked against the
+SHA-256 recorded in ``index.npz`` (written to a temporary name, renamed when it verified), named
+by that SHA-256 (``DIR/<sha256>.tar``: shared by every pack and prefix holding the same bytes,
+never stale). A sample whose shard is in the cache is read from it (a positioned read), the
+others by range GET. The ranks of a node share DIR: a shard is downloaded by whichever process
+takes its lock file first (``fcntl.flock``), the others skip it and read it once it is there.
+Nothing is evicted: DIR must hold the split (ImageNet's train: ~140 GB).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import object_store
+from .object_store import ObjectStoreError
+from .pack import INDEX, PACK_JSON, PackedSamples, file_sha256, manifest_problem, parse_idx
+from .read_guard import ShardUnreadable
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- reading
+class S3PackedSamples(PackedSamples):
+    """A split of a pack in a bucket (the ``Samples`` interface): ``PackedSamples`` reading
+    shards by range GET, or from the shard cache where the shard is there. ``root`` is the
+    split's URL (``s3://bucket/prefix/train``). Picklable: the client and the cache's
+    downloader are per process."""
+
+    def __init__(self, root: str, shards, shard, offset, size, labels, classes,
+                 sha256: list[str] | None = None, cache: "ShardCache | None" = None):
+        super().__init__(root, shards, shard, offset, size, labels, classes)
+        self.sha256, self.cache = sha256, cache
+        self._names: dict[int, dict[int, str]] = {}
+
+    def location(self, shard: int) -> str:
+        return f"{self.root}/{self.shards[shard]}"
+
+    def local_path(self, shard: int) -> Path:
+        return self.cache.path(self.sha256[shard])
+
+    def read_range(self, shard: int, offset: int, size: int) -> bytes:
+        if self.cache is not None and self.cache.holds(self.sha256[shard], self):
+            return super().read_range(shard, offset, size)
+        try:
+            return object_store.read(self.location(shard), offset, size)
+        except ObjectStoreError as e:
+            if e.errno == errno.EIO:    # transient: retried by read_guard.Retrying, then one event
+                raise ShardUnreadable(self.location(shard), e.strerror) from None
+            raise
+
+    def member_name(self, shard: int, offset: int) -> str:
+        """From the shard's ``.idx`` (one GET per shard and process, kept): no read of the
+        shard itself, which may be the one that cannot be read."""
+        names = self._names.get(shard)
+        if names is None:
+            text = object_store.read(self.location(shard)[:-len(".tar")] + ".idx").decode()
+            fields = (line.split() for line in text.splitlines()[1:])
+            names = self._names[shard] = {int(f[1]): f[3] for f in fields}
+        return names[offset]
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_names": {}}
+
+
+def open_s3_pack(root: str, split: str, file_list: str | None = None,
+                 shard_cache: str | None = None, **_) -> S3PackedSamples:
+    """The ``s3`` source of ``pipelines.sources``: a split of the pack at ``root``."""
+    if file_list:
+        raise ValueError(f"data.file_list does not apply to the pack {root}: pack the clean "
+                         f"list instead (python -m pipelines pack DATA_DIR {root} --file-list ...)")
+    url = object_store.parse(root).join(split)
+    try:
+        data = object_store.read(url.join(INDEX))
+    except ObjectStoreError as e:
+        if e.errno == errno.ENOENT and "bucket" not in str(e):
+            raise FileNotFoundError(f"{url.join(INDEX)} is missing: {root} is a partial pack (run "
+                                    f"`python -m pipelines pack` again to finish it)") from None
+        raise
+    with np.load(io.BytesIO(data)) as z:
+        sha256 = [str(s) for s in z["sha256"]] if "sha256" in z.files else None
+        samples = S3PackedSamples(str(url), [str(s) for s in z["shards"]], z["shard"],
+                                  z["offset"], z["size"], z["label"].tolist(),
+                                  [str(c) for c in z["classes"]], sha256)
+    if shard_cache:
+        if sha256 is None:
+            log.warning("data.shard_cache is not used for %s: its index.npz records no SHA-256 "
+                        "of its shards to check downloads against (pack it again)", url)
+        else:
+            samples.cache = ShardCache(shard_cache)
+    return samples
+
+
+def s3_pack_problem(root: str) -> str | None:
+    """One probe read of ``pack.json``: what stops ``root`` from being read as a pack (no
+    credentials, no such bucket, access denied, not a pack), in one line naming the URL."""
+    url = object_store.parse(root).join(PACK_JSON)
+    try:
+        text = object_store.read(url).decode()
+    except ObjectStoreError as e:
+        if e.errno == errno.ENOENT and "bucket" not in str(e):
+            return f"{root} is not a pack: no {url} (write one with python -m pipelines pack)"
+        return e.strerror
+    except ValueError as e:      # a malformed URL
+        return str(e)
+    return manifest_problem(url, text)
+
+
+# ---------------------------------------------------------------- the shard cache
+class ShardCache:
+    """``data.shard_cache``: whole shards in a node-local folder, named by their SHA-256 (see
+    the module's docstring). ``holds`` says whether a shard is there, and starts this process's
+    downloader on its first call; ``wait`` blocks until the downloader is done (tests, bench)."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        self._known: set[str] = set()
+        self._pid, self._thread = 0, None
+        self._lock = threading.Lock()
+
+    def path(self, sha256: str) -> Path:
+        return self.folder / f"{sha256}.tar"
+
+    def holds(self, sha256: str, samples: S3PackedSamples) -> bool:
+        self.start(samples)
+        if sha256 in self._known:
+            return True
+        if self.path(sha256).is_file():
+            self._known.add(sha256)
+            return True
+        return False
+
+    def start(self, samples: S3PackedSamples) -> None:
+        """This process's downloader of ``samples``' shards (once per process)."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._known = os.getpid(), set()
+                self._thread = threading.Thread(target=self.fill, args=(samples,), daemon=True,
+                                                name="shard-cache")
+                self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether this process's downloader has finished (waiting up to ``timeout``)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._thread is not None and not self._thread.is_alive()
+
+    def fill(self, samples: S3PackedSamples) -> None:
+        """Every shard of ``samples`` into the cache, in shard order; a shard that another
+        process is downloading is skipped and looked at again after the others."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        todo = list(range(len(samples.shards)))
+        failed: set[int] = set()
+        while todo:
+            busy = []
+            for shard in todo:
+                taken = self.fetch(samples, shard)
+                if taken is None:
+                    busy.append(shard)
+                elif taken is False:
+                    failed.add(shard)
+            if busy == todo:
+                threading.Event().wait(0.5)   # all held by other processes: theirs soon
+            todo = busy
+
+    def fetch(self, samples: S3PackedSamples, shard: int) -> bool | None:
+        """Shard ``shard`` into the cache: True once it is there, None while another process
+        holds its lock, False if it failed (logged; its samples are read by range GET)."""
+        sha256 = samples.sha256[shard]
+        final = self.path(sha256)
+        if final.is_file():
+            return True
+        with open(self.folder / f".{sha256}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            if final.is_file():
+                return True
+            return self.download(samples.location(shard), sha256, final)
+
+    def download(self, url: str, sha256: str, final: Path) -> bool:
+        tmp = final.with_name(f".{final.name}.part{os.getpid()}")
+        try:
+            object_store.download(url, tmp)
+            found = file_sha256(tmp)
+            if found != sha256:
+                raise ObjectStoreError(errno.EIO, f"download {url}: SHA-256 {found[:16]}..., the "
+                                                  f"pack's index records {sha256[:16]}...")
+            os.replace(tmp, final)
+            return True
+        except OSError as e:
+            log.warning("data.shard_cache: %s (its samples are read from the bucket)", e)
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def __getstate__(self):   # a worker process starts its own downloader
+        return {"folder": self.folder, "_known": set(), "_pid": 0, "_thread": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+
+# ---------------------------------------------------------------- writing
+class S3Destination:
+    """``pack``'s destination for an ``s3://`` URL: each shard staged in a local temporary
+    folder, uploaded (its SHA-256 computed first, the object read back and checked:
+    ``object_store.upload``), its ``.idx`` uploaded after it (a shard with its ``.idx`` is
+    complete: a resumed pack skips it), the staged files removed; ``index.npz`` last."""
+
+    def __init__(self, url: str):
+        self.url = object_store.parse(url)
+        self.stage = Path(tempfile.mkdtemp(prefix="pack-s3-"))
+
+    def __str__(self) -> str:
+        return str(self.url)
+
+    def staging(self, split: str) -> Path:
+        return self.stage / split
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return object_store.read(self.url.join(name)).decode()
+        except ObjectStoreError as e:
+            if e.errno == errno.ENOENT and "bucket" not in str(e):
+                return None
+            raise
+
+    def write_text(self, name: str, text: str) -> None:
+        object_store.write(self.url.join(name), text.encode())
+
+    def holds_anything(self) -> bool:
+        return next(iter(object_store.listing(self.url)), None) is not None
+
+    def prepare(self) -> None:
+        pass
+
+    def complete_shard(self, split: str, name: str) -> tuple[list, str] | None:
+        tar = self.url.join(split, name)
+        idx = self.url.join(split, name[:-len(".tar")] + ".idx")
+        text = self.read_text(f"{split}/{name[:-len('.tar')]}.idx")
+        if text is None:
+            return None
+        digest = object_store.recorded_sha256(tar) or object_store.sha256_of(tar)
+        return parse_idx(text, idx), digest
+
+    def publish_shard(self, split: str, tar: Path) -> str:
+        idx = tar.with_suffix(".idx")
+        digest = object_store.upload(tar, self.url.join(split, tar.name))
+        object_store.upload(idx, self.url.join(split, idx.name))
+        tar.unlink()
+        idx.unlink()
+        return digest
+
+    def publish(self, name: str, path: Path) -> None:
+        object_store.upload(path, self.url.join(name))
+        path.unlink()
+
+    def close(self) -> None:
+        shutil.rmtree(self.stage, ignore_errors=True)
+
