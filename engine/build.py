@@ -116,10 +116,29 @@ def collective_timeout(hang_timeout_s: float) -> timedelta | None:
     return timedelta(seconds=hang_timeout_s + 300) if hang_timeout_s > 0 else None
 
 
+def probe_storage(cfg: Config) -> None:
+    """Object storage the run will use, tried before any process group or run directory: one
+    probe write (and delete) under an S3 ``run.checkpoint_dir``, and the S3 checkpoints named
+    by ``run.resume`` and ``model.pretrained`` looked up. Missing credentials, an unknown
+    bucket, a denied write or a missing object: a ConfigError, one line naming the URL."""
+    key = "run.checkpoint_dir"
+    try:
+        ckpt.probe(ckpt.checkpoint_dir(cfg.run.output_dir, cfg.run.checkpoint_dir))
+        for key, url in (("run.resume", cfg.run.resume), ("model.pretrained", cfg.model.pretrained)):
+            if url is not None and ckpt.is_remote(url) and not ckpt.exists(url):
+                raise ConfigError(f"{key}={url}: no such checkpoint")
+    except OSError as e:         # pipelines.object_store.ObjectStoreError: names URL and failure
+        raise ConfigError(f"{key}: {e}") from None
+
+
 # ------------------------------------------------------------------ the parts
-def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
+def build_model(cfg: Config, num_classes: int, dist: DistInfo, out: Path) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = wrn_large.create_model(cfg.model.name, pretrained=cfg.model.pretrained,
+    pretrained = cfg.model.pretrained
+    if pretrained is not None and ckpt.is_remote(pretrained):   # this host's checked download
+        pretrained = str(ckpt.local_copy(pretrained, out / "pretrained_cache" /
+                                         f"{socket.gethostname()}-{dist.local_rank}"))
+    model = wrn_large.create_model(cfg.model.name, pretrained=pretrained,
                                    use_ema=cfg.model.pretrained_ema,
                                    **{"num_classes": num_classes, **cfg.model.kwargs})
     return model.to(dist.device)   # model.kwargs were checked before the run began (check_names)
@@ -158,16 +177,21 @@ def build_schedule(cfg: Config, train_loader) -> Schedule:
                     fresh_at_lr_drops=cfg.optim.fresh_at_lr_drops)
 
 
-def take_run_dir(out: Path, dist: DistInfo) -> RunDirHook:
-    """Rank 0 creates and locks ``out`` (every rank refuses together when another job holds
-    it) and logs to ``out/train.log``; the hook lets both go when training ends."""
-    lock, lock_error = None, None
+def take_run_dir(out: Path, dist: DistInfo, checkpoints=None) -> RunDirHook:
+    """Rank 0 creates and locks ``out``, and the checkpoint folder ``checkpoints`` where it
+    lies elsewhere (an S3 prefix: a lock object, ``ckpt.PrefixLock``), every rank refusing
+    together when another job holds either, and logs to ``out/train.log``; the hook lets all of
+    it go when training ends."""
+    locks, lock_error = [], None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            lock = ckpt.RunDirLock(out)
-        except RuntimeError as e:
+            locks.append(ckpt.RunDirLock(out))
+            locks.append(ckpt.take_lock(ckpt.checkpoint_dir(out, checkpoints), out))
+        except (RuntimeError, OSError) as e:    # OSError: the lock object could not be written
             lock_error = str(e)
+            for lock in filter(None, locks):
+                lock.release()
     lock_error = broadcast_object(lock_error)
     if lock_error:
         raise RunDirInUse(lock_error)
@@ -176,7 +200,7 @@ def take_run_dir(out: Path, dist: DistInfo) -> RunDirHook:
         handler = logging.FileHandler(out / "train.log")
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
-    hook = RunDirHook(lock, handler, root.level)
+    hook = RunDirHook([lock for lock in locks if lock is not None], handler, root.level)
     if dist.is_main and root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)   # train.log has the INFO lines, whoever set up logging
     return hook
@@ -185,12 +209,13 @@ def take_run_dir(out: Path, dist: DistInfo) -> RunDirHook:
 # ------------------------------------------------------------------ the run
 def build_trainer(cfg: Config) -> Trainer:
     check_names(cfg)
+    probe_storage(cfg)
     t = cfg.train
     dist = init_distributed(cfg.engine.dist_backend,
                             need_process_group=cfg.engine.name == "deepspeed",
                             timeout=collective_timeout(t.hang_timeout_s))
     out = Path(cfg.run.output_dir)
-    run_dir = take_run_dir(out, dist)
+    run_dir = take_run_dir(out, dist, cfg.run.checkpoint_dir)
     try:
         return assemble(cfg, dist, out, run_dir)
     except BaseException:
@@ -210,7 +235,7 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     quarantines = {s: q for s, q in quarantines.items() if q.samples is not None}
     num_classes = loaders.train.num_classes
     classes, names = class_names(cfg.data, loaders.train)
-    model = build_model(cfg, num_classes, dist)
+    model = build_model(cfg, num_classes, dist, out)
     step_times = StepTimesHook(model, dist.device, t.batch_size, hosts=hosts,   # before the
                                factor=t.straggler_factor, is_main=main)          # engine wraps it
     engine = build_engine(cfg, model, dist)
@@ -236,7 +261,8 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
                             every=cfg.run.checkpoint_every_steps, keep=cfg.run.keep_checkpoints,
                             metadata={"config": to_dict(cfg), "num_classes": num_classes,
                                       "classes": classes, "class_names": names},
-                            buffers=buffers, is_main=main, background=cfg.run.async_checkpoint),
+                            buffers=buffers, is_main=main, background=cfg.run.async_checkpoint,
+                            checkpoint_dir=cfg.run.checkpoint_dir),
              # every rank's; after the step times, checkpoints and quarantine it reports
              PrometheusHook(cfg.run.prometheus_port, out, rank=dist.rank,
                             local_rank=dist.local_rank, is_main=main)
@@ -263,8 +289,8 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     return trainer
 
 
-def last_good_checkpoint(out: Path) -> str:
-    newest = ckpt.newest_complete(out)
+def last_good_checkpoint(cfg: Config) -> str:
+    newest = ckpt.newest_complete(ckpt.checkpoint_dir(cfg.run.output_dir, cfg.run.checkpoint_dir))
     return f"The last good checkpoint is {newest}." if newest else "No checkpoint was written yet."
 
 
@@ -273,7 +299,7 @@ def train_and_explain(trainer: Trainer, cfg: Config) -> str:
     try:
         return trainer.train()
     except TrainingDiverged as e:
-        raise TrainingDiverged(f"{e} {last_good_checkpoint(Path(cfg.run.output_dir))}") from None
+        raise TrainingDiverged(f"{e} {last_good_checkpoint(cfg)}") from None
 
 
 def train(cfg: Config) -> dict:

@@ -112,7 +112,10 @@ class EngineConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
-    # auto (newest valid checkpoint in output_dir) | none | PATH
+    # where checkpoints go: a folder or s3://bucket/prefix (credentials: the AWS variables);
+    # null = <output_dir>/checkpoints. Logs, TensorBoard and metrics stay in output_dir
+    checkpoint_dir: str | None = None
+    # auto (newest valid checkpoint in checkpoint_dir) | none | PATH | s3://.../step_N.pt
     resume: Annotated[str, ChoiceOrPath(("auto", "none"), "a checkpoint")] = "auto"
     checkpoint_every_steps: Size = 0  # 0 = only at the end of each epoch
     keep_checkpoints: Count = 3
@@ -397,8 +400,11 @@ def path_problems(cfg: Config, training: bool = True) -> Iterator[str]:
                        f"verify DATA_DIR` writes the clean lists)")
     pretrained = cfg.model.pretrained
     if pretrained is not None:
-        if URL.match(pretrained):
-            yield f"model.pretrained={pretrained}: a URL; a local checkpoint file is meant"
+        if is_s3_url(pretrained):
+            pass                        # looked up before training (engine/build.py probe_storage)
+        elif URL.match(pretrained):
+            yield (f"model.pretrained={pretrained}: a URL; a local checkpoint file or an "
+                   f"s3://bucket/key is meant")
         elif os.path.isdir(pretrained):
             yield (f"model.pretrained={pretrained} is a folder; a checkpoint file is meant (a "
                    f"DeepSpeed checkpoint's weights: {Path(pretrained) / 'weights.pt'})")
@@ -407,11 +413,19 @@ def path_problems(cfg: Config, training: bool = True) -> Iterator[str]:
     if not training:
         return
     resume = cfg.run.resume
-    if resume not in ("auto", "none") and (URL.match(resume) or not os.path.exists(resume)):
+    if resume not in ("auto", "none") and not is_s3_url(resume) and \
+            (URL.match(resume) or not os.path.exists(resume)):
         yield f"run.resume={resume}: no such checkpoint"
+    ckpt_dir = cfg.run.checkpoint_dir
+    if ckpt_dir and URL.match(ckpt_dir) and not is_s3_url(ckpt_dir):
+        yield f"run.checkpoint_dir={ckpt_dir}: a local folder or s3://bucket/prefix is meant"
     ds = cfg.engine.deepspeed_config
     if cfg.engine.name == "deepspeed" and not any(p.is_file() for p in (Path(ds), REPO_ROOT / ds)):
         yield f"engine.deepspeed_config={ds}: no such file (here or under {REPO_ROOT})"
+
+
+def is_s3_url(location: str) -> bool:
+    return location.lower().startswith("s3://") and len(location) > len("s3://")
 
 
 def data_root_problem(root: str) -> str | None:

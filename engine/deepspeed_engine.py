@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import (COMPLETE_MARKER, CheckpointError, ResumeMismatch, save_file_atomic,
-                         write_manifest)
+from .checkpoint import (COMPLETE_MARKER, CheckpointError, ResumeMismatch, is_remote, name_of,
+                         publish_directory, save_file_atomic, write_manifest)
 from .config import Config, find_config
 from .distributed import DistInfo, barrier
 from .engines import (PRECISION_NAMES, Engine, Position, build_optimizer, register_engine,
@@ -87,6 +87,7 @@ class DeepSpeedEngine(Engine):
         self.dist = dist
         self.device = dist.device
         self.ds_config = deepspeed_json(cfg, dist)
+        self.staging = Path(cfg.run.output_dir) / "checkpoint_staging"   # for S3 checkpoints
         self.amp_dtype = json_precision(self.ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, model), config=self.ds_config)
@@ -119,7 +120,12 @@ class DeepSpeedEngine(Engine):
         return self.engine.skipped_steps > self.skipped_before   # fp16 overflow (DeepSpeed's count)
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
-        final = Path(path)
+        """DeepSpeed's directory (every rank writes its shards) plus ``weights.pt`` and the
+        layout, under a temp name, then made complete: locally the manifest, COMPLETE and a
+        rename; for an S3 ``path`` the staged folder is uploaded, each rank its own files, and
+        rank 0 writes one manifest for all, last (``checkpoint.publish_directory``)."""
+        remote = is_remote(path)
+        final = self.staging / name_of(path) if remote else Path(path)
         tmp = final.with_name(f".{final.name}.tmp")
         if self.dist.is_main and tmp.exists():
             shutil.rmtree(tmp)
@@ -132,10 +138,14 @@ class DeepSpeedEngine(Engine):
             # plain weights too, readable by wrn_large.create_model(pretrained=...)
             save_file_atomic({"model": weights}, tmp / "weights.pt")
             (tmp / LAYOUT_FILE).write_text(json.dumps(self.layout()) + "\n")
-            write_manifest(tmp)
-            (tmp / COMPLETE_MARKER).write_text("ok\n")
-            replace_dir(tmp, final)
+            if not remote:
+                write_manifest(tmp)
+                (tmp / COMPLETE_MARKER).write_text("ok\n")
+                replace_dir(tmp, final)
         barrier()
+        if remote:
+            publish_directory(tmp, path, self.dist.is_main)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def fp32_state_dict(self) -> dict:
         """The module's state dict with every parameter taken from the optimizer's fp32 master

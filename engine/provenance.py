@@ -38,6 +38,7 @@ OPERATIONAL = {
     "run.output_dir": "where the run goes (a sweep's run directory is its identity already)",
     "run.resume": "which checkpoint a start resumes from; resuming is exact (tested)",
     "run.keep_checkpoints": "how many saves stay on disk",
+    "run.checkpoint_dir": "where the saves go (a folder or an S3 prefix), not what they hold",
     "run.async_checkpoint": "when a save's bytes are written, not what they hold (a copy of the "
                             "state at the same step; resuming is exact, tested)",
     "run.log_every_steps": "how often the loop logs and checks for NaN and stop requests",

@@ -46,10 +46,10 @@ def _rank(rank: int, init: str, out: str, case: str) -> None:
         Path(out, "step_1.pt").mkdir(exist_ok=True)
         hook_module.ckpt.list_checkpoints = lambda out: [Path(out, "step_1.pt")]
         if case == "one rank cannot read":
-            hook_module.rank0_problem = lambda path: (False, None)   # complete and verified
+            hook_module.rank0_problem = lambda path, cache: (False, None)   # complete and verified
             failing_rank = 1
         else:   # rank 0's check of the file fails with an error that is no CheckpointError
-            def broken_check(path):
+            def broken_check(path, cache):
                 raise ValueError(f"{path}: malformed manifest line")
             hook_module.rank0_problem = broken_check
             failing_rank = -1

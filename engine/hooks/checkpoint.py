@@ -19,6 +19,7 @@ attribute cache, node-local copies) and train on different weights."""
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import torch
@@ -35,8 +36,13 @@ log = logging.getLogger("wrn_large.train")
 class CheckpointHook(Hook):
     def __init__(self, out: str | Path, engine, *, resume: str = "auto", every: int = 0,
                  keep: int = 3, metadata: dict | None = None, buffers: BufferSync | None = None,
-                 is_main: bool = True, background: bool = True):
+                 is_main: bool = True, background: bool = True,
+                 checkpoint_dir: str | Path | None = None):
         self.out, self.engine, self.resume_from = Path(out), engine, resume
+        # where checkpoints go (run.checkpoint_dir: a folder or an s3:// prefix), and where
+        # this host's ranks keep a downloaded one to read it (engine/checkpoint.py local_copy)
+        self.folder = ckpt.checkpoint_dir(out, checkpoint_dir)
+        self.cache = self.out / "checkpoint_cache" / socket.gethostname()
         self.every, self.keep, self.metadata = every, keep, dict(metadata or {})
         self.buffers, self.is_main = buffers, is_main
         self.saved: tuple[int, int] | None = None   # (step, epoch) last saved or resumed from
@@ -69,7 +75,7 @@ class CheckpointHook(Hook):
         its record added since."""
         trainer = self.trainer
         step = trainer.state.step
-        path = ckpt.checkpoint_path(self.out, step, self.engine.checkpoint_suffix)
+        path = ckpt.checkpoint_path(self.folder, step, self.engine.checkpoint_suffix)
         if self.saved == (step, trainer.state.epoch):
             return path
         trainer.phase(CHECKPOINT)
@@ -105,7 +111,7 @@ class CheckpointHook(Hook):
 
     def written(self, path: Path) -> None:
         """Rank 0, once ``path`` is complete (in the writer's thread when in the background)."""
-        ckpt.prune(self.out, self.keep)
+        ckpt.prune(self.folder, self.keep)
         log.info("saved checkpoint %s", path)
 
     def wait_for_writer(self) -> None:
@@ -130,7 +136,8 @@ class CheckpointHook(Hook):
             return
         candidates = on_rank0(lambda: self.candidates(choice), self.is_main)
         for path in candidates:
-            incomplete, problem = on_rank0(lambda: rank0_problem(path), self.is_main)
+            incomplete, problem = on_rank0(lambda: rank0_problem(path, self.cache),
+                                           self.is_main)
             if incomplete and choice == "auto":   # an interrupted save's leftover
                 log.warning("skipping incomplete checkpoint %s", path)
                 continue
@@ -149,14 +156,14 @@ class CheckpointHook(Hook):
             return
         if candidates:
             log.warning("no valid checkpoint in %s: starting from scratch",
-                        ckpt.checkpoint_dir(self.out))
+                        self.folder)
 
     def candidates(self, choice: str) -> list[Path]:
         if choice == "auto":
-            return ckpt.list_checkpoints(self.out)
-        if not Path(choice).exists():
+            return ckpt.list_checkpoints(self.folder)
+        if not ckpt.exists(choice):
             raise FileNotFoundError(f"run.resume={choice}: no such checkpoint")
-        return [Path(choice)]
+        return [choice if ckpt.is_remote(choice) else Path(choice)]
 
     def load(self, path: Path) -> tuple[dict | None, str | None]:
         """(the checkpoint's state, None) on every rank, or (None, the first rank's error) on
@@ -164,7 +171,8 @@ class CheckpointHook(Hook):
         could not (a node-local copy, an I/O error on one node), the ranks now hold different
         weights: no fallback can make them equal again, so every rank raises."""
         try:
-            state, error = self.engine.load_checkpoint(str(path)), None
+            local = ckpt.local_copy(path, self.cache)   # itself, or this host's checked download
+            state, error = self.engine.load_checkpoint(str(local)), None
         except ckpt.CheckpointError as e:
             state, error = None, str(e)
         errors = all_gather_object(error)
@@ -192,12 +200,15 @@ def on_rank0(decide, is_main: bool):
     return answer
 
 
-def rank0_problem(path: Path) -> tuple[bool, str | None]:
-    """(whether ``path`` is incomplete, why rank 0 will not resume from it or None)."""
+def rank0_problem(path, cache: Path) -> tuple[bool, str | None]:
+    """(whether ``path`` is incomplete, why rank 0 will not resume from it or None). On S3 the
+    checkpoint is downloaded into ``cache`` and checked there: the other ranks of this host
+    read that copy (``load``), the ranks of other hosts download their own."""
     if not ckpt.is_complete(path):
-        return True, f"{path} is incomplete (no {ckpt.COMPLETE_MARKER} marker)"
+        marker = "manifest" if ckpt.is_remote(path) else f"{ckpt.COMPLETE_MARKER} marker"
+        return True, f"{path} is incomplete (no {marker})"
     try:
-        ckpt.verify(path)
+        ckpt.verify(ckpt.local_copy(path, cache))
     except ckpt.CheckpointError as e:
         return False, str(e)
     return False, None

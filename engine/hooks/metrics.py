@@ -61,8 +61,11 @@ class MetricsHook(Hook):
         """What trackers keep of the run: the curves, the config, the final checkpoint's
         checksum."""
         files = [self.out / "training_curves.png", self.out / "config.yaml"]
-        newest = ckpt.newest_complete(self.out)
-        if newest is not None:
+        from .checkpoint import CheckpointHook
+        checkpoints = self.trainer.hooks.of_type(CheckpointHook)
+        folder = checkpoints.folder if checkpoints is not None else ckpt.checkpoint_dir(self.out)
+        newest = None if ckpt.is_remote(folder) else ckpt.newest_complete(folder)
+        if newest is not None:                    # local files only (S3: nothing to attach)
             files.append(ckpt.checksums_of(newest))
         return [p for p in files if p.is_file()]
 

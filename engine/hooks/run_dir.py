@@ -1,5 +1,6 @@
-"""What a run holds in its directory while it trains: rank 0's lock on it (one job per run
-directory, engine/checkpoint.py's ``RunDirLock``) and the ``train.log`` handler; both let go when
+"""What a run holds in its directory while it trains: rank 0's locks (one job per run
+directory, engine/checkpoint.py's ``RunDirLock``; one per checkpoint folder elsewhere, e.g. an
+S3 prefix's ``PrefixLock``) and the ``train.log`` handler; both let go when
 training ends, so a process that goes on (a test, a sweep) can run there again."""
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from .base import Hook
 
 
 class RunDirHook(Hook):
-    def __init__(self, lock=None, log_handler: logging.Handler | None = None,
+    def __init__(self, locks=(), log_handler: logging.Handler | None = None,
                  log_level: int | None = None):
-        self.lock, self.log_handler, self.log_level = lock, log_handler, log_level
+        self.locks, self.log_handler, self.log_level = list(locks), log_handler, log_level
 
     def after_train(self) -> None:
         if self.log_handler is not None:
@@ -21,6 +22,5 @@ class RunDirHook(Hook):
             self.log_handler = None
             if self.log_level is not None:
                 root.setLevel(self.log_level)
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        while self.locks:
+            self.locks.pop().release()

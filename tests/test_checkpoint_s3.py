@@ -1,0 +1,215 @@
+"""Checkpoints under ``run.checkpoint_dir=s3://...``, against a real S3 server (moto's, as a
+process; tests/s3_server.py's proxy in front of it where a fault is injected): save, resume
+with the uninterrupted losses, an upload cut before its manifest, a manifest that does not
+match, retention, one job per prefix, the probe's one-line errors, credentials never in the run
+directory, and the one manifest of a DeepSpeed directory staged by several ranks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from pipelines import object_store
+from s3_server import fault_proxy, make_bucket, moto_server, s3_env, using_env
+from trainer_utils import base_overrides, make_folder, run_training, step_losses
+
+pytestmark = pytest.mark.slow
+BUCKET = "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's server with the fault proxy in front; the environment points at the proxy."""
+    tmp = tmp_path_factory.mktemp("s3")
+    with moto_server(tmp) as moto, fault_proxy(moto.url, tmp=tmp) as proxy:
+        env = s3_env(proxy.url)
+        make_bucket(env, BUCKET)
+        yield env, proxy
+
+
+@pytest.fixture
+def env(s3):
+    env, proxy = s3
+    proxy.set_faults([])
+    with using_env(env):
+        yield env
+
+
+def state(step: int) -> dict:
+    return {"model": {"w": torch.full((64,), float(step))}, "step": step}
+
+
+def save(folder: str, step: int) -> str:
+    url = ckpt.checkpoint_path(folder, step, ".pt")
+    ckpt.save_file_atomic(state(step), url, checksum=True)
+    return url
+
+
+def change_one_byte(url: str) -> None:
+    data = bytearray(object_store.read(url))
+    data[-10] ^= 0xFF
+    object_store.write(url, bytes(data))          # a direct put: the manifest is left as it was
+
+
+# ------------------------------------------------------------------ the store, in process
+def test_the_manifest_is_written_last_and_a_checkpoint_without_one_does_not_exist(env, s3,
+                                                                                 tmp_path):
+    folder = f"s3://{BUCKET}/store"
+    _, proxy = s3
+    url = save(folder, 1)
+    puts = [p for p in proxy.stats()["puts"] if "/store/" in p]
+    assert puts[-1].endswith("step_00000001.pt.sha256"), puts     # after the object's upload
+    assert ckpt.list_checkpoints(folder) == [url] and ckpt.is_complete(url)
+    ckpt.verify(url)
+    assert ckpt.load_file(url, tmp_path / "cache")["step"] == 1   # downloaded, checked, loaded
+    # the upload of step 2 cut before its manifest: the proxy refuses the manifest's PUT
+    proxy.set_faults([{"method": "PUT", "key": r"step_00000002\.pt\.sha256", "action": "denied",
+                       "times": 100}])
+    with pytest.raises(OSError, match="access denied"):
+        save(folder, 2)
+    proxy.set_faults([])
+    cut = ckpt.checkpoint_path(folder, 2, ".pt")
+    assert object_store.exists(cut) and not ckpt.is_complete(cut)
+    assert ckpt.newest_complete(folder) == url
+
+
+def test_retention_deletes_only_after_the_newer_one_verified(env):
+    folder = f"s3://{BUCKET}/retention"
+    one, two, three = (save(folder, s) for s in (1, 2, 3))
+    ckpt.prune(folder, keep=2)
+    assert ckpt.list_checkpoints(folder) == [three, two]
+    assert not object_store.exists(ckpt.checksums_of(one))         # the manifest went too
+    four = save(folder, 4)
+    change_one_byte(four)                   # the newest does not verify: nothing is deleted
+    ckpt.prune(folder, keep=2)
+    assert ckpt.list_checkpoints(folder) == [four, three, two]
+    five = save(folder, 5)
+    object_store.write(ckpt.checkpoint_path(folder, 6, ".pt"), b"an upload in flight")
+    ckpt.prune(folder, keep=2)
+    six = ckpt.checkpoint_path(folder, 6, ".pt")
+    assert ckpt.list_checkpoints(folder) == [six, five, four]      # the newer upload is left
+
+
+def test_one_job_per_prefix_and_a_restart_of_the_same_run_takes_the_lock_over(env, tmp_path):
+    folder = f"s3://{BUCKET}/locked"
+    first = ckpt.PrefixLock(folder, tmp_path / "run")              # then SIGKILLed: never released
+    again = ckpt.PrefixLock(folder, tmp_path / "run")              # its restart (same output_dir)
+    assert again.token == first.token
+    with pytest.raises(RuntimeError) as refused:
+        ckpt.PrefixLock(folder, tmp_path / "other")
+    message = str(refused.value)
+    assert "\n" not in message and folder in message and str(tmp_path / "run") in message
+    assert f"delete {folder}/.lock" in message
+    again.release()
+    ckpt.PrefixLock(folder, tmp_path / "other").release()          # free once released
+
+
+def test_a_deepspeed_directory_staged_by_two_ranks_gets_one_manifest(env, tmp_path):
+    # two ranks on node-local disks: each sees its own shard and the files rank 0 wrote
+    seen = [{"state/model.pt": "a", "state/optim_0.pt": "b", "weights.pt": "c"},
+            {"state/model.pt": "a", "state/optim_1.pt": "d"}]
+    assert ckpt.owned_files(seen, 0) == seen[0]
+    assert ckpt.owned_files(seen, 1) == {"state/optim_1.pt": "d"}
+    assert sorted(ckpt.merged_checksums(seen)) == ["state/model.pt", "state/optim_0.pt",
+                                                   "state/optim_1.pt", "weights.pt"]
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.merged_checksums([{"weights.pt": "c"}, {"weights.pt": "x"}])
+    staged = tmp_path / "staged"                                  # one process: publish for real
+    (staged / "state").mkdir(parents=True)
+    (staged / "state" / "model.pt").write_bytes(b"model" * 1000)
+    (staged / "weights.pt").write_bytes(b"weights" * 1000)
+    url = f"s3://{BUCKET}/deepspeed/step_00000004"
+    ckpt.publish_directory(staged, url, is_main=True)
+    assert ckpt.list_checkpoints(f"s3://{BUCKET}/deepspeed") == [url] and ckpt.is_complete(url)
+    local = ckpt.local_copy(url, tmp_path / "cache")
+    assert (local / ckpt.COMPLETE_MARKER).is_file() and (local / "state" / "model.pt").is_file()
+    ckpt.verify(local)
+    change_one_byte(f"{url}/weights.pt")
+    with pytest.raises(ckpt.CheckpointError, match="weights.pt: SHA-256 checksum mismatch"):
+        ckpt.verify(url)
+
+
+# ------------------------------------------------------------------ the trainer
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("folder"), train_per_class=8, val_per_class=2)
+
+
+def train(data, out, env, **extra):
+    with using_env(env):
+        return run_training(base_overrides(data, out, **{"run.checkpoint_every_steps": 1,
+                                                          "run.keep_checkpoints": 2, **extra}),
+                            check=False)
+
+
+def test_a_run_resumes_from_s3_past_a_cut_upload_and_a_changed_byte(data, s3, tmp_path):
+    """Uninterrupted (local) vs stopped at step 4 with its checkpoints on S3, the newest one
+    then changed by a byte and a newer one's upload cut before its manifest: the restart skips
+    the cut one, falls back past the changed one with a log line, and replays the losses."""
+    env, proxy = s3
+    proxy.set_faults([])
+    reference = tmp_path / "reference"
+    assert train(data, reference, env).returncode == 0
+    folder, out = f"s3://{BUCKET}/run", tmp_path / "run"
+    first = train(data, out, env, **{"run.checkpoint_dir": folder, "run.max_steps": 4})
+    assert first.returncode == 0, first.stderr[-3000:]
+    with using_env(env):
+        names = [ckpt.name_of(p) for p in ckpt.list_checkpoints(folder)]
+        assert names == ["step_00000004.pt", "step_00000003.pt"], names   # keep 2
+        assert not object_store.exists(f"{folder}/.lock")                # released at the end
+        change_one_byte(f"{folder}/step_00000004.pt")
+        object_store.write(f"{folder}/step_00000005.pt", b"cut before its manifest")
+    assert not (out / "checkpoints").exists()            # nothing of them in output_dir
+    again = train(data, out, env, **{"run.checkpoint_dir": folder})
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert f"skipping incomplete checkpoint {folder}/step_00000005.pt" in log
+    assert "step_00000004.pt: SHA-256 checksum mismatch" in log and "falling back" in log
+    assert f"resumed from {folder}/step_00000003.pt at step 3" in log
+    expected, resumed = step_losses(reference), step_losses(out)
+    assert len(expected) == 6 and all(resumed[s] == expected[s] for s in expected), \
+        (resumed, expected)
+    # credentials never reach a file of the run directory
+    for path in (p for p in out.rglob("*") if p.is_file()):
+        content = path.read_bytes()
+        assert env["AWS_SECRET_ACCESS_KEY"].encode() not in content, path
+        assert env["AWS_ACCESS_KEY_ID"].encode() not in content, path
+
+
+def test_a_second_job_on_the_prefix_is_refused_in_one_line(data, s3, tmp_path):
+    env, _ = s3
+    folder = f"s3://{BUCKET}/shared"
+    with using_env(env):
+        holder = ckpt.PrefixLock(folder, tmp_path / "first")       # a live (or killed) job
+    proc = train(data, tmp_path / "second", env, **{"run.checkpoint_dir": folder})
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in \
+        proc.stderr
+    assert folder in proc.stderr and str(tmp_path / "first") in proc.stderr
+    with using_env(env):
+        holder.release()
+
+
+@pytest.mark.parametrize("case", ["no credentials", "unknown bucket", "read-only bucket"])
+def test_storage_problems_are_one_line_before_training(data, s3, tmp_path, case):
+    env, proxy = s3
+    env = dict(env)
+    folder = f"s3://{BUCKET}/probe"
+    if case == "no credentials":
+        del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    if case == "unknown bucket":
+        folder = "s3://no-such-bucket/probe"
+    proxy.set_faults([{"method": "PUT", "action": "denied", "times": 1000}]
+                     if case == "read-only bucket" else [])
+    out = tmp_path / "run"
+    proc = train(data, out, env, **{"run.checkpoint_dir": folder})
+    proxy.set_faults([])
+    what = {"no credentials": "no AWS credentials", "unknown bucket": "does not exist",
+            "read-only bucket": "access denied"}[case]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line and what in line and folder in line, line
+    assert not out.exists()                              # before the run directory
