@@ -160,6 +160,7 @@ def test_what_is_written_is_a_copy_taken_at_submit(tmp_path):
                          momentum)
     assert saved["history"] == [{"epoch": 1}]
     assert saved["model"]["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert saved["model"]._metadata == model.state_dict()._metadata   # as torch.save keeps it
 
 
 # ---------------------------------------------------------------- 3. a stop during a save
