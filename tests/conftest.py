@@ -15,7 +15,7 @@ torch.set_num_threads(THREADS)
 SLOW_FIRST = ("test_slurm.py", "test_fault_tolerance.py", "test_quarantine.py",
               "test_detection_coco_scale.py", "test_reproduce.py", "test_trackers.py",
               "test_prometheus.py", "test_cuda_defaults_on_cpu.py",
-              "test_trainer.py", "test_read_faults.py", "test_detection_train.py",
+              "test_trainer.py", "test_s3_data.py", "test_read_faults.py", "test_detection_train.py",
               "test_bench.py", "test_timm.py", "test_listings.py", "test_checkpoint_ranks.py",
               "test_checkpoint_s3.py")
 

@@ -145,3 +145,12 @@ def test_trainer_step_tiny_prints_both_loops_and_their_ratio():
     assert set(rates) == {"bare", "trainer"} and positive(rates.values()), out
     ratio = re.search(rf"ratio trainer/bare: median {NUMBER}", out)
     assert ratio and float(ratio.group(1)) > 0, out
+
+
+def test_s3_input_tiny_prints_each_source_and_its_ratio():
+    out = bench("s3_input.py", "--tiny")
+    assert re.search(r"^24 files of 2 KB in \d+ shard\(s\) .* 20 ms per S3 request", out, re.M), out
+    rows = markdown_rows(out)
+    assert list(rows) == ["local", "s3", "s3+cache"]
+    assert all(positive(values) for values in rows.values()), rows
+    assert rows["local"][1] == "1.000"
