@@ -172,8 +172,14 @@ def test_a_run_resumes_from_s3_past_a_cut_upload_and_a_changed_byte(data, s3, tm
     expected, resumed = step_losses(reference), step_losses(out)
     assert len(expected) == 6 and all(resumed[s] == expected[s] for s in expected), \
         (resumed, expected)
-    # credentials never reach a file of the run directory
-    for path in (p for p in out.rglob("*") if p.is_file()):
+    # its S3 checkpoint as another run's model.pretrained (downloaded, checked, loaded)
+    other = tmp_path / "pretrained"
+    proc = train(data, other, env, **{"model.pretrained": f"{folder}/step_00000006.pt",
+                                       "run.max_steps": 1})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (other / "pretrained_cache").is_dir() and step_losses(other)[1] < expected[1]
+    # credentials never reach a file of the run directories
+    for path in (p for run in (out, other) for p in run.rglob("*") if p.is_file()):
         content = path.read_bytes()
         assert env["AWS_SECRET_ACCESS_KEY"].encode() not in content, path
         assert env["AWS_ACCESS_KEY_ID"].encode() not in content, path
