@@ -132,12 +132,13 @@ def probe_storage(cfg: Config) -> None:
 
 
 # ------------------------------------------------------------------ the parts
-def build_model(cfg: Config, num_classes: int, dist: DistInfo, out: Path) -> nn.Module:
+def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     pretrained = cfg.model.pretrained
     if pretrained is not None and ckpt.is_remote(pretrained):   # this host's checked download
-        pretrained = str(ckpt.local_copy(pretrained, out / "pretrained_cache" /
-                                         f"{socket.gethostname()}-{dist.local_rank}"))
+        cache = Path(cfg.run.output_dir) / "pretrained_cache"
+        pretrained = str(ckpt.local_copy(pretrained,
+                                         cache / f"{socket.gethostname()}-{dist.local_rank}"))
     model = wrn_large.create_model(cfg.model.name, pretrained=pretrained,
                                    use_ema=cfg.model.pretrained_ema,
                                    **{"num_classes": num_classes, **cfg.model.kwargs})
@@ -235,7 +236,7 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     quarantines = {s: q for s, q in quarantines.items() if q.samples is not None}
     num_classes = loaders.train.num_classes
     classes, names = class_names(cfg.data, loaders.train)
-    model = build_model(cfg, num_classes, dist, out)
+    model = build_model(cfg, num_classes, dist)
     step_times = StepTimesHook(model, dist.device, t.batch_size, hosts=hosts,   # before the
                                factor=t.straggler_factor, is_main=main)          # engine wraps it
     engine = build_engine(cfg, model, dist)
