@@ -109,10 +109,14 @@ def test_listing_startup_tiny_prints_each_start(tmp_path, needs_dali):
         assert case.pop("samples") == 64 and positive(case.values()), case
 
 
-def test_checkpoint_io_tiny_prints_its_table(tmp_path):
-    out = bench("checkpoint_io.py", "--tiny", "--dir", str(tmp_path))
+def test_checkpoint_io_tiny_prints_its_tables(tmp_path):
+    out = bench("checkpoint_io.py", "--tiny", "--stall", "--s3", "--dir", str(tmp_path))
     size = re.search(rf"^wrn_40_1: checkpoint of {NUMBER} GB .*, median of 1$", out, re.M)
     assert size and float(size[1]) > 0, out
+    out, stall = out.split("\nwrn_40_1: the loop's stall per save")
+    stall_rows = markdown_rows(stall)           # synchronous vs background, disk and S3
+    assert list(stall_rows) == ["local disk", "S3 (moto)"], stall
+    assert all(len(cells) == 5 and positive(cells) for cells in stall_rows.values()), stall
     rows = markdown_rows(out)
     assert list(rows) == ["save (torch.save + fsync + SHA-256 + rename)", "SHA-256 alone",
                           "verify (re-read + SHA-256)", "load (torch.load, weights_only)"]
