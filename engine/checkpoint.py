@@ -21,6 +21,14 @@ On S3 there is no rename: the object is uploaded (from a local staging file), re
 checked against its SHA-256, and only then its checksum file (the *manifest*) is written: a
 checkpoint without a manifest does not exist (an upload cut off, a writer killed). Reading one
 downloads it into a local cache (``local_copy``) and checks it against the manifest there.
+
+A step saved again (an epoch's end after a resume at its last step) replaces a checkpoint that
+may be the only good one, so it is never un-verified on the way: the checksum file first lists
+the old *and* the new SHA-256 for the name (``verify`` accepts a line that matches), then the
+file is replaced (locally ``os.replace``; on S3 one PUT, atomic per object), then the new hash is
+written alone. At every instant the file verifies against its checksum file; a save killed in
+between leaves the old file with both lines. ``sha256sum -c`` by hand then reports one of the
+two lines as FAILED: during that window (or after such a kill) only, and the other line OK.
 """
 from __future__ import annotations
 
@@ -135,13 +143,24 @@ def write_manifest(folder: Path) -> None:
     write_text_atomic(folder / MANIFEST, manifest_text(directory_checksums(folder)))
 
 
-def parse_manifest(text: str) -> dict[str, str]:
-    """{name: SHA-256} of a checksum file's lines."""
-    found = {}
+def parse_manifest(text: str) -> dict[str, list[str]]:
+    """{name: [SHA-256, ...]} of a checksum file's lines: a name has two lines only while its
+    checkpoint is saved again (``resave_lines``), and its bytes match if they match either."""
+    found: dict[str, list[str]] = {}
     for line in text.splitlines():
         expected, name = line.split("  ", 1)
-        found[name] = expected
+        found.setdefault(name, []).append(expected)
     return found
+
+
+def resave_lines(old: list[str], new: str, name: str) -> str | None:
+    """The checksum lines of ``name`` while its object (whose recorded hashes are ``old``) is
+    replaced by one whose hash is ``new``: both, so that the object verifies before and after
+    the replacement; None where there is no old one to keep verifiable."""
+    kept = [sha for sha in old if sha != new]
+    if not kept:
+        return None
+    return "".join(checksum_line(sha, name) for sha in (kept[-1], new))
 
 
 # ------------------------------------------------------------------ the stores
@@ -160,8 +179,17 @@ class LocalStore:
                 f.flush()
                 os.fsync(f.fileno())
             if checksum:
-                write_text_atomic(checksum_file(path), checksum_line(sha256_of(tmp), path.name))
+                sha, listing = sha256_of(tmp), checksum_file(path)
+                if not path.is_file():
+                    write_text_atomic(listing, checksum_line(sha, path.name))
+                elif listing.is_file():   # the same step saved again: both hashes meanwhile
+                    both = resave_lines(parse_manifest(listing.read_text()).get(path.name, []),
+                                        sha, path.name)
+                    if both is not None:
+                        write_text_atomic(listing, both)
             os.replace(tmp, path)
+            if checksum:
+                write_text_atomic(listing, checksum_line(sha, path.name))
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -189,10 +217,10 @@ class LocalStore:
             target = base / name
             if not target.is_file():
                 raise CheckpointError(f"{path}: {name} is listed in {listing.name} but missing")
-            if sha256_of(target) != expected:
+            if sha256_of(target) not in expected:
                 raise CheckpointError(
                     f"{target}: SHA-256 checksum mismatch (the file changed after it was "
-                    f"written; {listing.name} records {expected[:16]}...)")
+                    f"written; {listing.name} records {expected[-1][:16]}...)")
 
     def delete(self, path) -> None:
         path = Path(path)
@@ -229,13 +257,23 @@ class S3Store:
             self.publish_file(local, url)
 
     def publish_file(self, local: Path, url: str) -> None:
-        """A complete local checkpoint file (and its ``.sha256``) as the object ``url``: the
-        old manifest (a save of the same step again) goes first, the new one comes last."""
-        manifest = checksum_file(url)
-        sha = parse_manifest(checksum_file(local).read_text())[local.name]
-        object_store.delete(manifest)
+        """A complete local checkpoint file (and its ``.sha256``) as the object ``url``, its
+        manifest written last. A save of the same step again keeps the old object verifiable
+        until it is replaced (one PUT, atomic per object): the manifest lists the old and the
+        new hash while the new object goes up, then the new one alone."""
+        manifest, name = checksum_file(url), name_of(url)
+        sha = parse_manifest(checksum_file(local).read_text())[local.name][-1]
+        try:
+            old = parse_manifest(object_store.read(manifest).decode()).get(name, [])
+        except object_store.ObjectStoreError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            old = []
+        both = resave_lines(old, sha, name)
+        if both is not None:
+            object_store.write(manifest, both.encode())
         object_store.upload(local, url, sha256=sha)
-        object_store.write(manifest, checksum_line(sha, name_of(url)).encode())
+        object_store.write(manifest, checksum_line(sha, name).encode())
 
     def publish_files(self, folder: Path, url: str, checksums: dict[str, str]) -> None:
         """Files of a local checkpoint directory (``{relative name: SHA-256}``), each uploaded
@@ -268,11 +306,14 @@ class S3Store:
     def is_complete(self, url) -> bool:
         return object_store.exists(self.manifest_of(url))
 
-    def checksums(self, url) -> dict[str, str]:
+    def manifest(self, url) -> str:
         try:
-            return parse_manifest(object_store.read(self.manifest_of(url)).decode())
+            return object_store.read(self.manifest_of(url)).decode()
         except object_store.ObjectStoreError as e:
             raise CheckpointError(f"{url} has no readable manifest: {e}") from None
+
+    def checksums(self, url) -> dict[str, list[str]]:
+        return parse_manifest(self.manifest(url))
 
     def verify(self, url) -> None:
         """Every part's bytes as they read back against the manifest (streamed, nothing kept)."""
@@ -282,10 +323,10 @@ class S3Store:
                 found = object_store.sha256_of(f"{base}/{name}")
             except object_store.ObjectStoreError as e:
                 raise CheckpointError(str(e)) from None
-            if found != expected:
+            if found not in expected:
                 raise CheckpointError(f"{base}/{name}: SHA-256 checksum mismatch (the object "
                                       f"changed after it was written; its manifest records "
-                                      f"{expected[:16]}...)")
+                                      f"{expected[-1][:16]}...)")
 
     def delete(self, url) -> None:
         """The manifest first: a checkpoint half deleted is an incomplete one, never one that
@@ -319,19 +360,20 @@ class S3Store:
             log.warning("%s has no manifest: downloaded without a check", url)
             checksum_file(target).unlink(missing_ok=True)
             return object_store.download(url, target)
-        expected = self.checksums(url).get(name_of(url))
-        if not (target.is_file() and sha256_of(target) == expected):
+        text = self.manifest(url)
+        expected = parse_manifest(text).get(name_of(url), [])
+        if not (target.is_file() and sha256_of(target) in expected):
             object_store.download(url, target)
-        write_text_atomic(checksum_file(target), checksum_line(expected, target.name))
+        write_text_atomic(checksum_file(target), text)
         return target
 
     def fetch_directory(self, url, target: Path) -> Path:
-        checksums = self.checksums(url)
-        for name, expected in checksums.items():
+        text = self.manifest(url)
+        for name, expected in parse_manifest(text).items():
             part = target / name
-            if not (part.is_file() and sha256_of(part) == expected):
+            if not (part.is_file() and sha256_of(part) in expected):
                 object_store.download(f"{url}/{name}", part)
-        write_text_atomic(target / MANIFEST, manifest_text(checksums))
+        write_text_atomic(target / MANIFEST, text)
         (target / COMPLETE_MARKER).write_text("ok\n")
         return target
 

@@ -132,6 +132,50 @@ def test_a_deepspeed_directory_staged_by_two_ranks_gets_one_manifest(env, tmp_pa
         ckpt.verify(url)
 
 
+def test_a_failed_resave_of_the_same_step_keeps_the_only_checkpoint(env, s3):
+    """The epoch's end after a resume at its last step saves that step again: while the new
+    object goes up the manifest lists both hashes, so the old object verifies until replaced."""
+    _, proxy = s3
+    folder = f"s3://{BUCKET}/resave"
+    one, four = save(folder, 1), save(folder, 4)
+    ckpt.prune(folder, keep=1)
+    assert ckpt.list_checkpoints(folder) == [four]
+    proxy.set_faults([{"method": "PUT", "key": r"step_00000004\.pt$", "action": "500"}])
+    with pytest.raises(OSError):
+        ckpt.save_file_atomic({**state(4), "epoch": "again"}, four, checksum=True)
+    proxy.set_faults([])
+    assert ckpt.newest_complete(folder) == four
+    ckpt.verify(four)
+    assert ckpt.load_file(four)["step"] == 4 and "epoch" not in ckpt.load_file(four)
+    ckpt.save_file_atomic({**state(4), "epoch": "again"}, four, checksum=True)   # succeeds
+    ckpt.verify(four)
+    assert ckpt.load_file(four)["epoch"] == "again"
+    manifest = object_store.read(ckpt.checksums_of(four)).decode()
+    assert manifest.count("\n") == 1, manifest                      # the new hash alone
+    assert one not in ckpt.list_checkpoints(folder)
+
+
+def test_a_local_resave_cut_before_its_rename_keeps_the_old_file_verifiable(tmp_path, monkeypatch):
+    path = tmp_path / "step_00000004.pt"
+    ckpt.save_file_atomic(state(4), path, checksum=True)
+    replace = ckpt.os.replace
+
+    def killed_at_the_rename(src, dst):
+        if str(dst).endswith(".pt"):
+            raise OSError("killed")
+        replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_rename)
+    with pytest.raises(OSError, match="killed"):
+        ckpt.save_file_atomic({**state(4), "epoch": "again"}, path, checksum=True)
+    monkeypatch.undo()
+    ckpt.verify(path)                                          # the old bytes, still listed
+    ckpt.save_file_atomic({**state(4), "epoch": "again"}, path, checksum=True)
+    ckpt.verify(path)
+    assert ckpt.load_file(path)["epoch"] == "again"
+    assert ckpt.checksum_file(path).read_text().count("\n") == 1
+
+
 # ------------------------------------------------------------------ the trainer
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
