@@ -463,28 +463,39 @@ def checksums_of(path):
     return checksum_file(path) if Path(path).is_file() else Path(path) / MANIFEST
 
 
-def prune(folder, keep: int) -> None:
+def prune(folder, keep: int, verified=None) -> None:
     """Delete all but the ``keep`` newest complete checkpoints, once the newest one verified
     (its bytes read back against its checksums: an older one is never deleted for a newer one
-    that cannot be read). Incomplete leftovers older than the newest complete one go too;
-    newer ones are left (on S3, a save still uploading)."""
+    that cannot be read). ``verified``: a checkpoint this process has just uploaded and read
+    back against its SHA-256 (S3), trusted without a second read. Incomplete leftovers older
+    than the newest complete one go too; newer ones are left (on S3, a save still uploading).
+    Never raises for a storage error: retention is not worth stopping a run for; what could not
+    be looked at or deleted is a warning naming it."""
     store = store_for(folder)
-    found = list_checkpoints(folder)
-    complete = [p for p in found if store.is_complete(p)]
+    try:
+        found = list_checkpoints(folder)
+        complete = [p for p in found if store.is_complete(p)]
+    except OSError as e:
+        log.warning("not removing old checkpoints: %s", e)
+        return
     if not complete:
         return
     newest, kept = step_of(complete[0]), {str(p) for p in complete[:keep]}
     doomed = [p for p in found if str(p) not in kept and step_of(p) < newest]
     if not doomed:
         return
-    try:
-        store.verify(complete[0])
-    except CheckpointError as e:
-        log.warning("not removing old checkpoints: the newest one does not verify (%s)", e)
-        return
+    if verified is None or str(verified) != str(complete[0]):
+        try:
+            store.verify(complete[0])
+        except (CheckpointError, OSError) as e:
+            log.warning("not removing old checkpoints: the newest one does not verify (%s)", e)
+            return
     for path in doomed:
         log.info("removing old checkpoint %s", path)
-        store.delete(path)
+        try:
+            store.delete(path)
+        except OSError as e:
+            log.warning("could not remove old checkpoint %s (left in place): %s", path, e)
 
 
 def step_of(path) -> int | None:
@@ -519,27 +530,36 @@ def merged_checksums(seen: list[dict[str, str]]) -> dict[str, str]:
 
 def publish_directory(staged: Path, url: str, is_main: bool) -> None:
     """A checkpoint directory staged locally by every rank (DeepSpeed's) as ``url``, on every
-    rank: rank 0 removes an old manifest (the same step saved again), each rank uploads (and
-    reads back) its own files, and once all are up (a barrier) rank 0 writes ONE manifest of
-    all of them, last: the checkpoint is complete when its manifest is there."""
-    from .distributed import all_gather_object, barrier
+    rank: rank 0 checks the ranks' files and removes an old manifest (the same step saved
+    again), each rank uploads (and reads back) its own files, and once all are up rank 0 writes
+    ONE manifest of all of them, last: the checkpoint is complete when its manifest is there.
+    Each of the three steps ends in an exchange of errors: what fails on any rank (rank 0's own
+    steps included) is raised on every rank, none is left waiting in a collective."""
+    from .distributed import all_gather_object
+
+    def together(what: str, step) -> None:
+        error = None
+        try:
+            step()
+        except (OSError, CheckpointError) as e:
+            error = str(e)
+        errors = [e for e in all_gather_object(error) if e]
+        if errors:
+            raise CheckpointError(f"{url}: {what} failed: {errors[0]}")
 
     store = store_for(url)
-    if is_main:
-        object_store.delete(f"{url}/{MANIFEST}")
-    barrier()
     seen = all_gather_object(directory_checksums(staged) if staged.is_dir() else {})
-    error = None
-    try:
-        store.publish_files(staged, url, owned_files(seen, _rank()))
-    except OSError as e:
-        error = str(e)
-    errors = [e for e in all_gather_object(error) if e]
-    if errors:
-        raise CheckpointError(f"{url}: upload failed: {errors[0]}")
-    if is_main:
-        store.write_directory_manifest(url, merged_checksums(seen))
-    barrier()
+    merged: dict[str, str] = {}
+
+    def prepare() -> None:
+        if is_main:
+            merged.update(merged_checksums(seen))
+            object_store.delete(f"{url}/{MANIFEST}")
+
+    together("preparing the upload", prepare)
+    together("upload", lambda: store.publish_files(staged, url, owned_files(seen, _rank())))
+    together("writing the manifest",
+             lambda: store.write_directory_manifest(url, merged) if is_main else None)
 
 
 def _rank() -> int:

@@ -12,7 +12,8 @@ safe: the optimizer steps that follow change the weights and momentum in place.
   On the CPU it is a plain copy. The buffers are kept and reused by the next save (it waits
   for this one first): the host holds one checkpoint's worth of memory for the run.
 - A write that failed is raised by the next ``submit`` or ``wait`` (``CheckpointWriteFailed``):
-  never lost. The checkpoint hook waits at every save and at the run's end, on every rank
+  never lost. A failure of ``after`` (the checkpoint is written) is a warning, not a failed
+  write: retention is not worth stopping a run for. The checkpoint hook waits at every save and at the run's end, on every rank
   (engine/hooks/checkpoint.py).
 - The thread is a daemon: a process that dies (an unhandled error past the hooks, the
   watchdog's ``os._exit``) is not kept alive by it, and the file it leaves is a temp name,
@@ -23,12 +24,15 @@ safe: the optimizer steps that follow change the weights and momentum in place.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from typing import Callable
 
 import torch
 
 from .checkpoint import save_file_atomic
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointWriteFailed(RuntimeError):
@@ -125,11 +129,16 @@ class CheckpointWriter:
             if copied_at is not None:
                 copied_at.synchronize()
             self.write(state, location, checksum=True)
-            if after is not None:
-                after()
-            self.written += 1
         except BaseException as e:  # noqa: BLE001 - raised in the loop by wait()
             self.failure = (location, e)
+            return
+        try:
+            if after is not None:
+                after()
+        except Exception as e:  # noqa: BLE001 - the checkpoint is written: not a write failure
+            log.warning("checkpoint %s is written, but what follows it (retention) failed: "
+                        "%s: %s", location, type(e).__name__, e)
+        self.written += 1
 
     def in_flight(self) -> bool:
         return self.thread is not None and self.thread.is_alive()

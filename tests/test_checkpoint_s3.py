@@ -176,6 +176,109 @@ def test_a_local_resave_cut_before_its_rename_keeps_the_old_file_verifiable(tmp_
     assert ckpt.checksum_file(path).read_text().count("\n") == 1
 
 
+def test_a_failed_retention_is_a_warning_never_a_failed_save(env, s3, tmp_path, caplog):
+    from engine.checkpoint_writer import CheckpointWriter
+    from engine.hooks import CheckpointHook
+
+    _, proxy = s3
+    folder = f"s3://{BUCKET}/prune-denied"
+    one, two = save(folder, 1), save(folder, 2)
+    proxy.set_faults([{"method": "DELETE", "key": r"step_00000001", "action": "denied"}])
+    hook = CheckpointHook(tmp_path, None, keep=1, checkpoint_dir=folder, background=False)
+    with caplog.at_level("WARNING"):
+        hook.written(two)                                      # the synchronous path's
+    proxy.set_faults([])
+    assert f"could not remove old checkpoint {one}" in caplog.text
+    assert ckpt.is_complete(two)
+    caplog.clear()
+
+    def failing():
+        raise RuntimeError("retention broke")
+
+    writer = CheckpointWriter(write=lambda *args, **kwargs: None)   # the background path's
+    with caplog.at_level("WARNING"):
+        writer.submit({"w": torch.zeros(2)}, "somewhere", after=failing)
+        writer.wait()                                           # not a failed write
+    assert "retention broke" in caplog.text and writer.written == 1
+
+
+class ThreadRanks:
+    """Two "ranks" as threads of this process, with engine.distributed's collectives done by a
+    barrier between them (whose timeout stands for the process group's): a rank left waiting
+    in a collective that the other has left fails with BrokenBarrierError after ``timeout``."""
+
+    def __init__(self, timeout: float = 5.0):
+        import threading
+
+        self.barrier_ = threading.Barrier(2, timeout=timeout)
+        self.local, self.box = threading.local(), [None, None]
+
+    def rank(self) -> int:
+        return self.local.rank
+
+    def all_gather_object(self, obj) -> list:
+        self.barrier_.wait()
+        self.box[self.rank()] = obj
+        self.barrier_.wait()
+        out = list(self.box)
+        self.barrier_.wait()
+        return out
+
+    def barrier(self) -> None:
+        self.barrier_.wait()
+
+    def run(self, work) -> list:
+        import threading
+
+        results = [None, None]
+
+        def one(rank: int) -> None:
+            self.local.rank = rank
+            try:
+                work(rank)
+                results[rank] = "ok"
+            except Exception as e:  # noqa: BLE001 - the test looks at it
+                results[rank] = e
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return results
+
+
+def test_a_rank0_failure_while_publishing_a_directory_is_raised_on_every_rank(env, s3,
+                                                                               tmp_path,
+                                                                               monkeypatch):
+    """Rank 0's manifest PUT refused: both ranks raise CheckpointError (none is left in a
+    barrier until the collective timeout)."""
+    from engine import distributed
+
+    _, proxy = s3
+    ranks = ThreadRanks()
+    for name in ("all_gather_object", "barrier"):
+        monkeypatch.setattr(distributed, name, getattr(ranks, name))
+    monkeypatch.setattr(ckpt, "_rank", ranks.rank)
+    url = f"s3://{BUCKET}/two-ranks/step_00000002"
+
+    def publish(rank: int) -> None:
+        staged = tmp_path / f"rank{rank}"
+        (staged / "state").mkdir(parents=True, exist_ok=True)
+        (staged / "state" / f"optim_{rank}.pt").write_bytes(b"shard" * 100)
+        ckpt.publish_directory(staged, url, rank == 0)
+
+    proxy.set_faults([{"method": "PUT", "key": r"MANIFEST\.sha256", "action": "denied"}])
+    results = ranks.run(publish)
+    proxy.set_faults([])
+    assert all(isinstance(r, ckpt.CheckpointError) for r in results), results
+    assert all("writing the manifest failed" in str(r) and "access denied" in str(r)
+               for r in results), results
+    assert not ckpt.is_complete(url)
+    assert ranks.run(publish) == ["ok", "ok"] and ckpt.is_complete(url)    # and without faults
+    assert sorted(ckpt.store_for(url).checksums(url)) == ["state/optim_0.pt", "state/optim_1.pt"]
+
+
 # ------------------------------------------------------------------ the trainer
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

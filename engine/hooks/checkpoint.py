@@ -26,7 +26,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..checkpoint_writer import CheckpointWriter
-from ..distributed import BufferSync, all_gather_object, barrier, broadcast_object
+from ..distributed import BufferSync, all_gather_object, broadcast_object
 from ..errors import TrainingDiverged
 from .base import CHECKPOINT, START, Check, Hook
 
@@ -90,9 +90,7 @@ class CheckpointHook(Hook):
             self.save_in_background(path, state)
         else:
             self.engine.save_checkpoint(str(path), state)
-            if self.is_main:
-                self.written(path)
-            barrier()
+            on_rank0(lambda: self.written(path), self.is_main)   # its failure: on every rank
         self.saved = (step, trainer.state.epoch)
         return path
 
@@ -110,9 +108,16 @@ class CheckpointHook(Hook):
             self.wait_for_writer()
 
     def written(self, path: Path) -> None:
-        """Rank 0, once ``path`` is complete (in the writer's thread when in the background)."""
-        ckpt.prune(self.folder, self.keep)
+        """Rank 0, once ``path`` is complete (in the writer's thread when in the background).
+        Retention never stops the run: a checkpoint it could not delete is a warning (prune).
+        On S3 the new checkpoint was read back against its SHA-256 by its upload: prune trusts
+        it instead of reading it a second time."""
         log.info("saved checkpoint %s", path)
+        try:
+            ckpt.prune(self.folder, self.keep, verified=path if ckpt.is_remote(path) else None)
+        except Exception as e:  # noqa: BLE001 - prune warns of storage errors itself; anything else
+            log.warning("retention after %s failed (old checkpoints left): %s: %s", path,
+                        type(e).__name__, e)
 
     def wait_for_writer(self) -> None:
         """Every rank waits until rank 0's save in flight is complete; its failure is raised
