@@ -296,7 +296,12 @@ class S3Store:
         return f"{url}/{MANIFEST}" if self.is_directory(url) else checksum_file(url)
 
     def is_directory(self, url) -> bool:
-        return not name_of(url).endswith(".pt")
+        """A checkpoint's name says it (``step_N.pt`` a file, ``step_N`` a directory); any
+        other URL (``model.pretrained=s3://.../weights.pth``) is a directory only where an
+        object exists under ``url/`` (a listing of one key), else a file."""
+        if m := _NAME.match(name_of(url)):
+            return m.group(2) is None
+        return next(iter(object_store.listing(url)), None) is not None
 
     def exists(self, url) -> bool:
         if self.is_directory(url):

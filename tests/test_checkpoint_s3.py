@@ -279,6 +279,19 @@ def test_a_rank0_failure_while_publishing_a_directory_is_raised_on_every_rank(en
     assert sorted(ckpt.store_for(url).checksums(url)) == ["state/optim_0.pt", "state/optim_1.pt"]
 
 
+@pytest.mark.parametrize("name", ["weights.pth", "model.bin"])
+def test_a_pretrained_file_of_any_name_is_found_and_downloaded(env, tmp_path, name):
+    url = f"s3://{BUCKET}/pretrained/{name}"
+    ckpt.save_file_atomic(state(7), url, checksum=True)
+    assert ckpt.exists(url)                                   # the probe's "no such checkpoint"
+    assert not ckpt.store_for(url).is_directory(url)
+    local = ckpt.local_copy(url, tmp_path / "cache")
+    assert local.is_file() and local.name == name
+    ckpt.verify(local)
+    assert ckpt.load_file(url, tmp_path / "cache")["step"] == 7
+    assert ckpt.store_for(url).is_directory(f"s3://{BUCKET}/pretrained")   # objects under it
+
+
 # ------------------------------------------------------------------ the trainer
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
