@@ -183,19 +183,24 @@ def take_run_dir(out: Path, dist: DistInfo, checkpoints=None) -> RunDirHook:
     lies elsewhere (an S3 prefix: a lock object, ``ckpt.PrefixLock``), every rank refusing
     together when another job holds either, and logs to ``out/train.log``; the hook lets all of
     it go when training ends."""
-    locks, lock_error = [], None
+    locks, lock_error, in_use = [], None, False
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        setting = "run.output_dir"
         try:
             locks.append(ckpt.RunDirLock(out))
+            setting = "run.checkpoint_dir"
             locks.append(ckpt.take_lock(ckpt.checkpoint_dir(out, checkpoints), out))
-        except (RuntimeError, OSError) as e:    # OSError: the lock object could not be written
-            lock_error = str(e)
+        except OSError as e:    # the lock could not be taken at all (a 501, EIO, EACCES): says what
+            lock_error = f"{setting}: {e.strerror if e.filename is None and e.strerror else e}"
+        except RuntimeError as e:                                    # another job holds it
+            lock_error, in_use = str(e), True
+        if lock_error:
             for lock in filter(None, locks):
                 lock.release()
-    lock_error = broadcast_object(lock_error)
+    lock_error, in_use = broadcast_object((lock_error, in_use))
     if lock_error:
-        raise RunDirInUse(lock_error)
+        raise RunDirInUse(lock_error) if in_use else ConfigError(lock_error)
     handler, root = None, logging.getLogger()
     if dist.is_main:
         handler = logging.FileHandler(out / "train.log")

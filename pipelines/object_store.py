@@ -124,6 +124,11 @@ def failure(url, action: str, error: Exception) -> ObjectStoreError:
         return ObjectStoreError(errno.EACCES, f"{where}: access denied ({code or status})")
     if code == "PreconditionFailed" or status == 412:
         return ObjectStoreError(errno.EEXIST, f"{where}: the object exists already")
+    if code == "NotImplemented" or status == 501:   # older MinIO/Ceph: no If-None-Match
+        what = ("the store does not support conditional writes (If-None-Match: *), so one job "
+                "per prefix cannot be enforced" if action == "conditional write" else
+                f"the store does not implement this request ({code or status})")
+        return ObjectStoreError(errno.EOPNOTSUPP, f"{where}: {what}")
     if isinstance(error, bx.EndpointConnectionError):
         return ObjectStoreError(errno.EIO, f"{where}: cannot reach {endpoint()}")
     detail = f"{code} (HTTP {status})" if code else f"{type(error).__name__}: {error}"
@@ -251,7 +256,7 @@ def write(url, data: bytes, if_absent: bool = False) -> None:
     try:
         client().put_object(Bucket=u.bucket, Key=u.key, Body=data, **extra)
     except _errors() as e:
-        raise failure(url, "write", e) from None
+        raise failure(url, "conditional write" if if_absent else "write", e) from None
 
 
 def upload(path: str | os.PathLike, url, sha256: str | None = None) -> str:

@@ -145,8 +145,8 @@ class Proxy:
     def set_faults(self, rules: list[dict]) -> None:
         """Rules, tried in order on each request: ``method`` (GET, PUT, ...; any if absent),
         ``key`` (a regex searched in the path ``/bucket/key``), ``action`` (``500``,
-        ``slowdown``, ``denied``, ``cut``: half the body, then the connection closed), ``times``
-        (injections before the rule is spent; absent: forever)."""
+        ``slowdown``, ``denied``, ``notimplemented`` (501), ``cut``: half the body, then the
+        connection closed), ``times`` (injections before the rule is spent; absent: forever)."""
         self._call("/faults", rules)
 
     def set_latency(self, ms: float) -> None:
@@ -178,6 +178,8 @@ _ERRORS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "denied": (403, "AccessDenied", "Access Denied"),
+    "notimplemented": (501, "NotImplemented", "A header you provided implies functionality "
+                                              "that is not implemented"),
 }
 
 

@@ -292,6 +292,29 @@ def test_a_pretrained_file_of_any_name_is_found_and_downloaded(env, tmp_path, na
     assert ckpt.store_for(url).is_directory(f"s3://{BUCKET}/pretrained")   # objects under it
 
 
+@pytest.mark.parametrize("fault", ["notimplemented", "denied"])
+def test_a_lock_that_cannot_be_taken_says_what_failed_not_in_use(env, s3, tmp_path, fault):
+    """A store without conditional writes (501 NotImplemented: older MinIO/Ceph) or a refused
+    lock write: a config error in one line saying so, never "in use" (exit 4)."""
+    from engine.build import take_run_dir
+    from engine.config import ConfigError
+    from engine.distributed import DistInfo
+
+    _, proxy = s3
+    folder = f"s3://{BUCKET}/no-conditional-put"
+    proxy.set_faults([{"method": "PUT", "key": r"/\.lock$", "action": fault}])
+    with pytest.raises(ConfigError) as refused:
+        take_run_dir(tmp_path / "run", DistInfo(), folder).after_train()
+    proxy.set_faults([])
+    message = str(refused.value)
+    assert "\n" not in message and "in use" not in message and f"{folder}/.lock" in message
+    assert message.startswith("run.checkpoint_dir: ")
+    assert {"notimplemented": "does not support conditional writes (If-None-Match: *), so one "
+                              "job per prefix cannot be enforced",
+            "denied": "access denied"}[fault] in message, message
+    take_run_dir(tmp_path / "run", DistInfo(), folder).after_train()   # released: free again
+
+
 # ------------------------------------------------------------------ the trainer
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
