@@ -41,6 +41,19 @@ class ObjectStoreError(OSError):
     """An object store operation that failed for good, in one line naming the URL."""
 
 
+class NoSuchBucket(ObjectStoreError):
+    """ENOENT for the bucket itself (not one missing object: the location is wrong)."""
+
+
+def no_such_object(error: BaseException) -> bool:
+    """Whether ``error`` says that one object is missing (ENOENT), its bucket being there."""
+    return (isinstance(error, ObjectStoreError) and error.errno == errno.ENOENT
+            and not isinstance(error, NoSuchBucket))
+
+
+ENOPKG = getattr(errno, "ENOPKG", errno.ENOSYS)
+
+
 @dataclass(frozen=True)
 class Url:
     bucket: str
@@ -75,15 +88,37 @@ _clients: dict[int, object] = {}
 _clients_lock = threading.Lock()
 
 
-def client():
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker) starts with a fresh lock and no client: the lock may
+    have been held by a thread of the parent (the background checkpoint writer uploading, the
+    shard cache's downloader) that does not exist here, and a connection pool must not be
+    shared across a fork."""
+    global _clients_lock
+    _clients_lock = threading.Lock()
+    _clients.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def client(url=None):
     """This process's S3 client (boto3 clients are thread-safe; a forked DataLoader worker makes
-    its own: a connection pool must not be shared across a fork)."""
+    its own: a connection pool must not be shared across a fork). Without boto3 (the ``s3``
+    extra), an ``ObjectStoreError`` in one line naming ``url``."""
     pid = os.getpid()
+    found = _clients.get(pid)          # lock-free: the common case, a client made already
+    if found is not None:
+        return found
     with _clients_lock:
         found = _clients.get(pid)
         if found is None:
-            import boto3
-            from botocore.config import Config
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise ObjectStoreError(ENOPKG, f"{url or 's3:// URLs'} needs boto3: pip install "
+                                               f"'wrn-large[s3]'") from None
             found = _clients[pid] = boto3.session.Session().client("s3", config=Config(
                 max_pool_connections=MAX_POOL,
                 retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
@@ -113,7 +148,7 @@ def failure(url, action: str, error: Exception) -> ObjectStoreError:
         return ObjectStoreError(errno.EACCES, f"{where}: no AWS credentials (set AWS_ACCESS_KEY_ID "
                                               f"and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
     if code in ("NoSuchBucket",):
-        return ObjectStoreError(errno.ENOENT, f"{where}: the bucket {parse(url).bucket} does not "
+        return NoSuchBucket(errno.ENOENT, f"{where}: the bucket {parse(url).bucket} does not "
                                               f"exist at {endpoint()}")
     if code in ("NoSuchKey", "404", "NotFound"):
         return ObjectStoreError(errno.ENOENT, f"{where}: no such object")
@@ -136,14 +171,20 @@ def failure(url, action: str, error: Exception) -> ObjectStoreError:
 
 
 def _errors():
-    from botocore import exceptions as bx
+    try:
+        from botocore import exceptions as bx
+    except ImportError:     # no boto3: client() said so, nothing of botocore's to catch
+        return ()
     return (bx.BotoCoreError, bx.ClientError)
 
 
 def _body_errors():
     """What a body cut off mid-object raises while it is read."""
-    import urllib3.exceptions as ux
-    from botocore import exceptions as bx
+    try:
+        import urllib3.exceptions as ux
+        from botocore import exceptions as bx
+    except ImportError:
+        return ()
     return (bx.IncompleteReadError, bx.ResponseStreamingError, bx.ReadTimeoutError,
             bx.ConnectionClosedError, ux.ProtocolError, ux.ReadTimeoutError, ConnectionError)
 
@@ -153,11 +194,13 @@ def read(url, offset: int | None = None, size: int | None = None) -> bytes:
     """The object's bytes (``size`` bytes from ``offset``, one range request, if given). A body
     cut off before its end is requested again (``BODY_TRIES``); a short answer is an error."""
     u = parse(url)
+    if size == 0 and offset is not None:   # no range names zero bytes (the server would send all)
+        return b""
     extra = {} if offset is None else {"Range": f"bytes={offset}-{offset + size - 1}"}
     last = None
     for _ in range(BODY_TRIES):
         try:
-            answer = client().get_object(Bucket=u.bucket, Key=u.key, **extra)
+            answer = client(url).get_object(Bucket=u.bucket, Key=u.key, **extra)
         except _errors() as e:
             raise failure(url, "read", e) from None
         try:
@@ -177,7 +220,7 @@ def size_of(url) -> int | None:
     """The object's size in bytes, or None if there is no such object."""
     u = parse(url)
     try:
-        return client().head_object(Bucket=u.bucket, Key=u.key)["ContentLength"]
+        return client(url).head_object(Bucket=u.bucket, Key=u.key)["ContentLength"]
     except _errors() as e:
         error = failure(url, "look up", e)
         if error.errno == errno.ENOENT and "bucket" not in str(error):
@@ -190,7 +233,7 @@ def recorded_sha256(url) -> str | None:
     bytes read back), or None; an ``ObjectStoreError`` (ENOENT) if there is no such object."""
     u = parse(url)
     try:
-        answer = client().head_object(Bucket=u.bucket, Key=u.key)
+        answer = client(url).head_object(Bucket=u.bucket, Key=u.key)
     except _errors() as e:
         raise failure(url, "look up", e) from None
     return answer.get("Metadata", {}).get("sha256")
@@ -207,7 +250,7 @@ def sha256_of(url) -> str:
     digest = hashlib.sha256()
     for _ in range(BODY_TRIES):
         try:
-            body = client().get_object(Bucket=u.bucket, Key=u.key)["Body"]
+            body = client(url).get_object(Bucket=u.bucket, Key=u.key)["Body"]
         except _errors() as e:
             raise failure(url, "read", e) from None
         digest = hashlib.sha256()
@@ -226,10 +269,17 @@ def download(url, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
     try:
-        client().download_file(u.bucket, u.key, str(tmp))
+        client(url).download_file(u.bucket, u.key, str(tmp))
         os.replace(tmp, path)
     except _errors() as e:
         raise failure(url, "download", e) from None
+    except ObjectStoreError:
+        raise
+    except OSError as e:     # the local file: no space, no permission
+        raise ObjectStoreError(e.errno or errno.EIO, f"download {url} to {path}: "
+                                                     f"{e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - boto3's/s3transfer's RetriesExceededError and others
+        raise transfer_failure(url, "download", e) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -238,8 +288,9 @@ def download(url, path: str | os.PathLike) -> Path:
 def listing(url) -> Iterator[tuple[str, int]]:
     """(key relative to ``url`` as a folder, size) of every object under it, in key order."""
     u = parse(url)
-    pages = client().get_paginator("list_objects_v2").paginate(Bucket=u.bucket, Prefix=u.prefix)
     try:
+        pages = client(url).get_paginator("list_objects_v2").paginate(Bucket=u.bucket,
+                                                                     Prefix=u.prefix)
         for page in pages:
             for item in page.get("Contents", ()):
                 yield item["Key"][len(u.prefix):], item["Size"]
@@ -254,7 +305,7 @@ def write(url, data: bytes, if_absent: bool = False) -> None:
     u = parse(url)
     extra = {"IfNoneMatch": "*"} if if_absent else {}
     try:
-        client().put_object(Bucket=u.bucket, Key=u.key, Body=data, **extra)
+        client(url).put_object(Bucket=u.bucket, Key=u.key, Body=data, **extra)
     except _errors() as e:
         raise failure(url, "conditional write" if if_absent else "write", e) from None
 
@@ -267,15 +318,14 @@ def upload(path: str | os.PathLike, url, sha256: str | None = None) -> str:
     u = parse(url)
     expected = sha256 or file_sha256(path)
     try:
-        client().upload_file(str(path), u.bucket, u.key,
+        client(url).upload_file(str(path), u.bucket, u.key,
                              ExtraArgs={"Metadata": {"sha256": expected}})
     except _errors() as e:
         raise failure(url, "upload", e) from None
+    except ObjectStoreError:
+        raise
     except Exception as e:  # noqa: BLE001 - s3transfer wraps boto's errors in its own
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, _errors()):
-            raise failure(url, "upload", cause) from None
-        raise ObjectStoreError(errno.EIO, f"upload {url}: {type(e).__name__}: {e}") from None
+        raise transfer_failure(url, "upload", e) from None
     found = sha256_of(url)
     if found != expected:
         raise ObjectStoreError(errno.EIO, f"upload {url}: the object read back has SHA-256 "
@@ -283,10 +333,22 @@ def upload(path: str | os.PathLike, url, sha256: str | None = None) -> str:
     return expected
 
 
+def transfer_failure(url, action: str, error: Exception) -> ObjectStoreError:
+    """An error of boto3's transfer manager (s3transfer wraps botocore's errors in its own:
+    ``RetriesExceededError``, ``S3UploadFailedError``, ...) as one line, EIO unless the
+    botocore error it wraps says otherwise."""
+    cause = getattr(error, "last_exception", None) or error.__cause__ or error.__context__
+    if isinstance(cause, _errors()):
+        return failure(url, action, cause)
+    detail = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else \
+        type(error).__name__
+    return ObjectStoreError(errno.EIO, f"{action} {url}: {detail}")
+
+
 def delete(url) -> None:
     u = parse(url)
     try:
-        client().delete_object(Bucket=u.bucket, Key=u.key)
+        client(url).delete_object(Bucket=u.bucket, Key=u.key)
     except _errors() as e:
         raise failure(url, "delete", e) from None
 

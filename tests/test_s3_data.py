@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -228,6 +229,84 @@ def test_a_data_root_that_cannot_be_read_is_one_line_before_training(packs, s3, 
     assert "testing-secret-key" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()                       # before the run starts
 
+
+
+@pytest.fixture(scope="module")
+def with_empty(s3, tmp_path_factory):
+    """A small folder with a zero-byte image (train/class_1/empty.jpg), packed locally and to
+    S3."""
+    folder = make_folder(tmp_path_factory.mktemp("empty"), train_per_class=4, val_per_class=1)
+    (folder / "train" / "class_1" / "empty.jpg").write_bytes(b"")
+    local = folder.parent / "empty-pack"
+    pack(str(folder), str(local), shard_mb=SHARD_MB, progress=False)
+    pack(str(folder), "s3://data/empty", shard_mb=SHARD_MB, progress=False)
+    return folder, local, "s3://data/empty"
+
+
+def test_a_zero_byte_sample_is_one_bad_image_as_from_the_local_pack(with_empty, s3):
+    _, local, url = with_empty
+    a, b = load_pack(local, "train"), open_samples(url, "train")
+    empty = [i for i in range(len(a)) if a.size[i] == 0]
+    assert len(empty) == 1
+    gets = s3[0].stats()["methods"].get("GET", 0)
+    assert b.read(empty[0]) == b"" and s3[0].stats()["methods"].get("GET", 0) == gets  # no request
+    assert [b.read(i) for i in range(len(b))] == [a.read(i) for i in range(len(a))]
+    for root in (local, url):
+        quarantine = Quarantine("train", limit=1, shard_limit=1)
+        cfg = DataConfig(root=str(root), backend="torch", workers=0, read_ahead=8, image_size=32)
+        with build_loader(cfg, LoaderSpec("train", batch_size=4, quarantine=quarantine)) as loader:
+            loader.set_epoch(0)
+            assert sum(len(labels) for _, labels in loader) == len(a) // 4 * 4
+        assert list(quarantine.bad_images()) == empty and quarantine.bad_shards() == {}, root
+
+
+def test_without_boto3_an_s3_url_is_one_line_naming_it(packs, monkeypatch, capsys):
+    from pipelines.pack import main as pack_main
+    from pipelines.s3_pack import s3_pack_problem
+    for name in ("boto3", "botocore", "s3transfer"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(object_store, "_clients", {})
+    hint = "needs boto3: pip install 'wrn-large[s3]'"
+    with pytest.raises(object_store.ObjectStoreError, match=re.escape(f"s3://data/pack/pack.json {hint}")):
+        object_store.read("s3://data/pack/pack.json")
+    assert s3_pack_problem("s3://data/pack") == f"s3://data/pack/pack.json {hint}"
+    assert pack_main([str(packs[0]), "s3://data/nowhere", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and hint in err and "Traceback" not in err, err
+
+
+def test_a_child_forked_while_a_thread_holds_the_client_lock_gets_a_client(s3):
+    """A DataLoader worker forked while the checkpoint writer or the shard cache's downloader
+    is in ``client()`` (its lock held) must not block on that lock forever."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with object_store._clients_lock:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    pid = os.fork()
+    if pid == 0:                                                   # the child
+        code = 1
+        try:
+            code = 0 if object_store.client() is not None else 1
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 15
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        release.set()
+        thread.join()
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child blocked in object_store.client()")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 @pytest.mark.slow
 def test_a_two_process_run_from_s3_killed_mid_epoch_resumes_as_the_local_run(packs, s3, tmp_path):
