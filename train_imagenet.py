@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     from engine.checkpoint import CheckpointError, ResumeMismatch
     from engine.errors import RunDirInUse, TrainingDiverged
     from pipelines.quarantine import TooManyBadImages
+    from pipelines.read_guard import SourceUnusable
     from wrn_large.weights import WeightsError
 
     console_logging(int(os.environ.get("RANK", 0)))
@@ -97,6 +98,10 @@ def main(argv=None) -> int:
     except TooManyBadImages as e:                   # data.max_bad_images: a broken mount
         print(f"error: {e}", file=sys.stderr)
         return 6
+    except SourceUnusable as e:     # data.root=s3://...: credentials, permission, bucket gone
+        line = str(e).strip().splitlines()[-1]      # a DataLoader worker's: its traceback's last
+        print(f"error: {line.split('SourceUnusable: ', 1)[-1]}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, NotADirectoryError, WeightsError) as e:  # data.root, model.pretrained
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import re
 from typing import Callable
 
 from .read_ahead import ReadAhead, read_or_error
-from .read_guard import Retrying, ShardUnreadable, timed
+from .read_guard import Retrying, ShardUnreadable, SourceUnusable, timed
 from .sample_rng import sample_uniforms
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,8 @@ class BadImagePolicy:
         while True:
             if self.drop_bad and self.quarantine is not None and index in self.quarantine:
                 return None
+            if isinstance(data, SourceUnusable):     # not bad data: the end, nothing set aside
+                raise data
             try:
                 if isinstance(data, ShardUnreadable):
                     raise BadImage(data.strerror)          # names the shard: one event

@@ -135,15 +135,32 @@ class ReadTimeout(TimeoutError):
 
 class ShardUnreadable(OSError):
     """A read from a shard in object storage that failed after the object store's retries
-    (EIO: transient, so ``Retrying`` tries it again; what still fails is one event for the whole
-    shard, ``quarantine.Quarantine`` sets its samples aside at once). ``shard``: its URL."""
+    (EIO: transient, so ``Retrying`` tries it again), or a shard object that is gone (ENOENT:
+    not tried again); what still fails is one event for the whole shard,
+    ``quarantine.Quarantine`` sets its samples aside at once. ``shard``: its URL."""
 
-    def __init__(self, shard: str, why: str):
-        super().__init__(errno.EIO, f"unreadable shard {shard}: {why}")
+    def __init__(self, shard: str, why: str, code: int = errno.EIO):
+        super().__init__(code, f"unreadable shard {shard}: {why}")
         self.shard, self.why = shard, why
 
     def __reduce__(self):   # picklable from a DataLoader worker
-        return ShardUnreadable, (self.shard, self.why)
+        return ShardUnreadable, (self.shard, self.why, self.errno)
+
+
+class SourceUnusable(OSError):
+    """The data source itself cannot be read (credentials expired or refused, access denied,
+    the bucket gone): not bad data. Fatal whatever ``data.on_bad_image`` says, nothing
+    quarantined (healthy images are never set aside because credentials expired). One line
+    naming the URL."""
+
+    NOTE = "(the data cannot be read at all: no image was quarantined)"
+
+    def __init__(self, why: str):   # re-raised from a DataLoader worker: the note is there
+        super().__init__(why if self.NOTE in why else f"{why} {self.NOTE}")
+        self.why = why
+
+    def __reduce__(self):   # picklable from a DataLoader worker
+        return SourceUnusable, (self.why,)
 
 
 def transient(error: BaseException) -> bool:

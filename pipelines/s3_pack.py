@@ -6,17 +6,22 @@ The objects are those of a local pack (``pack.py``): ``pack.json``, ``classes.ts
 Reading is the local pack's code (``pack.PackedSamples``: the same index, labels, order,
 quarantine) with another byte source: sample i is one range GET of exactly its bytes
 (``object_store.read``), many in flight through the loaders' read-ahead (``data.read_ahead``).
-A shard whose reads still fail after every retry (boto3's, then ``read_guard.Retrying``'s) is
-``ShardUnreadable``: one event for the quarantine, its samples all set aside at once and counted
-against ``data.max_bad_shards``.
+A shard whose reads still fail after every retry (boto3's, then ``read_guard.Retrying``'s), or
+whose object is gone, is ``ShardUnreadable``: one event for the quarantine, its samples all set
+aside at once and counted against ``data.max_bad_shards``. What says that nothing can be read
+(credentials expired or refused, access denied, the bucket gone, no boto3) is no bad data:
+``SourceUnusable``, fatal whatever ``data.on_bad_image`` says, nothing quarantined.
 
-``data.shard_cache=DIR`` (a node-local folder): each process that reads the pack downloads its
-shards whole into DIR in a background thread, one after another, each checked against the
+``data.shard_cache=DIR`` (a node-local folder): each process that opens the pack (a rank; not
+its DataLoader or DALI workers, which read what is there) downloads its shards whole into DIR in
+a background thread started when it opens the pack, one after another, each checked against the
 SHA-256 recorded in ``index.npz`` (written to a temporary name, renamed when it verified), named
 by that SHA-256 (``DIR/<sha256>.tar``: shared by every pack and prefix holding the same bytes,
 never stale). A sample whose shard is in the cache is read from it (a positioned read), the
 others by range GET. The ranks of a node share DIR: a shard is downloaded by whichever process
 takes its lock file first (``fcntl.flock``), the others skip it and read it once it is there.
+A download is written only under that lock: the partial files a killed process left are removed
+under it before the next download of the shard.
 Nothing is evicted: DIR must hold the split (ImageNet's train: ~140 GB).
 """
 from __future__ import annotations
@@ -35,8 +40,9 @@ import numpy as np
 
 from . import object_store
 from .object_store import ObjectStoreError
-from .pack import INDEX, PACK_JSON, PackedSamples, file_sha256, manifest_problem, parse_idx
-from .read_guard import ShardUnreadable
+from .object_store import file_sha256
+from .pack import INDEX, PACK_JSON, PackedSamples, manifest_problem, parse_idx
+from .read_guard import ShardUnreadable, SourceUnusable
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +72,10 @@ class S3PackedSamples(PackedSamples):
         try:
             return object_store.read(self.location(shard), offset, size)
         except ObjectStoreError as e:
-            if e.errno == errno.EIO:    # transient: retried by read_guard.Retrying, then one event
-                raise ShardUnreadable(self.location(shard), e.strerror) from None
-            raise
+            # EIO (transient: retried by read_guard.Retrying) or the shard object gone: one event
+            if e.errno == errno.EIO or object_store.no_such_object(e):
+                raise ShardUnreadable(self.location(shard), e.strerror, e.errno) from None
+            raise SourceUnusable(e.strerror) from None     # credentials, permission, bucket
 
     def member_name(self, shard: int, offset: int) -> str:
         """From the shard's ``.idx`` (one GET per shard and process, kept): no read of the
@@ -109,6 +116,7 @@ def open_s3_pack(root: str, split: str, file_list: str | None = None,
                         "of its shards to check downloads against (pack it again)", url)
         else:
             samples.cache = ShardCache(shard_cache)
+            samples.cache.start(samples)
     return samples
 
 
@@ -130,13 +138,15 @@ def s3_pack_problem(root: str) -> str | None:
 # ---------------------------------------------------------------- the shard cache
 class ShardCache:
     """``data.shard_cache``: whole shards in a node-local folder, named by their SHA-256 (see
-    the module's docstring). ``holds`` says whether a shard is there, and starts this process's
-    downloader on its first call; ``wait`` blocks until the downloader is done (tests, bench)."""
+    the module's docstring). ``holds`` says whether a shard is there; ``start`` starts the
+    downloader, in the process that made the cache only (never in a DataLoader or DALI worker,
+    forked or unpickled: a worker killed mid-download would leave its partial file, and each
+    would download the same shards); ``wait`` blocks until the downloader is done."""
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
         self._known: set[str] = set()
-        self._pid, self._thread = 0, None
+        self._owner, self._thread = os.getpid(), None
         self._lock = threading.Lock()
 
     def path(self, sha256: str) -> Path:
@@ -152,12 +162,11 @@ class ShardCache:
         return False
 
     def start(self, samples: S3PackedSamples) -> None:
-        """This process's downloader of ``samples``' shards (once per process)."""
-        if self._pid == os.getpid():
+        """The downloader of ``samples``' shards, once, in the process that made the cache."""
+        if self._thread is not None or os.getpid() != self._owner:
             return
         with self._lock:
-            if self._pid != os.getpid():
-                self._pid, self._known = os.getpid(), set()
+            if self._thread is None:
                 self._thread = threading.Thread(target=self.fill, args=(samples,), daemon=True,
                                                 name="shard-cache")
                 self._thread.start()
@@ -173,15 +182,8 @@ class ShardCache:
         process is downloading is skipped and looked at again after the others."""
         self.folder.mkdir(parents=True, exist_ok=True)
         todo = list(range(len(samples.shards)))
-        failed: set[int] = set()
         while todo:
-            busy = []
-            for shard in todo:
-                taken = self.fetch(samples, shard)
-                if taken is None:
-                    busy.append(shard)
-                elif taken is False:
-                    failed.add(shard)
+            busy = [shard for shard in todo if self.fetch(samples, shard) is None]
             if busy == todo:
                 threading.Event().wait(0.5)   # all held by other processes: theirs soon
             todo = busy
@@ -200,7 +202,15 @@ class ShardCache:
                 return None
             if final.is_file():
                 return True
+            self.remove_partials(sha256)
             return self.download(samples.location(shard), sha256, final)
+
+    def remove_partials(self, sha256: str) -> None:
+        """The partial files of a download of this shard that a killed process left (ours:
+        ``.<sha256>.tar.part<pid>``, object_store.download's inside it). Called under the
+        shard's lock, which every download holds: no partial file is being written."""
+        for stale in self.folder.glob(f".*{sha256}.tar.part*"):
+            stale.unlink(missing_ok=True)
 
     def download(self, url: str, sha256: str, final: Path) -> bool:
         tmp = final.with_name(f".{final.name}.part{os.getpid()}")
@@ -218,8 +228,8 @@ class ShardCache:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def __getstate__(self):   # a worker process starts its own downloader
-        return {"folder": self.folder, "_known": set(), "_pid": 0, "_thread": None}
+    def __getstate__(self):   # a worker process reads what is there, never downloads
+        return {"folder": self.folder, "_known": set(), "_owner": self._owner, "_thread": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _lock=threading.Lock())

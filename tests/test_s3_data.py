@@ -5,6 +5,7 @@ transient faults retried, a shard cut off for good one quarantine event, one-lin
 training, the shard cache, and a 2-process run killed mid-epoch and resumed."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -24,6 +25,7 @@ import torch
 from pipelines import DataConfig, LoaderSpec, build_loader, object_store
 from pipelines.pack import INDEX, PackError, load_pack, pack
 from pipelines.quarantine import BadImagePolicy, CorruptImageError, Quarantine, TooManyBadImages
+from pipelines.s3_pack import ShardCache
 from pipelines.sources import open_samples, root_problem
 from s3_server import fault_proxy, make_bucket, moto_server, s3_env, using_env
 from trainer_utils import REPO, base_overrides, cli_in_process, make_folder, run_training, step_losses
@@ -195,8 +197,9 @@ def test_under_stop_an_unreadable_shard_stops_naming_it(packs, s3):
 
 def test_the_shard_cache_serves_reads_once_warm(packs, s3, tmp_path):
     _, local, url = packs
-    a, b = load_pack(local, "train"), open_samples(url, "train", shard_cache=str(tmp_path))
+    a, b = load_pack(local, "train"), open_samples(url, "train")
     b.sha256[3] = "0" * 64                                # a download that does not verify
+    b.cache = ShardCache(str(tmp_path))                   # its downloader starts at the 1st read
     assert [b.read(i) for i in range(len(b))] == [a.read(i) for i in range(len(a))]
     assert b.cache.wait(60)
     cached = {p.name for p in tmp_path.glob("*.tar")}
@@ -229,6 +232,22 @@ def test_a_data_root_that_cannot_be_read_is_one_line_before_training(packs, s3, 
     assert "testing-secret-key" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()                       # before the run starts
 
+
+# ---------------------------------------------------------------- object_store's edges
+def test_a_download_cut_off_for_good_is_one_line_and_the_cache_goes_on(packs, s3, tmp_path):
+    """boto3's transfer manager raises its own RetriesExceededError (no OSError): one line, EIO,
+    and the shard cache's downloader goes on to the other shards."""
+    _, _, url = packs
+    cut_for_good(s3, 1)
+    with pytest.raises(object_store.ObjectStoreError) as failed:
+        object_store.download(f"{url}/train/shard-000001.tar", tmp_path / "one.tar")
+    assert failed.value.errno == errno.EIO and "\n" not in str(failed.value)
+    assert failed.value.strerror.startswith(f"download {url}/train/shard-000001.tar: ")
+    assert list(tmp_path.iterdir()) == []                         # no partial file left
+    b = open_samples(url, "train", shard_cache=str(tmp_path / "cache"))
+    assert b.cache.wait(60)
+    assert {p.name for p in (tmp_path / "cache").glob("*.tar")} == \
+        {f"{h}.tar" for shard, h in enumerate(b.sha256) if shard != 1}
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +326,72 @@ def test_a_child_forked_while_a_thread_holds_the_client_lock_gets_a_client(s3):
         os.waitpid(pid, 0)
         pytest.fail("the forked child blocked in object_store.client()")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_a_shard_object_gone_is_one_event(with_empty, s3, tmp_path):
+    """A shard deleted mid-run (ENOENT): one shard event, not each of its samples a bad image."""
+    folder, local, _ = with_empty
+    url = "s3://data/gone"
+    pack(str(folder), url, shard_mb=SHARD_MB, progress=False)
+    a, b = load_pack(local, "train"), open_samples(url, "train")
+    assert b.read(0) == a.read(0)
+    object_store.delete(f"{url}/train/shard-000000.tar")
+    quarantine = Quarantine("train", limit=1, shard_limit=1)   # the empty image + 1 would stop
+    cfg = DataConfig(root=url, backend="torch", workers=0, read_ahead=8, image_size=32)
+    with build_loader(cfg, LoaderSpec("train", batch_size=4, quarantine=quarantine)) as loader:
+        loader.set_epoch(0)
+        assert sum(len(labels) for _, labels in loader) == len(a) // 4 * 4
+    assert list(quarantine.bad_shards()) == [f"{url}/train/shard-000000.tar"]
+    assert "no such object" in quarantine.bad_shards()[f"{url}/train/shard-000000.tar"]
+    assert set(quarantine.state()) == set(np.flatnonzero(a.shard == 0)) | set(quarantine.bad_images())
+
+
+@pytest.mark.parametrize("case", ["denied", "no bucket"])
+def test_denied_or_a_bucket_gone_is_fatal_and_quarantines_nothing(packs, s3, case):
+    """Expired or refused credentials are no bad data: one line naming the URL, nothing set
+    aside, whatever data.on_bad_image says."""
+    from pipelines.read_guard import SourceUnusable
+    _, _, url = packs
+    samples = open_samples(url, "train")
+    if case == "denied":
+        s3[0].set_faults([{"method": "GET", "key": r"train/shard-000001\.tar", "action": "denied"}])
+        expected = f"read {url}/train/shard-000001.tar: access denied (AccessDenied)"
+    else:
+        samples.root = "s3://gone/pack/train"
+        expected = "read s3://gone/pack/train/shard-000001.tar: the bucket gone does not exist"
+    first = int(np.flatnonzero(samples.shard == 1)[0])
+    quarantine = Quarantine("train", limit=100, shard_limit=100).bind(samples)
+    policy = BadImagePolicy(samples, quarantine, seed=0, drop_bad=False)
+    with pytest.raises(SourceUnusable) as fatal:
+        policy.resolve(first, 0, first, policy.read_one(first), lambda i, data: data)
+    assert str(fatal.value).startswith(expected) and "\n" not in str(fatal.value)
+    assert quarantine.state() == {}
+
+
+def test_only_the_process_that_made_the_cache_downloads_and_partials_are_removed(packs, tmp_path):
+    _, _, url = packs
+    b = open_samples(url, "train")
+    b.cache = ShardCache(str(tmp_path))
+    pid = os.fork()
+    if pid == 0:           # a forked DataLoader worker: reads what is there, starts no thread
+        code = 1
+        try:
+            b.cache.holds(b.sha256[0], b)
+            pickle.loads(pickle.dumps(b)).cache.holds(b.sha256[0], b)
+            code = 0 if [t.name for t in threading.enumerate()] == ["MainThread"] and \
+                b.cache._thread is None else 3
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    tmp_path.mkdir(exist_ok=True)
+    stale = [tmp_path / f".{b.sha256[2]}.tar.part999999",                  # a killed process's
+             tmp_path / f"..{b.sha256[2]}.tar.part999999.tmp999999.1"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    assert b.cache.fetch(b, 2) is True
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == \
+        [f"{b.sha256[2]}.tar"]
+
 
 @pytest.mark.slow
 def test_a_two_process_run_from_s3_killed_mid_epoch_resumes_as_the_local_run(packs, s3, tmp_path):
