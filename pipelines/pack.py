@@ -42,6 +42,7 @@ import numpy as np
 
 from .class_names import CLASSES_TSV, read_classes_tsv, write_classes_tsv
 from .folder import open_folder, url_scheme
+from .object_store import file_sha256
 from .read_ahead import ReadAhead
 from .read_guard import reading
 
@@ -322,14 +323,6 @@ class LocalDestination:
 
     def close(self) -> None:
         pass
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pack_split(samples, sizes: np.ndarray, dest, split: str, shard_bytes: int,
