@@ -137,8 +137,8 @@ def build_model(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     pretrained = cfg.model.pretrained
     if pretrained is not None and ckpt.is_remote(pretrained):   # this host's checked download
         cache = Path(cfg.run.output_dir) / "pretrained_cache"
-        pretrained = str(ckpt.local_copy(pretrained,
-                                         cache / f"{socket.gethostname()}-{dist.local_rank}"))
+        # one download per host: local_copy's file lock lets one rank fetch, the others check
+        pretrained = str(ckpt.local_copy(pretrained, cache / socket.gethostname()))
     model = wrn_large.create_model(cfg.model.name, pretrained=pretrained,
                                    use_ema=cfg.model.pretrained_ema,
                                    **{"num_classes": num_classes, **cfg.model.kwargs})

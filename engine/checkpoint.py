@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -59,7 +58,6 @@ MANIFEST = "MANIFEST.sha256"       # checksums of a checkpoint directory's files
 CHECKSUM_SUFFIX = ".sha256"        # beside a checkpoint file
 LOCK_NAME = ".lock"                # the lock object of an S3 prefix (one job per prefix)
 RUN_TOKEN = ".run_token"           # in output_dir: who this run is, for that lock
-_CHUNK = 16 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -111,11 +109,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return object_store.file_sha256(path)
 
 
 def checksum_file(path):
@@ -167,7 +161,7 @@ def resave_lines(old: list[str], new: str, name: str) -> str | None:
 class LocalStore:
     """Checkpoints in a local (or mounted) folder."""
 
-    def save_file(self, obj, path, checksum: bool) -> None:
+    def save_file(self, obj, path, checksum: bool, staging=None) -> None:
         """``torch.save`` to a temp name, fsync, rename. ``checksum``: its SHA-256 is written to
         ``<path>.sha256`` before the file appears under its name."""
         path = Path(path)
@@ -248,11 +242,15 @@ class LocalStore:
 class S3Store:
     """Checkpoints under an S3 prefix (pipelines/object_store.py: credentials the AWS way)."""
 
-    def save_file(self, obj, url, checksum: bool = True) -> None:
-        """Saved to a local staging file, uploaded, read back and checked, then the manifest:
-        always written (on S3 it is what makes the checkpoint exist), whatever ``checksum``."""
-        with tempfile.TemporaryDirectory(prefix="wrn_checkpoint_") as staging:
-            local = Path(staging) / name_of(url)
+    def save_file(self, obj, url, checksum: bool = True, staging=None) -> None:
+        """Saved to a local staging file (in a folder made under ``staging``, the run's
+        ``checkpoint_staging``; the system's temp dir, often small or tmpfs, only where not
+        given), uploaded, read back and checked, then the manifest: always written (on S3 it is
+        what makes the checkpoint exist), whatever ``checksum``. The staging folder goes after."""
+        if staging is not None:
+            Path(staging).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="wrn_checkpoint_", dir=staging) as folder:
+            local = Path(folder) / name_of(url)
             LocalStore().save_file(obj, local, checksum=True)
             self.publish_file(local, url)
 
@@ -415,10 +413,11 @@ def file_lock(path: Path):
 
 
 # ------------------------------------------------------------------ the API (any location)
-def save_file_atomic(obj, location, checksum: bool = False) -> None:
+def save_file_atomic(obj, location, checksum: bool = False, staging=None) -> None:
     """``obj`` saved as the checkpoint file ``location``, visible only once complete (locally a
-    rename; on S3 its manifest, written last). ``checksum``: with its SHA-256 (always on S3)."""
-    store_for(location).save_file(obj, location, checksum)
+    rename; on S3 its manifest, written last). ``checksum``: with its SHA-256 (always on S3).
+    ``staging``: the local folder an S3 upload is staged in (the run's ``checkpoint_staging``)."""
+    store_for(location).save_file(obj, location, checksum, staging)
 
 
 def verify(location) -> None:

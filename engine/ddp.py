@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,7 @@ class DDPEngine(Engine):
             model = model.to(memory_format=torch.channels_last)
         self.module = model
         self.accum = cfg.train.grad_accum
+        self.staging = Path(cfg.run.output_dir) / "checkpoint_staging"   # for S3 checkpoints
         self.clip = cfg.optim.clip_grad_norm
         self.device = dist.device
         self.amp_dtype = resolve_amp(cfg.train.amp, dist.device)
@@ -96,7 +98,7 @@ class DDPEngine(Engine):
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         contents = self.checkpoint_contents(client_state)
         if contents is not None:
-            save_file_atomic(contents, path, checksum=True)
+            save_file_atomic(contents, path, checksum=True, staging=self.staging)
         barrier()
 
     def load_checkpoint(self, path: str) -> dict:

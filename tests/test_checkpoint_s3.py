@@ -132,7 +132,7 @@ def test_a_deepspeed_directory_staged_by_two_ranks_gets_one_manifest(env, tmp_pa
         ckpt.verify(url)
 
 
-def test_a_failed_resave_of_the_same_step_keeps_the_only_checkpoint(env, s3):
+def test_a_failed_resave_of_the_same_step_keeps_the_only_checkpoint(env, s3, tmp_path):
     """The epoch's end after a resume at its last step saves that step again: while the new
     object goes up the manifest lists both hashes, so the old object verifies until replaced."""
     _, proxy = s3
@@ -146,10 +146,10 @@ def test_a_failed_resave_of_the_same_step_keeps_the_only_checkpoint(env, s3):
     proxy.set_faults([])
     assert ckpt.newest_complete(folder) == four
     ckpt.verify(four)
-    assert ckpt.load_file(four)["step"] == 4 and "epoch" not in ckpt.load_file(four)
+    assert ckpt.load_file(four, tmp_path / "cache")["step"] == 4 and "epoch" not in ckpt.load_file(four, tmp_path / "cache")
     ckpt.save_file_atomic({**state(4), "epoch": "again"}, four, checksum=True)   # succeeds
     ckpt.verify(four)
-    assert ckpt.load_file(four)["epoch"] == "again"
+    assert ckpt.load_file(four, tmp_path / "cache")["epoch"] == "again"
     manifest = object_store.read(ckpt.checksums_of(four)).decode()
     assert manifest.count("\n") == 1, manifest                      # the new hash alone
     assert one not in ckpt.list_checkpoints(folder)
@@ -313,6 +313,27 @@ def test_a_lock_that_cannot_be_taken_says_what_failed_not_in_use(env, s3, tmp_pa
                               "job per prefix cannot be enforced",
             "denied": "access denied"}[fault] in message, message
     take_run_dir(tmp_path / "run", DistInfo(), folder).after_train()   # released: free again
+
+
+def test_an_upload_is_staged_under_the_run_and_a_fresh_upload_is_not_read_twice(
+        env, tmp_path, monkeypatch):
+    from engine.hooks import CheckpointHook
+
+    folder = f"s3://{BUCKET}/staged"
+    staged_at, upload = [], object_store.upload
+    monkeypatch.setattr(object_store, "upload",
+                        lambda path, url, **kw: staged_at.append(Path(path)) or upload(path, url,
+                                                                                       **kw))
+    hook = CheckpointHook(tmp_path / "run", None, checkpoint_dir=folder)
+    one = save(folder, 1)
+    two = ckpt.checkpoint_path(folder, 2, ".pt")
+    hook.writer.submit(state(2), two)                         # as the trainer's writer saves
+    hook.writer.wait()
+    assert staged_at[-1].is_relative_to(hook.staging), staged_at
+    assert list(hook.staging.iterdir()) == []                  # cleaned after
+    monkeypatch.setattr(ckpt.S3Store, "verify", lambda self, url: pytest.fail(f"read {url}"))
+    ckpt.prune(folder, keep=1, verified=two)                   # trusted: read back by its upload
+    assert ckpt.list_checkpoints(folder) == [two] and one != two
 
 
 # ------------------------------------------------------------------ the trainer

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +47,9 @@ class CheckpointHook(Hook):
         self.every, self.keep, self.metadata = every, keep, dict(metadata or {})
         self.buffers, self.is_main = buffers, is_main
         self.saved: tuple[int, int] | None = None   # (step, epoch) last saved or resumed from
-        self.writer = CheckpointWriter() if background else None
+        self.staging = self.out / "checkpoint_staging"      # an S3 save's local file, then gone
+        self.writer = (CheckpointWriter(write=partial(ckpt.save_file_atomic, staging=self.staging))
+                       if background else None)
 
     def before_train(self) -> None:
         clash = ({h.name for h in self.trainer.hooks} | self.trainer.reserved_keys) & \
