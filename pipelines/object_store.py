@@ -223,7 +223,7 @@ def size_of(url) -> int | None:
         return client(url).head_object(Bucket=u.bucket, Key=u.key)["ContentLength"]
     except _errors() as e:
         error = failure(url, "look up", e)
-        if error.errno == errno.ENOENT and "bucket" not in str(error):
+        if no_such_object(error):
             return None
         raise error from None
 

@@ -101,7 +101,7 @@ def open_s3_pack(root: str, split: str, file_list: str | None = None,
     try:
         data = object_store.read(url.join(INDEX))
     except ObjectStoreError as e:
-        if e.errno == errno.ENOENT and "bucket" not in str(e):
+        if object_store.no_such_object(e):
             raise FileNotFoundError(f"{url.join(INDEX)} is missing: {root} is a partial pack (run "
                                     f"`python -m pipelines pack` again to finish it)") from None
         raise
@@ -127,7 +127,7 @@ def s3_pack_problem(root: str) -> str | None:
     try:
         text = object_store.read(url).decode()
     except ObjectStoreError as e:
-        if e.errno == errno.ENOENT and "bucket" not in str(e):
+        if object_store.no_such_object(e):
             return f"{root} is not a pack: no {url} (write one with python -m pipelines pack)"
         return e.strerror
     except ValueError as e:      # a malformed URL
@@ -256,7 +256,7 @@ class S3Destination:
         try:
             return object_store.read(self.url.join(name)).decode()
         except ObjectStoreError as e:
-            if e.errno == errno.ENOENT and "bucket" not in str(e):
+            if object_store.no_such_object(e):
                 return None
             raise
 
