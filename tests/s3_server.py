@@ -146,7 +146,9 @@ class Proxy:
         """Rules, tried in order on each request: ``method`` (GET, PUT, ...; any if absent),
         ``key`` (a regex searched in the path ``/bucket/key``), ``action`` (``500``,
         ``slowdown``, ``denied``, ``notimplemented`` (501), ``cut``: half the body, then the
-        connection closed), ``times`` (injections before the rule is spent; absent: forever)."""
+        connection closed; ``hold``: the request waits ``ms`` milliseconds before it is
+        forwarded, counted in ``stats()["held"]`` meanwhile: an upload in flight that a test can
+        kill the writer in), ``times`` (injections before the rule is spent; absent: forever)."""
         self._call("/faults", rules)
 
     def set_latency(self, ms: float) -> None:
@@ -190,10 +192,10 @@ class ProxyState:
         self.latency_s = latency_ms / 1000
         self.rules: list[dict] = []
         self.lock = threading.Lock()
-        self.stats = {"requests": 0, "injected": {}, "methods": {}, "puts": []}
+        self.stats = {"requests": 0, "injected": {}, "methods": {}, "puts": [], "held": 0}
         self.local = threading.local()
 
-    def fault_for(self, method: str, path: str) -> str | None:
+    def fault_for(self, method: str, path: str) -> dict | None:
         with self.lock:
             self.stats["requests"] += 1
             self.stats["methods"][method] = self.stats["methods"].get(method, 0) + 1
@@ -210,8 +212,17 @@ class ProxyState:
                     rule["times"] -= 1
                 action = rule["action"]
                 self.stats["injected"][action] = self.stats["injected"].get(action, 0) + 1
-                return action
+                return rule
         return None
+
+    def hold(self, ms: float) -> None:
+        with self.lock:
+            self.stats["held"] += 1
+        try:
+            time.sleep(ms / 1000)
+        finally:
+            with self.lock:
+                self.stats["held"] -= 1
 
     def upstream(self) -> http.client.HTTPConnection:
         conn = getattr(self.local, "conn", None)
@@ -272,7 +283,10 @@ def make_handler(state: ProxyState):
                 return self.control(data)
             if state.latency_s:
                 time.sleep(state.latency_s)
-            action = state.fault_for(self.command, self.path)
+            rule = state.fault_for(self.command, self.path)
+            action = rule and rule["action"]
+            if action == "hold":
+                state.hold(rule.get("ms", 60_000))
             if action in _ERRORS:
                 return self.error(action)
             headers = {k: v for k, v in self.headers.items()

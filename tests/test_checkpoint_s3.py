@@ -6,6 +6,11 @@ directory, and the one manifest of a DeepSpeed directory staged by several ranks
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,7 @@ import torch
 from engine import checkpoint as ckpt
 from pipelines import object_store
 from s3_server import fault_proxy, make_bucket, moto_server, s3_env, using_env
-from trainer_utils import base_overrides, make_folder, run_training, step_losses
+from trainer_utils import REPO, base_overrides, make_folder, run_training, step_losses
 
 pytestmark = pytest.mark.slow
 BUCKET = "checkpoints"
@@ -387,6 +392,49 @@ def test_a_run_resumes_from_s3_past_a_cut_upload_and_a_changed_byte(data, s3, tm
         content = path.read_bytes()
         assert env["AWS_SECRET_ACCESS_KEY"].encode() not in content, path
         assert env["AWS_ACCESS_KEY_ID"].encode() not in content, path
+
+
+def test_a_writer_killed_before_its_manifest_leaves_no_checkpoint(data, s3, tmp_path):
+    """The training process SIGKILLed while its background writer waits on the manifest PUT of
+    step 4 (the object uploaded and read back, its manifest held by the proxy): the restart,
+    which takes the dead run's lock over, skips step 4 and resumes from step 3 (the first epoch's
+    end) with the losses of an uninterrupted run."""
+    env, proxy = s3
+    proxy.set_faults([])
+    reference = tmp_path / "reference"
+    assert train(data, reference, env).returncode == 0
+    folder, out = f"s3://{BUCKET}/killed", tmp_path / "run"
+    overrides = base_overrides(data, out, **{"run.checkpoint_dir": folder,
+                                             "run.checkpoint_every_steps": 2,
+                                             "run.keep_checkpoints": 2})
+    proxy.set_faults([{"method": "PUT", "key": r"killed/step_00000004\.pt\.sha256$",
+                       "action": "hold", "ms": 120_000, "times": 1}])
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_imagenet.py"), "--config",
+                             "configs/quickstart.yaml", *overrides], cwd=REPO,
+                            env={**env, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while proxy.stats()["held"] == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                "the run ended (or took too long) before its manifest PUT of step 4"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proxy.set_faults([])
+    with using_env(env):
+        assert object_store.exists(f"{folder}/step_00000004.pt")          # the object, uploaded
+        assert not object_store.exists(f"{folder}/step_00000004.pt.sha256")
+        assert object_store.exists(f"{folder}/.lock")                     # left by the kill
+    again = train(data, out, env, **{"run.checkpoint_dir": folder,
+                                     "run.checkpoint_every_steps": 2})
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert f"skipping incomplete checkpoint {folder}/step_00000004.pt" in log
+    assert f"resumed from {folder}/step_00000003.pt at step 3" in log   # the epoch's end
+    expected, resumed = step_losses(reference), step_losses(out)
+    assert all(resumed[s] == expected[s] for s in expected), (resumed, expected)
 
 
 def test_a_second_job_on_the_prefix_is_refused_in_one_line(data, s3, tmp_path):
