@@ -13,8 +13,8 @@ safe: the optimizer steps that follow change the weights and momentum in place.
   for this one first): the host holds one checkpoint's worth of memory for the run.
 - A write that failed is raised by the next ``submit`` or ``wait`` (``CheckpointWriteFailed``):
   never lost. A failure of ``after`` (the checkpoint is written) is a warning, not a failed
-  write: retention is not worth stopping a run for. The checkpoint hook waits at every save and at the run's end, on every rank
-  (engine/hooks/checkpoint.py).
+  write: retention is not worth stopping a run for. The checkpoint hook waits at every save
+  and at the run's end, on every rank (engine/hooks/checkpoint.py).
 - The thread is a daemon: a process that dies (an unhandled error past the hooks, the
   watchdog's ``os._exit``) is not kept alive by it, and the file it leaves is a temp name,
   never a checkpoint (``save_file_atomic``). The run's normal end and a preemption join it.
