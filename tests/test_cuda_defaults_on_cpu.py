@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine.checkpoint import list_checkpoints, load_file
+from engine.checkpoint import checkpoint_dir, list_checkpoints, load_file
 from engine.config import load_config
 from engine.distributed import DistInfo
 from engine.engines import Engine
@@ -122,7 +122,7 @@ def test_ddp_with_every_cuda_default(data, tmp_path):
     first, _ = train_then_resume(data, out, **CUDA_DEFAULTS, **{"train.compile": "on",
                                                                 "train.deterministic": True})
     assert "precision bf16, channels_last on, torch.compile on" in first.stdout
-    state = load_file(list_checkpoints(out)[0])
+    state = load_file(list_checkpoints(checkpoint_dir(out))[0])
     conv = next(v for k, v in state["model"].items() if v.ndim == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert state["model"][next(iter(state["model"]))].dtype == torch.float32   # autocast: fp32 weights
@@ -138,7 +138,7 @@ def test_deepspeed_with_every_cuda_default(data, tmp_path, stage, compile):
         "engine.name": "deepspeed", "engine.zero_stage": stage, "train.compile": compile})
     if compile == "on":
         assert "compiled with torch.compile" in first.stdout
-    ckpt = list_checkpoints(out)[0]
+    ckpt = list_checkpoints(checkpoint_dir(out))[0]
     weights = torch.load(ckpt / "weights.pt", weights_only=True)["model"]
     module = torch.load(ckpt / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     params = [k for k, v in weights.items() if v.ndim > 1]
@@ -158,7 +158,7 @@ def test_fp16_resumes_from_a_bf16_checkpoint(data, tmp_path):
     proc = run_training(base_overrides(data, out, **{"train.amp": "fp16"}))
     assert "saved without fp16 loss scaling: starting the fp16 GradScaler afresh" in proc.stdout
     assert "resumed from" in proc.stdout
-    state = load_file(list_checkpoints(out)[0])
+    state = load_file(list_checkpoints(checkpoint_dir(out))[0])
     assert state["step"] == 12 and state["scaler"]["scale"] > 0   # fp16 now saves its scale
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine.checkpoint import list_checkpoints
+from engine.checkpoint import checkpoint_dir, list_checkpoints
 from trainer_utils import base_overrides, epochs, make_folder, run_training
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ def trained(tmp_path_factory):
     data = make_folder(tmp_path_factory.mktemp("folder"))
     out = tmp_path_factory.mktemp("run")
     run_training(base_overrides(data, out, **{"train.epochs": 1, "train.ema_decay": 0.5}))
-    return data, out, epochs(out)[-1], list_checkpoints(out)[0]
+    return data, out, epochs(out)[-1], list_checkpoints(checkpoint_dir(out))[0]
 
 
 def evaluate(data, out, checkpoint, *flags, nproc=1, **overrides):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine.checkpoint import list_checkpoints
+from engine.checkpoint import checkpoint_dir, list_checkpoints
 from trainer_utils import (REPO, base_overrides, epochs, free_port, make_folder, read_metrics,
                            run_training, step_losses)
 
@@ -123,7 +123,7 @@ def test_sigterm_checkpoints_then_next_start_resumes(data, reference, tmp_path):
     proc.send_signal(signal.SIGTERM)       # what SLURM sends to torchrun on preemption
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0
-    stopped = [p for p in list_checkpoints(out)]
+    stopped = [p for p in list_checkpoints(checkpoint_dir(out))]
     assert stopped, log[-3000:]
     saved_step = int(stopped[0].name[5:13])
     assert 4 <= saved_step < STEPS
@@ -168,7 +168,7 @@ def test_workers_never_outlive_a_sigkilled_agent(data, reference, tmp_path):
     for w in alive:  # do not leave them behind if the test fails
         os.kill(w, signal.SIGKILL)
     assert not alive, "workers outlived their agent by 20 s"
-    saved = list_checkpoints(out)
+    saved = list_checkpoints(checkpoint_dir(out))
     assert saved, "the workers stopped without a checkpoint"
     saved_step = int(saved[0].name[5:13])
     assert 4 <= saved_step < STEPS, saved_step          # stopped early, after the current step
@@ -325,7 +325,7 @@ def test_a_rank_stopped_while_writing_a_checkpoint_leaves_none_half_written(tmp_
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log[-4000:]
     assert "Stuck: rank 0 (" in hang_line(log) and "killing rank 0" in log
-    saved = ckpt.list_checkpoints(out)
+    saved = ckpt.list_checkpoints(ckpt.checkpoint_dir(out))
     assert saved and all(ckpt.verify(p) is None for p in saved)
     assert max(step_losses(out)) == 6          # the one epoch, completed after the restart
 

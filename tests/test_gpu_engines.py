@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from engine.checkpoint import list_checkpoints
+from engine.checkpoint import checkpoint_dir, list_checkpoints
 from trainer_utils import (base_overrides, epochs, make_folder, nan_loss_at, read_metrics,
                            run_training, step_losses, train_in_process)
 
@@ -44,7 +44,7 @@ def test_auto_defaults_train_evaluate_and_resume_on_cuda(data, tmp_path, engine,
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["val_samples"] == 21
     assert "top1_ema" in history[-1]
     if layout is not None:
-        newest = list_checkpoints(out)[0]
+        newest = list_checkpoints(checkpoint_dir(out))[0]
         weights = torch.load(newest / "weights.pt", weights_only=True)["model"]
         assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
         saved = json.loads((newest / "layout.json").read_text())

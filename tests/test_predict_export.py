@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import list_checkpoints, load_file
+from engine.checkpoint import checkpoint_dir, list_checkpoints, load_file
 from engine.inference import load_trained
 from trainer_utils import REPO, base_overrides, make_folder, run_training
 
@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory):
         f"{i}\t{c}\t{n}\n" for i, (c, n) in enumerate(NAMES.items())))
     out = tmp_path_factory.mktemp("run")
     run_training(base_overrides(data, out, **{"train.epochs": 1}))
-    return data, list_checkpoints(out)[0]
+    return data, list_checkpoints(checkpoint_dir(out))[0]
 
 
 def engine_cli(*args):
@@ -117,7 +117,7 @@ def test_predict_normalises_a_cifar_run_as_its_training_did(tmp_path, normalizat
     for i, pixels in enumerate(test_x):
         files.append(tmp_path / f"{i}.png")
         Image.fromarray(pixels).save(files[-1])
-    checkpoint = list_checkpoints(out)[0]
+    checkpoint = list_checkpoints(checkpoint_dir(out))[0]
     trained = load_trained(checkpoint)
     images, _ = next(iter(build_loader(trained.cfg.data, LoaderSpec("val", batch_size=6))))
     with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.checkpoint import list_checkpoints, load_file
+from engine.checkpoint import checkpoint_dir, list_checkpoints, load_file
 from devices import PICKED_DEVICES
 from trainer_utils import (REPO, base_overrides, epochs, make_folder, nan_loss_at, read_metrics,
                            run_command, run_training, step_losses, train_in_process)
@@ -42,7 +42,7 @@ def test_run_learns_and_writes_every_output(reference_run):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "config.yaml").is_file() and (out / "train.log").is_file()
     assert "final top-1 / top-5" in proc.stdout       # the summary table
-    newest = list_checkpoints(out)[0]
+    newest = list_checkpoints(checkpoint_dir(out))[0]
     state = load_file(newest)                          # weights_only=True
     assert state["step"] == 12 and state["epoch"] == 2 and state["format"] == 2
     assert {"model", "optimizer", "scaler", "rng", "history", "step_times"} <= set(state)
@@ -66,7 +66,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(data, reference_run
     out, _ = reference_run
     run_dir = tmp_path / "run"
     shutil.copytree(out / "checkpoints", run_dir / "checkpoints")
-    newest = list_checkpoints(run_dir)[0]
+    newest = list_checkpoints(checkpoint_dir(run_dir))[0]
     newest.write_bytes(newest.read_bytes()[:5000])       # truncated
     # as written before checksums existed (with one, the checksum catches it first)
     (newest.parent / (newest.name + ".sha256")).unlink()
@@ -83,7 +83,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "training loss is" in proc.stderr and "last good checkpoint is" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    good = list_checkpoints(out)
+    good = list_checkpoints(checkpoint_dir(out))
     assert good, "the checkpoint before the divergence must survive"
     state = load_file(good[0])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -132,8 +132,8 @@ def test_deepspeed_zero1_step_equals_ddp_step(data, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
-    w_ddp = load_file(list_checkpoints(ddp)[0])["model"]
-    w_ds = torch.load(list_checkpoints(ds)[0] / "weights.pt", weights_only=True)["model"]
+    w_ddp = load_file(list_checkpoints(checkpoint_dir(ddp))[0])["model"]
+    w_ds = torch.load(list_checkpoints(checkpoint_dir(ds))[0] / "weights.pt", weights_only=True)["model"]
     for k in w_ddp:
         torch.testing.assert_close(w_ds[k], w_ddp[k], rtol=1e-5, atol=1e-6, msg=k)
 
@@ -151,7 +151,7 @@ def test_flipped_byte_is_caught_by_the_checksum(data, reference_run, tmp_path):
     out, _ = reference_run
     run_dir = tmp_path / "run"
     shutil.copytree(out / "checkpoints", run_dir / "checkpoints")
-    newest = list_checkpoints(run_dir)[0]
+    newest = list_checkpoints(checkpoint_dir(run_dir))[0]
     assert (newest.parent / (newest.name + ".sha256")).read_text().endswith(f"  {newest.name}\n")
     flip_byte(newest)
     kept = tmp_path / "kept"                 # the resumed run writes step 12 anew over it
@@ -182,7 +182,7 @@ def test_reported_accuracy_is_the_saved_models(data, tmp_path):
     run_training(base_overrides(data, out, **{"train.epochs": 1, "train.ema_decay": 0.5}),
                  nproc=2)
     reported = epochs(out)[-1]
-    state = load_file(list_checkpoints(out)[0])
+    state = load_file(list_checkpoints(checkpoint_dir(out))[0])
     cfg = load_config(out / "config.yaml")
     loader = build_loader(cfg.data, LoaderSpec("val", batch_size=4))
     for weights, suffix in ((state["model"], ""), (state["ema"], "_ema")):
@@ -199,7 +199,7 @@ def test_deepspeed_checkpoint_manifest_catches_a_flipped_byte(data, tmp_path):
     out = tmp_path / "ds"
     ds = {"engine.name": "deepspeed", "run.checkpoint_every_steps": 2}
     run_training(base_overrides(data, out, **ds, **{"train.epochs": 1}))
-    newest = list_checkpoints(out)[0]
+    newest = list_checkpoints(checkpoint_dir(out))[0]
     listed = (newest / "MANIFEST.sha256").read_text()
     assert "  weights.pt\n" in listed and "  state/mp_rank_00_model_states.pt\n" in listed
     flip_byte(newest / "state" / "mp_rank_00_model_states.pt")
