@@ -22,10 +22,16 @@ def make_default_data(argv: list[str]) -> int:
     return 0
 
 
+def pack(argv: list[str]) -> int:
+    from . import sources  # noqa: F401 - every source, and the pack destinations they add (s3://)
+    from .pack import main as pack_main
+    return pack_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"verify": lambda rest: __import__("pipelines.verify", fromlist=["main"]).main(rest),
-                "pack": lambda rest: __import__("pipelines.pack", fromlist=["main"]).main(rest),
+                "pack": pack,
                 "make-default-data": make_default_data,
                 "prepare-imagenet": lambda rest: __import__(
                     "pipelines.prepare_imagenet", fromlist=["main"]).main(rest)}

@@ -365,16 +365,25 @@ def pack_split(samples, sizes: np.ndarray, dest, split: str, shard_bytes: int,
     return len(shards)
 
 
+_destinations: dict = {}     # URL scheme -> the destination that writes it (s3: s3_pack)
+
+
+def register_destination(scheme: str, make) -> None:
+    """``make(url)`` writes packs to ``scheme://`` URLs (registered by the module that reads
+    them, as its source is in ``sources``: this module imports none of them)."""
+    _destinations[scheme] = make
+
+
 def destination(out: str):
-    """Where ``out`` is: an ``s3://`` URL (``s3_pack``) or a local folder; another URL scheme
-    is refused, never taken for a local path."""
+    """Where ``out`` is: a URL of a registered scheme (``s3://``: ``s3_pack``) or a local
+    folder; another URL scheme is refused, never taken for a local path."""
     scheme = url_scheme(out)
-    if scheme == "s3":
-        from .s3_pack import S3Destination
-        return S3Destination(out)
-    if scheme is not None:
-        raise PackError(f"{out}: pack writes a local folder or an s3:// URL, not {scheme}://")
-    return LocalDestination(Path(out))
+    if scheme is None:
+        return LocalDestination(Path(out))
+    if scheme not in _destinations:
+        known = "".join(f" or a {s}:// URL" for s in _destinations)
+        raise PackError(f"{out}: pack writes a local folder{known}, not {scheme}://")
+    return _destinations[scheme](out)
 
 
 def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float = SHARD_MB,

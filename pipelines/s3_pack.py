@@ -41,7 +41,8 @@ import numpy as np
 from . import object_store
 from .object_store import ObjectStoreError
 from .object_store import file_sha256
-from .pack import INDEX, PACK_JSON, PackedSamples, manifest_problem, parse_idx
+from .pack import (INDEX, PACK_JSON, PackedSamples, manifest_problem, parse_idx,
+                   register_destination)
 from .read_guard import ShardUnreadable, SourceUnusable
 
 log = logging.getLogger(__name__)
@@ -293,3 +294,5 @@ class S3Destination:
     def close(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
 
+
+register_destination("s3", S3Destination)

@@ -19,7 +19,7 @@ import torch
 from engine import checkpoint as ckpt
 from pipelines import object_store
 from s3_server import fault_proxy, make_bucket, moto_server, s3_env, using_env
-from trainer_utils import REPO, base_overrides, make_folder, run_training, step_losses
+from trainer_utils import REPO, THREADS, base_overrides, make_folder, run_training, step_losses
 
 pytestmark = pytest.mark.slow
 BUCKET = "checkpoints"
@@ -411,7 +411,9 @@ def test_a_writer_killed_before_its_manifest_leaves_no_checkpoint(data, s3, tmp_
                        "action": "hold", "ms": 120_000, "times": 1}])
     proc = subprocess.Popen([sys.executable, str(REPO / "train_imagenet.py"), "--config",
                              "configs/quickstart.yaml", *overrides], cwd=REPO,
-                            env={**env, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            env={**env, "PYTHONPATH": str(REPO),
+                                 "OMP_NUM_THREADS": str(THREADS)},   # as the in-process runs
+                            start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
