@@ -381,7 +381,7 @@ def destination(out: str):
     if scheme is None:
         return LocalDestination(Path(out))
     if scheme not in _destinations:
-        known = "".join(f" or a {s}:// URL" for s in _destinations)
+        known = "".join(f" or an {s}:// URL" for s in _destinations)
         raise PackError(f"{out}: pack writes a local folder{known}, not {scheme}://")
     return _destinations[scheme](out)
 
