@@ -24,30 +24,9 @@ from engine.distributed import DistInfo
 from engine.hooks import CheckpointHook, Hook, StopHook
 from engine.schedule import Schedule
 from engine.trainer import Loaders, Trainer
-from trainer_utils import isolated
+from trainer_utils import ListLoader, batches, isolated
 
 pytestmark = pytest.mark.timeout(120)   # a writer that never lets go fails, not hangs CI
-
-
-class FixedBatches:
-    """A Loader (pipelines.base) over the same batches every epoch."""
-
-    num_classes = 3
-
-    def __init__(self, n: int):
-        g = torch.Generator().manual_seed(0)
-        self.batches = [(torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g))
-                        for _ in range(n)]
-        self.start = 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.start = start_batch
-
-    def __iter__(self):
-        return iter(self.batches[self.start:])
-
-    def __len__(self):
-        return len(self.batches)
 
 
 def make_trainer(out, hooks=(), *, background=True, every=4, keep=100, epochs=2,
@@ -61,7 +40,7 @@ def make_trainer(out, hooks=(), *, background=True, every=4, keep=100, epochs=2,
     engine = DDPEngine(cfg, model, DistInfo())
     saver = CheckpointHook(out, engine, every=every, keep=keep, background=background)
     schedule = Schedule(epochs=epochs, steps_per_epoch=steps_per_epoch, base_lr=0.1)
-    return Trainer(model, engine, Loaders(FixedBatches(steps_per_epoch)), schedule,
+    return Trainer(model, engine, Loaders(ListLoader(batches(steps_per_epoch))), schedule,
                    [*hooks, saver], loss_fn=nn.CrossEntropyLoss(), check_every=check_every)
 
 

@@ -18,24 +18,9 @@ from engine.errors import TrainingDiverged
 from engine.hooks import CheckpointHook, Hook
 from engine.schedule import Schedule
 from engine.trainer import Loaders, Trainer
+from trainer_utils import ListLoader, batches
 
 pytestmark = pytest.mark.timeout(300)
-
-
-class ListLoader:
-    """A Loader (pipelines.base) over a fixed list of batches: the same every epoch."""
-
-    def __init__(self, batches, num_classes=3):
-        self.batches, self.num_classes, self.start = batches, num_classes, 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.start = start_batch
-
-    def __iter__(self):
-        return iter(self.batches[self.start:])
-
-    def __len__(self):
-        return len(self.batches)
 
 
 class FakeEngine(Engine):
@@ -129,12 +114,6 @@ class StepCounter(Hook):
 
     def load_state_dict(self, state):
         self.seen = state["seen"] if state else 0
-
-
-def batches(n=3, size=4):
-    g = torch.Generator().manual_seed(0)
-    return [(torch.randn(size, 5, generator=g), torch.randint(0, 3, (size,), generator=g))
-            for _ in range(n)]
 
 
 def make_trainer(hooks, *, steps_per_epoch=3, epochs=2, grad_accum=1, check_every=2,
