@@ -37,12 +37,13 @@ from .distributed import (BufferSync, DistInfo, all_gather_object, barrier, broa
 from .engines import PRECISION_NAMES, build_engine, engine_class, set_determinism
 from .errors import RunDirInUse, TrainingDiverged
 from .listings import list_once
-from .hooks import (CheckpointHook, EmaHook, EvalHook, MetricsHook, ProgressBarHook,
+from .membership import Batching, plan_batching, remembered_micro_batch
+from .hooks import (CheckpointHook, EmaHook, EvalHook, MembershipHook, MetricsHook, ProgressBarHook,
                     PrometheusHook, QuarantineHook, RunDirHook, StepTimesHook, StopHook,
                     SummaryHook, WatchdogHook)
 from .hooks.prometheus import require_client
 from .metrics import loggers_problem
-from .provenance import provenance, with_earlier_starts, write_json
+from .provenance import earlier_starts, provenance, with_earlier_starts, write_json
 from .schedule import Schedule, scaled_lr
 from .trainer import Loaders, Trainer
 from .watchdog import Watchdog, rank_store
@@ -101,12 +102,14 @@ def resolve(cfg: Config, dist: DistInfo) -> Config:
     return cfg
 
 
-def micro_batch_size(cfg: Config, dist: DistInfo) -> int:
-    per_step = dist.world_size * cfg.train.grad_accum
-    if cfg.train.batch_size % per_step:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
-                         f"{dist.world_size} processes x train.grad_accum={cfg.train.grad_accum}")
-    return cfg.train.batch_size // per_step
+def batching_of_this_start(cfg: Config, dist: DistInfo, out: Path) -> Batching:
+    """The micro-batch and accumulation of this start (engine/membership.py): a resumed run
+    keeps the micro-batch of its first start, which rank 0 finds in the run's provenance."""
+    remembered = None
+    if dist.is_main and cfg.run.resume != "none" and (cfg.run.resume != "auto" or ckpt.list_checkpoints(
+            ckpt.checkpoint_dir(out, cfg.run.checkpoint_dir))):
+        remembered = remembered_micro_batch(earlier_starts(out / "provenance.json"))
+    return plan_batching(cfg.train, dist.world_size, broadcast_object(remembered))
 
 
 def collective_timeout(hang_timeout_s: float) -> timedelta | None:
@@ -157,8 +160,9 @@ def build_loss(cfg: Config, num_classes: int):
     return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
 
 
-def build_loaders(cfg: Config, dist: DistInfo, out: Path, quarantines: dict) -> Loaders:
-    spec = dict(batch_size=micro_batch_size(cfg, dist), rank=dist.rank,
+def build_loaders(cfg: Config, dist: DistInfo, out: Path, quarantines: dict,
+                  micro_batch: int) -> Loaders:
+    spec = dict(batch_size=micro_batch, rank=dist.rank,
                 world_size=dist.world_size, seed=cfg.train.seed, device=dist.device,
                 listings=out / "listings")
     samples = list_once(cfg.data, dist, out / "listings")
@@ -167,14 +171,14 @@ def build_loaders(cfg: Config, dist: DistInfo, out: Path, quarantines: dict) -> 
                      for split in ("train", "val")))
 
 
-def build_schedule(cfg: Config, train_loader) -> Schedule:
+def build_schedule(cfg: Config, train_loader, accumulation: int) -> Schedule:
     t = cfg.train
-    steps_per_epoch = len(train_loader) // t.grad_accum
+    steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
         raise ValueError(f"the training set gives no full step of {t.batch_size} images")
     return Schedule(epochs=t.epochs, steps_per_epoch=steps_per_epoch,
                     base_lr=scaled_lr(cfg.optim.lr, cfg.optim.lr_batch, t.batch_size),
-                    cfg=cfg.schedule, grad_accum=t.grad_accum, max_steps=cfg.run.max_steps,
+                    cfg=cfg.schedule, grad_accum=accumulation, max_steps=cfg.run.max_steps,
                     fresh_at_lr_drops=cfg.optim.fresh_at_lr_drops)
 
 
@@ -236,7 +240,8 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     t, main = cfg.train, dist.is_main
     set_determinism(t.deterministic)
     quarantines = {s: q for s in ("train", "val") if (q := quarantine_for(cfg.data, s)) is not None}
-    loaders = build_loaders(cfg, dist, out, quarantines)
+    batching = batching_of_this_start(cfg, dist, out)
+    loaders = build_loaders(cfg, dist, out, quarantines, batching.micro_batch)
     # the ones a backend took (files that can go bad): not CIFAR's arrays, not synthetic data
     quarantines = {s: q for s, q in quarantines.items() if q.samples is not None}
     num_classes = loaders.train.num_classes
@@ -244,14 +249,15 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     model = build_model(cfg, num_classes, dist)
     step_times = StepTimesHook(model, dist.device, t.batch_size, hosts=hosts,   # before the
                                factor=t.straggler_factor, is_main=main)          # engine wraps it
-    engine = build_engine(cfg, model, dist)
+    engine = build_engine(cfg, model, dist, batching)
     ema = EmaHook(model, t.ema_decay) if t.ema_decay > 0 else None
     loss_fn, batch_transform = build_loss(cfg, num_classes)
-    schedule = build_schedule(cfg, loaders.train)
+    schedule = build_schedule(cfg, loaders.train, batching.accumulation)
     buffers = BufferSync([model] + ([ema.module] if ema else []), t.dist_bn)
     precision = PRECISION_NAMES[engine.amp_dtype]
     run_provenance = with_earlier_starts(provenance(cfg, dist.world_size, dist.device, precision,
-                                                    hosts), out / "provenance.json") if main else {}
+                                                    hosts, batching),
+                                         out / "provenance.json") if main else {}
     watchdog = Watchdog(t.hang_timeout_s, dist.rank, dist.world_size, out,
                         rank_store(dist.rank, dist.world_size) if t.hang_timeout_s > 0 else None,
                         position=getattr(engine, "position", None))
@@ -269,6 +275,7 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
                                       "classes": classes, "class_names": names},
                             buffers=buffers, is_main=main, background=cfg.run.async_checkpoint,
                             checkpoint_dir=cfg.run.checkpoint_dir),
+             MembershipHook(out, batching, hosts, is_main=main),   # after the checkpoint's resume
              # every rank's; after the step times, checkpoints and quarantine it reports
              PrometheusHook(cfg.run.prometheus_port, out, rank=dist.rank,
                             local_rank=dist.local_rank, is_main=main)
@@ -283,13 +290,12 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
         save_config(cfg, out / "config.yaml",
                     {k: v for k, v in run_provenance.items() if k != "starts"})
         write_json(out / "provenance.json", run_provenance)
-        micro = micro_batch_size(cfg, dist)
         log.info("model %s: %.2fM parameters, %d classes; %s engine, %d process(es) on %s; "
                  "global batch %d (%d x %d accum x %d procs), lr %.4g; data backend %s; "
                  "precision %s, channels_last %s, torch.compile %s",
                  cfg.model.name, wrn_large.count_params(model) / 1e6, num_classes,
-                 cfg.engine.name, dist.world_size, dist.device, t.batch_size, micro,
-                 t.grad_accum, dist.world_size, schedule.base_lr,
+                 cfg.engine.name, dist.world_size, dist.device, t.batch_size, batching.micro_batch,
+                 batching.accumulation, dist.world_size, schedule.base_lr,
                  pipelines.resolve_backend(cfg.data.backend), precision, t.channels_last,
                  t.compile)
     return trainer

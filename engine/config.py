@@ -77,6 +77,10 @@ class TrainConfig:
     epochs: Count = 90
     batch_size: Count = 256         # GLOBAL batch per optimizer step (all processes, all micro-steps)
     grad_accum: Count = 1           # micro-batches per optimizer step (divides batch_size)
+    # each process's batch per forward pass; null = batch_size / (processes x grad_accum) at the
+    # run's first start. An elastic restart at another world size keeps it (the memory known to
+    # fit) and changes the accumulation instead (engine/membership.py)
+    micro_batch: Count | None = None
     label_smoothing: Fraction = 0.0
     mixup: NonNegative = 0.0        # timm Mixup alpha (0 = off)
     cutmix: NonNegative = 0.0       # timm CutMix alpha (0 = off)
@@ -347,6 +351,8 @@ def combination_problems(cfg: Config) -> Iterator[str]:
     t, o, paper = cfg.train, cfg.optim, cfg.paper
     if t.batch_size % t.grad_accum:
         yield f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+    if t.micro_batch is not None and t.batch_size % t.micro_batch:
+        yield f"train.batch_size={t.batch_size} is not divisible by train.micro_batch={t.micro_batch}"
     if o.nesterov and (o.momentum == 0 or o.dampening != 0):
         yield (f"optim.nesterov=true needs optim.momentum > 0 and optim.dampening=0 (they are "
                f"{o.momentum:g} and {o.dampening:g}); or optim.nesterov=false")

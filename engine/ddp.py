@@ -32,11 +32,10 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, path: str) -> N
 class DDPEngine(Engine):
     """DistributedDataParallel (NCCL on CUDA, gloo on the CPU); a plain model in one process."""
 
-    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo):
+    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, batching=None):
         if cfg.train.channels_last == "on":
             model = model.to(memory_format=torch.channels_last)
         self.module = model
-        self.accum = cfg.train.grad_accum
         self.staging = Path(cfg.run.output_dir) / "checkpoint_staging"   # for S3 checkpoints
         self.clip = cfg.optim.clip_grad_norm
         self.device = dist.device

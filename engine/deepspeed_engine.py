@@ -32,6 +32,7 @@ from .checkpoint import (COMPLETE_MARKER, CheckpointError, ResumeMismatch, is_re
                          publish_directory, save_file_atomic, write_manifest)
 from .config import Config, find_config
 from .distributed import DistInfo, barrier
+from .membership import Batching, plan_batching
 from .engines import (PRECISION_NAMES, Engine, Position, build_optimizer, register_engine,
                       resolve_amp)
 
@@ -39,16 +40,17 @@ log = logging.getLogger(__name__)
 LAYOUT_FILE = "layout.json"         # precision and ZeRO stage of a checkpoint directory
 
 
-def deepspeed_json(cfg: Config, dist: DistInfo) -> dict:
+def deepspeed_json(cfg: Config, dist: DistInfo, batching: Batching | None = None) -> dict:
     path = find_config(cfg.engine.deepspeed_config)
     try:
         ds = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from e
     t = cfg.train
+    batching = batching or plan_batching(t, dist.world_size)
     ds["train_batch_size"] = t.batch_size
-    ds["train_micro_batch_size_per_gpu"] = t.batch_size // (dist.world_size * t.grad_accum)
-    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_micro_batch_size_per_gpu"] = batching.micro_batch
+    ds["gradient_accumulation_steps"] = batching.accumulation
     ds["gradient_clipping"] = cfg.optim.clip_grad_norm
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
@@ -80,13 +82,13 @@ def json_precision(ds: dict) -> torch.dtype | None:
 class DeepSpeedEngine(Engine):
     checkpoint_suffix = ""          # DeepSpeed writes a directory per checkpoint
 
-    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo):
+    def __init__(self, cfg: Config, model: nn.Module, dist: DistInfo, batching=None):
         import deepspeed
 
         self.module = model
         self.dist = dist
         self.device = dist.device
-        self.ds_config = deepspeed_json(cfg, dist)
+        self.ds_config = deepspeed_json(cfg, dist, batching)
         self.staging = Path(cfg.run.output_dir) / "checkpoint_staging"   # for S3 checkpoints
         self.amp_dtype = json_precision(self.ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -163,18 +165,31 @@ class DeepSpeedEngine(Engine):
                 for k, v in self.module.state_dict().items()}
 
     def layout(self) -> dict:
-        """What a DeepSpeed checkpoint can only be resumed with: its optimizer state is sharded
-        and typed by these."""
-        return {"precision": PRECISION_NAMES[self.amp_dtype],
-                "zero_stage": self.ds_config.get("zero_optimization", {}).get("stage", 0)}
+        """What a DeepSpeed checkpoint can only be resumed with: its optimizer state is typed
+        by the precision and, under ZeRO 1/2, partitioned over the processes that wrote it."""
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        return {"precision": PRECISION_NAMES[self.amp_dtype], "zero_stage": stage,
+                **({"world_size": self.dist.world_size} if stage > 0 else {})}
 
     def check_layout(self, path: Path) -> None:
-        """A checkpoint of another precision or ZeRO stage is refused with what to do, not
-        skipped: falling back to older ones (of the same layout) would lose work silently."""
+        """A checkpoint of another precision or ZeRO stage, or of ZeRO 1/2 at another world
+        size (an elastic restart), is refused with what to do, not skipped: falling back to
+        older ones (of the same layout) would lose work silently."""
         saved_file = path / LAYOUT_FILE
         if not saved_file.is_file():  # written before this file existed: let DeepSpeed try
             return
         saved, now = json.loads(saved_file.read_text()), self.layout()
+        saved.setdefault("world_size", now.get("world_size"))   # not recorded before elastic jobs
+        if saved.get("world_size") != now.get("world_size") and \
+                {k: saved[k] for k in ("precision", "zero_stage")} == \
+                {k: now[k] for k in ("precision", "zero_stage")}:
+            raise ResumeMismatch(
+                f"{path} was written by DeepSpeed ZeRO-{saved['zero_stage']} on "
+                f"{saved['world_size']} processes, this job has {now['world_size']}: ZeRO "
+                f"partitions the optimizer state over the processes that wrote it. Resume with "
+                f"{saved['world_size']} processes, use engine.name=ddp (whose checkpoints resume "
+                f"at any world size) for elastic jobs, or start afresh from its fp32 weights "
+                f"with model.pretrained={path / 'weights.pt'} and a new run.output_dir.")
         if saved != now:
             raise ResumeMismatch(
                 f"{path} was written by DeepSpeed with {saved}, this run has {now}: DeepSpeed "

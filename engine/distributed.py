@@ -38,13 +38,19 @@ def _free_port() -> int:
 def _attempt_store(rank: int, world_size: int) -> dist.Store:
     """The rendezvous store, with keys private to this torchrun attempt.
 
-    After a worker failure torchrun restarts the group on the same agent store; without a
-    per-attempt prefix the new ranks can read the dead ranks' addresses and fail with
-    "Gloo connectFullMesh failed ... Connection refused"."""
+    Where the workers share the agents' store (torch's default), it outlives a restart of the
+    group: without a per-attempt prefix the new ranks can read the dead ranks' addresses and fail
+    with "Gloo connectFullMesh failed ... Connection refused". The prefix is the restart count,
+    which every agent of a fixed-size job counts alike. Elastic jobs (launch/torchrun.py) do not
+    share it: rank 0 serves a fresh store every attempt, and there the restart count would
+    split the group, as an agent that joined later counts from 0 (gloo waiting forever for
+    addresses under another prefix)."""
     from torch.distributed.rendezvous import _create_c10d_store
 
     store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank,
                                world_size, timedelta(minutes=10))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"wrn_large/attempt_{attempt}", store)
 

@@ -40,8 +40,10 @@ def engine_class(name: str) -> Callable[..., "Engine"]:
     return _engines[name]
 
 
-def build_engine(cfg: Config, model: nn.Module, dist: DistInfo) -> "Engine":
-    return engine_class(cfg.engine.name)(cfg, model, dist)
+def build_engine(cfg: Config, model: nn.Module, dist: DistInfo, batching=None) -> "Engine":
+    """The engine of ``cfg.engine.name``; ``batching`` (engine/membership.py): this start's
+    micro-batch and accumulation, by default what ``cfg.train`` gives at this world size."""
+    return engine_class(cfg.engine.name)(cfg, model, dist, batching=batching)
 
 
 def set_determinism(deterministic: bool) -> None:

@@ -56,7 +56,7 @@ OPERATIONAL = {
 # besides them: the seed (a row's runs differ in it) and the paper's numbers (not the run's)
 NOT_IN_DIGEST = ("train.seed", "paper", *OPERATIONAL)
 # what the starts of one run must share for its numbers to be one computation's
-START_KEYS = ("commit", "config_digest", "world_size", "precision")
+START_KEYS = ("commit", "config_digest", "world_size", "precision", "micro_batch")
 
 
 def digest_values(values: dict) -> dict:
@@ -119,8 +119,10 @@ def hardware(device) -> str:
 
 
 def provenance(cfg: Config, world_size: int, device, precision: str,
-               hosts: list[str] = ()) -> dict:
-    """This start's provenance; ``starts`` lists this start alone (``with_earlier_starts``)."""
+               hosts: list[str] = (), batching=None) -> dict:
+    """This start's provenance; ``starts`` lists this start alone (``with_earlier_starts``).
+    ``batching`` (engine/membership.py): the start's micro-batch and accumulation, which an
+    elastic restart at another world size changes (the latter) or keeps (the former)."""
     values = to_dict(cfg)
     found = {"commit": git_commit(), "config_digest": config_digest(values),
              "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.train.seed,
@@ -132,6 +134,8 @@ def provenance(cfg: Config, world_size: int, device, precision: str,
              "world_size": world_size,
              "hosts": list(dict.fromkeys(hosts)), "precision": precision,
              "hardware": found["hardware"], "resumed_from_step": None}
+    if batching is not None:
+        start.update(micro_batch=batching.micro_batch, accumulation=batching.accumulation)
     return {**found, "starts": [start]}
 
 

@@ -23,10 +23,13 @@ class TrainState:
                     epoch_loss_count=self.epoch_loss_count, history=self.history)
 
 
-def seed_process(seed: int, rank: int) -> None:
+def seed_process(seed: int, rank: int, step: int = 0) -> None:
     """Per-rank RNG streams (dropout, mixup); the model itself is initialised before this,
-    from the same seed on every rank."""
+    from the same seed on every rank. ``step``: a rank that joins a run at that step (an
+    elastic restart at a larger world size) gets a stream of its own there."""
     s = seed * 1000 + rank + 1
+    if step:
+        s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
     torch.manual_seed(s)
     np.random.seed(s % 2**32)
     random.seed(s)

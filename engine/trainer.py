@@ -270,10 +270,21 @@ class Trainer:
         for hook in self.hooks:
             if hook.name:
                 hook.load_state_dict(state.get(hook.name))
-        rngs = state.get("rng") or []
-        if len(rngs) == self.dist.world_size:
-            set_rng_state(rngs[self.dist.rank])
-        else:
-            log.warning("checkpoint was written by %d processes, this job has %d: RNG streams "
-                        "are re-seeded, so the continuation is not bitwise identical",
-                        len(rngs), self.dist.world_size)
+        self.restore_rng_streams(state.get("rng") or [])
+
+    def restore_rng_streams(self, saved: list[dict]) -> None:
+        """The rule for the RNG streams (dropout, mixup) of a job resumed at another world size
+        (engine/membership.py): rank r continues the stream rank r saved; a rank the saving job
+        did not have starts one seeded from (seed, rank, step); departed ranks' streams end."""
+        rank, world = self.dist.rank, self.dist.world_size
+        if rank < len(saved):
+            set_rng_state(saved[rank])
+        elif self.seed is not None:
+            seed_process(self.seed, rank, step=self.state.step)
+        if saved and len(saved) != world and self.dist.is_main:
+            log.info("RNG streams: the checkpoint has %d ranks', this job %d ranks: ranks 0-%d "
+                     "continue theirs%s%s", len(saved), world, min(len(saved), world) - 1,
+                     f", ranks {len(saved)}-{world - 1} start new ones (seed, rank, step "
+                     f"{self.state.step})" if world > len(saved) else "",
+                     f", the streams of ranks {world}-{len(saved) - 1} end" if len(saved) > world
+                     else "")

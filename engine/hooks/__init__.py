@@ -4,6 +4,7 @@ from .base import Check, Hook, HookList, PerRank
 from .checkpoint import CheckpointHook
 from .ema import EmaHook
 from .evaluation import EvalHook
+from .membership import MembershipHook
 from .metrics import MetricsHook
 from .progress import ProgressBarHook
 from .prometheus import PrometheusHook
@@ -15,5 +16,5 @@ from .summary import SummaryHook
 from .watchdog import WatchdogHook
 
 __all__ = ["Check", "Hook", "HookList", "PerRank", "CheckpointHook", "EmaHook", "EvalHook",
-           "MetricsHook", "ProgressBarHook", "PrometheusHook", "QuarantineHook", "RunDirHook",
+           "MembershipHook", "MetricsHook", "ProgressBarHook", "PrometheusHook", "QuarantineHook", "RunDirHook",
            "StepTimesHook", "REQUEUE_MARKER", "StopHook", "SummaryHook", "WatchdogHook"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 from ..distributed import stop_with_parent
@@ -26,6 +27,7 @@ class StopHook(Hook):
     def __init__(self, out: str | Path, is_main: bool = True):
         self.out, self.is_main = Path(out), is_main
         self.flag, self.signals, self.requeue = False, set(), False
+        self.signalled_at: float | None = None     # the first signal's time
         # from here on, not at the start of training: a signal during set-up is kept too
         self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         if "TORCHELASTIC_RUN_ID" in os.environ:   # a torchrun worker: never outlive the agent
@@ -35,6 +37,7 @@ class StopHook(Hook):
         log.warning("received signal %d: checkpointing at the next check (within "
                     "run.log_every_steps steps), then exiting", signum)
         self.flag = True
+        self.signalled_at = self.signalled_at or time.time()
         self.signals.add(signum)   # srun may follow a USR1 with a TERM: USR1 still decides
 
     def to_reduce(self) -> dict:
