@@ -16,7 +16,9 @@ that 16 ranks could fill::
 
 Trainings are ``train_imagenet.py --config configs/quickstart.yaml OVERRIDES`` as in
 ``trainer_utils.run_command``; ``script=`` runs another script. ``max_restarts`` and
-``nnodes`` ("2:4" for an elastic job) are torchrun's.
+``nnodes`` ("2:4" for an elastic job) are torchrun's, ``rdzv_conf`` adds to its
+``--rdzv-conf``; ``launcher`` runs another torchrun front end (launch/torchrun.py);
+``add_agent`` starts one more agent on the same rendezvous (a node that joins).
 """
 from __future__ import annotations
 
@@ -34,13 +36,15 @@ class Cluster:
     def __init__(self, nodes: int, ranks_per_node: int, overrides: list[str], logs: Path,
                  max_restarts: int = 0, nnodes: str | None = None, env: dict | None = None,
                  script: Path | None = None, config: str = "configs/quickstart.yaml",
-                 agent_args: list[str] = ()):
+                 agent_args: list[str] = (), rdzv_conf: str = "",
+                 launcher: list[str] | None = None):
         self.nodes, self.ranks_per_node, self.overrides = nodes, ranks_per_node, overrides
         self.logs = Path(logs)
         self.max_restarts, self.nnodes = max_restarts, nnodes or str(nodes)
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
         self.script, self.config = script or REPO / "train_imagenet.py", config
-        self.agent_args = list(agent_args)
+        self.agent_args, self.rdzv_conf = list(agent_args), rdzv_conf
+        self.launcher = launcher or [sys.executable, "-m", "torch.distributed.run"]
         self.port = free_port()
         self.rdzv_id = f"sim-{os.getpid()}-{self.port}"
         self.agents: list[subprocess.Popen] = []
@@ -50,24 +54,44 @@ class Cluster:
         return self.nodes * self.ranks_per_node
 
     def command(self, node: int) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nnodes}",
+        conf = f"is_host={int(node == 0)}" + (f",{self.rdzv_conf}" if self.rdzv_conf else "")
+        return [*self.launcher, f"--nnodes={self.nnodes}",
                 f"--nproc-per-node={self.ranks_per_node}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=127.0.0.1:{self.port}", f"--rdzv-id={self.rdzv_id}",
                 # one store host, chosen here: every agent would otherwise race to bind it
-                f"--rdzv-conf=is_host={int(node == 0)}", f"--max-restarts={self.max_restarts}",
+                f"--rdzv-conf={conf}", f"--max-restarts={self.max_restarts}",
                 *self.agent_args, str(self.script), "--config", self.config, *self.overrides]
 
     def start(self) -> "Cluster":
         self.logs.mkdir(parents=True, exist_ok=True)
         for node in range(self.nodes):
-            log = open(self.log_path(node), "w")
-            self.agents.append(subprocess.Popen(
-                self.command(node), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
-            log.close()
+            self.add_agent()
             if node == 0:
                 time.sleep(0.5)   # its store first: the others then connect at once
         return self
+
+    def add_agent(self) -> int:
+        """Start agent K (the next number; agent 0 hosts the store) and return K."""
+        node = len(self.agents)
+        log = open(self.log_path(node), "w")
+        self.agents.append(subprocess.Popen(
+            self.command(node), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True))
+        log.close()
+        return node
+
+    def lose_node(self, node: int) -> None:
+        """Node ``node`` is gone: its agent and its ranks SIGKILLed at once, as a node that
+        crashes or is fenced takes them all (the peers see their connections closed)."""
+        agent = self.agents[node].pid
+        # its ranks first: a rank that outlived its agent by a moment would be told to stop
+        # (PR_SET_PDEATHSIG) and could checkpoint, which a crashed node never does
+        victims = [pid for pid in self.rank_pids() if parent_of(pid) == agent] + [agent]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def log_path(self, node: int) -> Path:
         return self.logs / f"agent-{node}.log"
@@ -132,3 +156,10 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

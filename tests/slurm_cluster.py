@@ -33,7 +33,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 class SlurmCluster:
-    NODES = ("node1", "node2")
+    NODES = ("node1", "node2", "node3")      # jobs take 2 (the script's default) or 3
     # how long a requeued job is held before it may start again (SLURM's default: 120 s). The
     # hold is what lets the nodes revoke the previous run's credential: releasing a requeued
     # job early (scontrol update StartTime=now) can fail it with "Job credential revoked".
@@ -124,7 +124,7 @@ PartitionName=urgent Nodes={','.join(self.NODES)} MaxTime=INFINITE State=UP Prio
         time.sleep(1)
         for n in self.NODES:
             self._spawn(["slurmd", "-D", "-N", n, "-f", str(self.conf)], f"slurmd_{n}")
-        self._wait(self._nodes_idle, "both nodes idle in sinfo", timeout=60)
+        self._wait(self._nodes_idle, "every node idle in sinfo", timeout=60)
         return self
 
     def _spawn(self, cmd: list[str], name: str) -> None:

@@ -1,4 +1,4 @@
-"""launch/slurm.sbatch under a real SLURM (tests/slurm_cluster.py: munged, slurmctld and two
+"""launch/slurm.sbatch under a real SLURM (tests/slurm_cluster.py: munged, slurmctld and three
 slurmd on 127.0.0.1, proctrack/cgroup as in production), submitted from a fresh clone as the
 README says: training over 2 nodes, and every way to stop a job of the script's header, each
 with its checkpoint, the requeue or the end, and the resumed run's losses against the
@@ -281,6 +281,37 @@ def test_reproduce_as_a_job_array_with_an_element_requeued(cluster, clone, data)
     assert len(rows) == 1 + 4 * 2
     md = (out / "results.md").read_text()
     assert "n=2) | 40.00 |" in md and "n=2) | 30.00 |" in md
+
+
+def test_an_elastic_job_loses_a_node_and_finishes_on_the_other_two(cluster, clone, data):
+    """sbatch --nodes=3 --no-kill with ELASTIC_MIN_NODES=2: one node's torchrun agent and its
+    rank SIGKILLed at once (the node gone; not the one hosting the rendezvous store). The
+    others re-form at 2 processes, keep the micro-batch, accumulate 3 instead of 2, and finish:
+    the job COMPLETED, every step done once in the record, one membership change 3 -> 2."""
+    import os
+    import signal
+    out = clone / "runs" / "elastic"
+    job = submit(cluster, clone, base_overrides(data, out, **{
+        "train.batch_size": 12, "train.grad_accum": 2, "train.epochs": 12, "optim.lr": 0.01,
+        "run.checkpoint_every_steps": 2}), "elastic", sbatch_options=["--nodes=3", "--no-kill"],
+        env=["ELASTIC_MIN_NODES=2", "LAST_CALL_S=1"])
+    wait_for_step(cluster, job, out, 3)
+    agents = [int(p) for p in subprocess.run(["pgrep", "-f", f"launch/torchrun.py .*{out}"],
+                                             capture_output=True, text=True).stdout.split()
+              if open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[1] == b"launch/torchrun.py"]
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    victim = next(a for a in agents if f"pid={a}," not in listening)   # not the store's host
+    ranks = subprocess.run(["pgrep", "-P", str(victim)], capture_output=True,
+                           text=True).stdout.split()
+    for pid in [*map(int, ranks), victim]:
+        os.kill(pid, signal.SIGKILL)
+    state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    assert len(agents) == 3 and state == "COMPLETED", log_of(out, job)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    changes = [r for r in rows if r["type"] == "membership"]
+    assert [(r["old_world"], r["new_world"], r["micro_batch"], r["accumulation"])
+            for r in changes] == [(3, 2, 2, 3)], log_of(out, job)
+    assert [r["step"] for r in rows if r["type"] == "train"] == list(range(1, 49))
 
 
 def environ_of(pid: int) -> dict:
