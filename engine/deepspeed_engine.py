@@ -179,7 +179,8 @@ class DeepSpeedEngine(Engine):
         if not saved_file.is_file():  # written before this file existed: let DeepSpeed try
             return
         saved, now = json.loads(saved_file.read_text()), self.layout()
-        saved.setdefault("world_size", now.get("world_size"))   # not recorded before elastic jobs
+        if "world_size" in now:           # ZeRO 1/2; not recorded before elastic jobs: this one
+            saved.setdefault("world_size", now["world_size"])
         if saved.get("world_size") != now.get("world_size") and \
                 {k: saved[k] for k in ("precision", "zero_stage")} == \
                 {k: now[k] for k in ("precision", "zero_stage")}:

@@ -108,6 +108,31 @@ def test_membership_record_measures_from_the_earliest_note():
     assert unknown["recovery_s"] is None and unknown["steps_repeated"] is None
 
 
+def test_a_zero_checkpoint_of_another_world_size_is_refused_in_one_line(tmp_path):
+    """ZeRO 1/2 partition the optimizer state over the processes that saved it: an elastic
+    restart at another world size is refused, naming both sizes; ZeRO 0 and the same size
+    pass, and a layout written before world sizes were recorded is taken as this one's."""
+    from types import SimpleNamespace
+
+    from engine.checkpoint import ResumeMismatch
+    from engine.deepspeed_engine import LAYOUT_FILE, DeepSpeedEngine
+
+    def check(saved: dict, now: dict) -> None:
+        (tmp_path / LAYOUT_FILE).write_text(json.dumps(saved))
+        DeepSpeedEngine.check_layout(SimpleNamespace(layout=lambda: now), tmp_path)
+
+    zero1 = {"precision": "fp32", "zero_stage": 1}
+    with pytest.raises(ResumeMismatch, match=r"ZeRO-1 on 3 processes, this job has 2: .*Resume "
+                                             r"with 3 processes"):
+        check({**zero1, "world_size": 3}, {**zero1, "world_size": 2})
+    check({**zero1, "world_size": 2}, {**zero1, "world_size": 2})
+    check(zero1, {**zero1, "world_size": 2})
+    check({"precision": "fp32", "zero_stage": 0}, {"precision": "fp32", "zero_stage": 0})
+    with pytest.raises(ResumeMismatch, match="same precision and ZeRO stage"):
+        check({**zero1, "world_size": 3}, {"precision": "fp32", "zero_stage": 2,
+                                           "world_size": 2})
+
+
 # ------------------------------------------------------------------ real agents
 @pytest.mark.slow
 def test_a_node_lost_and_one_joining_keep_batch_schedule_and_samples(data, tmp_path):
