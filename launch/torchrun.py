@@ -50,7 +50,8 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import main as torchrun, parse_args
 
-    if ":" in str(parse_args(argv).nnodes):
+    low, _, high = str(parse_args(argv).nnodes).partition(":")
+    if high and high != low:                    # an elastic job
         # A node that joins a running elastic job waits forever for the rendezvous' bootstrap
         # keys: with the agents' TCP store shared with the workers (torch's default), the
         # agent that stays rank 0 writes them in the first round only (torch 2.14,
