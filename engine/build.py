@@ -37,13 +37,13 @@ from .distributed import (BufferSync, DistInfo, all_gather_object, barrier, broa
 from .engines import PRECISION_NAMES, build_engine, engine_class, set_determinism
 from .errors import RunDirInUse, TrainingDiverged
 from .listings import list_once
-from .membership import Batching, plan_batching, remembered_micro_batch
+from .membership import elastic_range, plan_batching, sizes_it_cannot_run_at
 from .hooks import (CheckpointHook, EmaHook, EvalHook, MembershipHook, MetricsHook, ProgressBarHook,
                     PrometheusHook, QuarantineHook, RunDirHook, StepTimesHook, StopHook,
                     SummaryHook, WatchdogHook)
 from .hooks.prometheus import require_client
 from .metrics import loggers_problem
-from .provenance import earlier_starts, provenance, with_earlier_starts, write_json
+from .provenance import provenance, with_earlier_starts, write_json
 from .schedule import Schedule, scaled_lr
 from .trainer import Loaders, Trainer
 from .watchdog import Watchdog, rank_store
@@ -100,16 +100,6 @@ def resolve(cfg: Config, dist: DistInfo) -> Config:
         barrier()
         cfg.data.root = str(ensure_default_dataset())
     return cfg
-
-
-def batching_of_this_start(cfg: Config, dist: DistInfo, out: Path) -> Batching:
-    """The micro-batch and accumulation of this start (engine/membership.py): a resumed run
-    keeps the micro-batch of its first start, which rank 0 finds in the run's provenance."""
-    remembered = None
-    if dist.is_main and cfg.run.resume != "none" and (cfg.run.resume != "auto" or ckpt.list_checkpoints(
-            ckpt.checkpoint_dir(out, cfg.run.checkpoint_dir))):
-        remembered = remembered_micro_batch(earlier_starts(out / "provenance.json"))
-    return plan_batching(cfg.train, dist.world_size, broadcast_object(remembered))
 
 
 def collective_timeout(hang_timeout_s: float) -> timedelta | None:
@@ -240,7 +230,12 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     t, main = cfg.train, dist.is_main
     set_determinism(t.deterministic)
     quarantines = {s: q for s in ("train", "val") if (q := quarantine_for(cfg.data, s)) is not None}
-    batching = batching_of_this_start(cfg, dist, out)
+    elastic = elastic_range()
+    batching = plan_batching(cfg.train, dist.world_size, elastic)
+    if main and elastic and (refused := sizes_it_cannot_run_at(batching, elastic)):
+        log.warning("elastic job of %d-%d nodes x %d: a global batch of %d in micro-batches of %d "
+                    "cannot be split over %s processes; a start at that size will be refused",
+                    *elastic, t.batch_size, batching.micro_batch, ", ".join(map(str, refused)))
     loaders = build_loaders(cfg, dist, out, quarantines, batching.micro_batch)
     # the ones a backend took (files that can go bad): not CIFAR's arrays, not synthetic data
     quarantines = {s: q for s, q in quarantines.items() if q.samples is not None}

@@ -76,10 +76,12 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: Count = 90
     batch_size: Count = 256         # GLOBAL batch per optimizer step (all processes, all micro-steps)
-    grad_accum: Count = 1           # micro-batches per optimizer step (divides batch_size)
-    # each process's batch per forward pass; null = batch_size / (processes x grad_accum) at the
-    # run's first start. An elastic restart at another world size keeps it (the memory known to
-    # fit) and changes the accumulation instead (engine/membership.py)
+    # micro-batches per optimizer step (divides batch_size); what sizes the micro-batch when
+    # micro_batch is null. The accumulation a start runs with is what its world size leaves
+    grad_accum: Count = 1
+    # each process's batch per forward pass; null = batch_size / (processes x grad_accum), in an
+    # elastic job (launch/torchrun.py --nnodes=MIN:MAX) of the full MAX-node job at any size:
+    # a restart at another world size changes the accumulation instead (engine/membership.py)
     micro_batch: Count | None = None
     label_smoothing: Fraction = 0.0
     mixup: NonNegative = 0.0        # timm Mixup alpha (0 = off)

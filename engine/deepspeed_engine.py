@@ -179,8 +179,10 @@ class DeepSpeedEngine(Engine):
         if not saved_file.is_file():  # written before this file existed: let DeepSpeed try
             return
         saved, now = json.loads(saved_file.read_text()), self.layout()
-        if "world_size" in now:           # ZeRO 1/2; not recorded before elastic jobs: this one
-            saved.setdefault("world_size", now["world_size"])
+        if "world_size" in now and "world_size" not in saved:   # written before elastic jobs:
+            # one optimizer-state file per rank that saved it (DeepSpeed's zero_pp_rank_R_...)
+            saved["world_size"] = len(list(path.glob("*/*zero_pp_rank_*_optim_states.pt"))) \
+                or now["world_size"]
         if saved.get("world_size") != now.get("world_size") and \
                 {k: saved[k] for k in ("precision", "zero_stage")} == \
                 {k: now[k] for k in ("precision", "zero_stage")}:

@@ -35,24 +35,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _attempt_store(rank: int, world_size: int) -> dist.Store:
-    """The rendezvous store, with keys private to this torchrun attempt.
+def attempt_prefix() -> str:
+    """The prefix of this torchrun attempt's keys in the rendezvous store.
 
     Where the workers share the agents' store (torch's default), it outlives a restart of the
     group: without a per-attempt prefix the new ranks can read the dead ranks' addresses and fail
     with "Gloo connectFullMesh failed ... Connection refused". The prefix is the restart count,
     which every agent of a fixed-size job counts alike. Elastic jobs (launch/torchrun.py) do not
     share it: rank 0 serves a fresh store every attempt, and there the restart count would
-    split the group, as an agent that joined later counts from 0 (gloo waiting forever for
-    addresses under another prefix)."""
+    split the group, as an agent that joined later counts from 0 (gloo waited forever for
+    addresses under another prefix; the watchdog's ranks would not see each other)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return "wrn_large"
+    return f"wrn_large/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store, with keys private to this torchrun attempt (``attempt_prefix``)."""
     from torch.distributed.rendezvous import _create_c10d_store
 
     store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank,
                                world_size, timedelta(minutes=10))
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return store
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"wrn_large/attempt_{attempt}", store)
+    return dist.PrefixStore(attempt_prefix(), store)
 
 
 def stop_with_parent(sig: int = signal.SIGTERM) -> None:

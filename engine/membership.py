@@ -4,10 +4,11 @@ A job launched with ``torchrun --nnodes=MIN:MAX`` (launch/README.md, "Elastic jo
 restarted at another world size when a node is lost or one joins. Every start keeps:
 
 - the global batch ``train.batch_size`` and each rank's micro-batch: ``train.micro_batch``, or
-  the one of the run's first start (the memory known to fit, recorded in its provenance). The
-  micro-batches a rank accumulates per optimizer step are what the world size leaves
-  (``plan_batching``); a world size that does not divide them is refused in one line before any
-  step. Never a bigger micro-batch: 2 nodes down to 1 would double every rank's activations.
+  the full job's (MAX nodes; the memory the job was sized for), whatever the size of the start.
+  The micro-batches a rank accumulates per optimizer step are what the world size leaves
+  (``plan_batching``); a world size that cannot take them is refused in one line before any
+  step, and the sizes of the range that would be are named when the job starts. Never a bigger
+  micro-batch: 2 nodes down to 1 would double every rank's activations.
 - the sample stream: step s takes the samples ``perm[s*B:(s+1)*B]`` of the epoch's global
   permutation in micro-batches of m consecutive samples, rank r taking every W-th
   (``pipelines.base.train_shard_indices``); with m fixed, each step's micro-batches are the same
@@ -18,11 +19,12 @@ The RNG streams (dropout, mixup) follow a written rule (``engine.trainer.Trainer
 rank r continues the stream rank r saved; a rank the saving job did not have starts one seeded
 from (seed, rank, step); the streams of departed ranks end.
 
-A membership change (another world size or other hosts than the checkpoint's) is one log line
-and one ``membership`` record in metrics.jsonl (``MembershipHook``). How long recovery took and
-which steps were repeated come from the notes the ranks of the previous start left when they
-ended by an error or a stop signal (``write_note``): the earliest is the failure, the furthest
-step is where training had got to.
+A membership change (another world size or other hosts than the checkpoint's: a lost or joined
+node, or a requeue onto other nodes) is one log line and one ``membership`` record in
+metrics.jsonl (``MembershipHook``). How long recovery took and which steps were repeated come
+from the notes the ranks of the start that saved the checkpoint left when they ended by an error
+or a stop signal (``write_note``): the earliest is the failure, the furthest step is where
+training had got to. The times are each host's clock.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from pathlib import Path
 from .config import ConfigError, TrainConfig
 
 NOTES = "membership"      # RUN_DIR/membership/<host>-<pid>.json: how a start ended
+ELASTIC_NODES = "WRN_ELASTIC_NODES"     # "MIN:MAX", set by launch/torchrun.py for its workers
 
 
 @dataclass(frozen=True)
@@ -51,34 +54,57 @@ class Batching:
         return self.batch_size // (self.micro_batch * self.world_size)
 
 
-def plan_batching(t: TrainConfig, world_size: int, remembered: int | None = None) -> Batching:
-    """The batching of a start of ``world_size`` processes: ``t.micro_batch`` if set, else the
-    run's first start's (``remembered``), else ``batch_size / (world_size * grad_accum)``."""
+def elastic_range() -> tuple[int, int, int] | None:
+    """(MIN, MAX, processes per node) of an elastic job started by launch/torchrun.py, which
+    says ``--nnodes=MIN:MAX`` in ``WRN_ELASTIC_NODES``; None otherwise."""
+    spec = os.environ.get(ELASTIC_NODES)
+    if not spec:
+        return None
+    low, high = (int(n) for n in spec.split(":"))
+    return low, high, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def plan_batching(t: TrainConfig, world_size: int,
+                  elastic: tuple[int, int, int] | None = None) -> Batching:
+    """The batching of a start of ``world_size`` processes: the micro-batch is
+    ``t.micro_batch`` if set; in an elastic job (``elastic``: MIN, MAX, processes per node) the
+    one of the full job, ``batch_size / (MAX x per node x grad_accum)``, at whatever size it
+    runs now; else ``batch_size / (world_size x grad_accum)``. The accumulation is what is
+    left; a world size that cannot take it is a ConfigError naming the sizes."""
     micro, source = t.micro_batch, "train.micro_batch"
-    if micro is None and remembered is not None:
-        micro, source = remembered, "kept from the run's first start: the memory known to fit"
+    if micro is None and elastic is not None:
+        full = elastic[1] * elastic[2]
+        if t.batch_size % (full * t.grad_accum):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} is not divisible by the full elastic job's "
+                f"{full} processes ({elastic[1]} nodes x {elastic[2]}) x "
+                f"train.grad_accum={t.grad_accum}; or set train.micro_batch")
+        micro = t.batch_size // (full * t.grad_accum)
+        source = f"the full job's: {elastic[1]} nodes x {elastic[2]} processes"
     if micro is None:
         per_step = world_size * t.grad_accum
         if t.batch_size % per_step:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {world_size} "
                               f"processes x train.grad_accum={t.grad_accum}")
         return Batching(t.batch_size, t.batch_size // per_step, world_size)
-    if t.batch_size % micro or (t.batch_size // micro) % world_size:
+    if not fits(t.batch_size, micro, world_size):
         raise ConfigError(
             f"train.batch_size={t.batch_size} cannot be split over {world_size} processes with a "
             f"micro-batch of {micro} per process ({source}): the number of processes must "
-            f"divide {t.batch_size // micro if t.batch_size % micro == 0 else '(none)'} "
-            f"(batch_size / micro-batch); set train.micro_batch to change the micro-batch")
+            f"divide {t.batch_size // micro} (batch_size / micro-batch)")
     return Batching(t.batch_size, micro, world_size)
 
 
-def remembered_micro_batch(starts: list[dict]) -> int | None:
-    """The micro-batch of the run's first start that trained (provenance ``starts``), if
-    recorded."""
-    for start in starts:
-        if start.get("micro_batch"):
-            return int(start["micro_batch"])
-    return None
+def fits(batch_size: int, micro: int, world_size: int) -> bool:
+    return batch_size % micro == 0 and (batch_size // micro) % world_size == 0
+
+
+def sizes_it_cannot_run_at(batching: Batching, elastic: tuple[int, int, int]) -> list[int]:
+    """The world sizes of an elastic job's range (MIN..MAX nodes) its global batch cannot be
+    split over with its micro-batch: a start there is refused."""
+    low, high, per_node = elastic
+    return [n * per_node for n in range(low, high + 1)
+            if not fits(batching.batch_size, batching.micro_batch, n * per_node)]
 
 
 # ------------------------------------------------------------------ how a start ended
@@ -86,26 +112,30 @@ def notes_dir(out: Path) -> Path:
     return Path(out) / NOTES
 
 
-def write_note(out: Path, at: float, step: int, reason: str) -> None:
-    """This rank's note that its start ended at time ``at`` (an error, a stop signal) with
-    ``step`` optimizer steps done. Best effort: a rank that is going down never fails on it."""
+def write_note(out: Path, at: float, step: int, reason: str, start: str) -> None:
+    """This rank's note that its start (``start``: the start's id) ended at time ``at`` (an
+    error, a stop signal) with ``step`` optimizer steps done. Best effort: a rank that is going
+    down never fails on it."""
     folder = notes_dir(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{socket.gethostname()}-{os.getpid()}.json"
-        path.write_text(json.dumps({"time": at, "step": step, "reason": reason}) + "\n")
+        path.write_text(json.dumps({"time": at, "step": step, "reason": reason,
+                                    "start": start}) + "\n")
     except OSError:
         pass
 
 
 def read_notes(out: Path) -> dict[str, dict]:
-    """The notes this host's folder holds, by file name (unreadable ones left out)."""
+    """The notes this host's folder holds, by file name (unreadable or incomplete ones as
+    None: removed, never counted)."""
     found = {}
     for path in sorted(notes_dir(out).glob("*.json")):
         try:
-            found[path.name] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+            note = json.loads(path.read_text())
+            found[path.name] = note if {"time", "step", "start"} <= note.keys() else None
+        except (OSError, ValueError, AttributeError):
+            found[path.name] = None
     return found
 
 

@@ -59,13 +59,21 @@ NOT_IN_DIGEST = ("train.seed", "paper", *OPERATIONAL)
 START_KEYS = ("commit", "config_digest", "world_size", "precision", "micro_batch")
 
 
+# keys added after runs had digests, each with the default that computes as before: at that
+# value they are left out, so a config that does not use them keeps the digest it had (a sweep's
+# run directories, engine/sweep.py, stay claimed across the upgrade)
+LATER_KEYS = {"train.micro_batch": None}
+
+
 def digest_values(values: dict) -> dict:
     """``values`` (a config as a dict) without the keys ``config_digest`` leaves out."""
     kept = {}
     for section, keys in values.items():
         if section in NOT_IN_DIGEST:
             continue
-        kept[section] = {k: v for k, v in keys.items() if f"{section}.{k}" not in NOT_IN_DIGEST} \
+        kept[section] = {k: v for k, v in keys.items() if f"{section}.{k}" not in NOT_IN_DIGEST
+                         and not (f"{section}.{k}" in LATER_KEYS
+                                  and v == LATER_KEYS[f"{section}.{k}"])} \
             if isinstance(keys, dict) else keys
     return kept
 
@@ -148,7 +156,7 @@ def earlier_starts(path: Path) -> list[dict]:
     except (OSError, ValueError):
         return []
     if "starts" not in old:       # the step it trained from is not known: -1
-        return [{"time": None, **{k: old.get(k) for k in (*START_KEYS, "hardware")},
+        return [{"time": None, **{k: old[k] for k in (*START_KEYS, "hardware") if k in old},
                  "hosts": [], "resumed_from_step": -1}] if "commit" in old else []
     return [s for s in old["starts"] if s.get("resumed_from_step") is not None]
 
@@ -171,8 +179,8 @@ def began_training(values: dict, step: int) -> dict:
 def mixed_starts(starts: list[dict]) -> dict[str, list]:
     """What the starts of one run differ in: {key: its values in order} for ``START_KEYS``."""
     mixed = {}
-    for key in START_KEYS:
-        seen = list(dict.fromkeys(s.get(key) for s in starts))
+    for key in START_KEYS:     # a start written before a key was recorded does not count for it
+        seen = list(dict.fromkeys(s[key] for s in starts if key in s))
         if len(seen) > 1:
             mixed[key] = seen
     return mixed

@@ -5,8 +5,8 @@ mean, std, min, max, the paper's number and statistic), results.md (the paper's 
 networks down, data sets across) and results.png (each seed's point, our median and the
 paper's value).
 
-A run resumed at another commit, config digest, world size or precision than it started with is flagged, not
-refused: results.csv's ``mixed_starts`` names what differs, results.md lists it below the
+A run resumed at another commit, config digest, world size, precision or micro-batch than it
+started with is flagged, not refused: results.csv's ``mixed_starts`` names what differs, results.md lists it below the
 tables and reproduce.py prints a warning (``start_warnings``)."""
 from __future__ import annotations
 

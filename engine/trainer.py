@@ -125,6 +125,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.stop_reason: str | None = None
         self.status: str | None = None   # finished | preempted | max_steps, once train() ends
+        self.failed_at: float | None = None     # when train() saw the error that ended it
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:
@@ -138,6 +139,7 @@ class Trainer:
                 self.train_epoch()
             self.status = self.stop_reason or "finished"
         except BaseException:
+            self.failed_at = time.time()
             for failure in self.hooks.call_each("after_train"):   # the run's error says why
                 log.error("after a failed run, a hook failed too: %r", failure)
             raise

@@ -142,15 +142,16 @@ def encode(record: Record) -> str:
 
 
 def rank_store(rank: int, world_size: int):
-    """A client of torchrun's rendezvous store, private to this restart attempt; None outside a
-    torchrun job of several processes."""
+    """A client of the job's store (the agents', or rank 0's in an elastic job), private to this
+    restart attempt (``distributed.attempt_prefix``); None outside a torchrun job of several
+    processes."""
     if world_size < 2 or "MASTER_ADDR" not in os.environ:
         return None
     import torch.distributed as dist
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=timedelta(seconds=60))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"wrn_large/attempt_{attempt}/watchdog", store)
+    from .distributed import attempt_prefix
+    return dist.PrefixStore(f"{attempt_prefix()}/watchdog", store)
 
 
 def write_stacks(f) -> None:

@@ -31,7 +31,7 @@ RDZV_CONF=()
 case "$NNODES" in *:*) RDZV_CONF=(--rdzv-conf="last_call_timeout=${LAST_CALL_S:-10}") ;; esac
 # launch/torchrun.py: torchrun, with the end of an elastic job below its minimum said in one line
 exec "$PYTHON" launch/torchrun.py \
-    --nnodes="$NNODES" ${NODE_RANK:+--node-rank="$NODE_RANK"} "${RDZV_CONF[@]}" \
+    --nnodes="$NNODES" ${NODE_RANK:+--node-rank="$NODE_RANK"} ${RDZV_CONF[@]+"${RDZV_CONF[@]}"} \
     --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$ENDPOINT" --rdzv-id="${RDZV_ID:-wrn}" \
     --max-restarts="${MAX_RESTARTS:-3}" \

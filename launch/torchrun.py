@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parent.parent
 BELOW_MIN = 3
 
 
+def config_args(script_args: list[str]) -> tuple[str | None, list[str]]:
+    """train_imagenet.py's --config (``--config X`` or ``--config=X``) and its overrides."""
+    config = None
+    for i, arg in enumerate(script_args):
+        if arg == "--config" and i + 1 < len(script_args):
+            config = script_args[i + 1]
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+    return config, [a for a in script_args if "=" in a and not a.startswith("-")]
+
+
 def last_checkpoint(script_args: list[str]) -> str:
     """The newest complete checkpoint of the run ``train_imagenet.py script_args`` writes, in
     words (best effort: the config may not even load here)."""
@@ -26,24 +37,23 @@ def last_checkpoint(script_args: list[str]) -> str:
     try:
         from engine import checkpoint as ckpt
         from engine.config import load_config
-        config = script_args[script_args.index("--config") + 1] \
-            if "--config" in script_args else None
-        cfg = load_config(config, [a for a in script_args if "=" in a and not a.startswith("-")])
+        cfg = load_config(*config_args(script_args))
         folder = ckpt.checkpoint_dir(cfg.run.output_dir, cfg.run.checkpoint_dir)
         newest = ckpt.newest_complete(folder)
     except Exception:   # noqa: BLE001 - the line is said whatever the config holds
         return "the run's last complete checkpoint stands"
     return f"the last complete checkpoint, {newest}, stands" if newest else \
-        f"no checkpoint was written yet in {folder}"
+        f"no checkpoint was written yet (in {folder})"
 
 
 def below_min_line(args) -> str:
     low, _, high = str(args.nnodes).partition(":")
+    rule = (f"an elastic job goes on with at least {low} nodes, up to {high}"
+            if high and high != low else f"the job needs {low} nodes")
     return (f"error: fewer than {low} nodes joined rendezvous {args.rdzv_id!r} at "
-            f"{args.rdzv_endpoint} in time (--nnodes={args.nnodes}: an elastic job goes on with "
-            f"at least {low} nodes, up to {high or low}); the job stops here and "
-            f"{last_checkpoint(list(args.training_script_args))}. The same command resumes "
-            f"from it once {low} nodes are up.")
+            f"{args.rdzv_endpoint} in time (--nnodes={args.nnodes}: {rule}); the job stops "
+            f"here and {last_checkpoint(list(args.training_script_args))}. The same command "
+            f"resumes from it once {low} nodes are up.")
 
 
 def main(argv: list[str]) -> int:
@@ -57,6 +67,8 @@ def main(argv: list[str]) -> int:
         # agent that stays rank 0 writes them in the first round only (torch 2.14,
         # dynamic_rendezvous.next_rendezvous). Unshared, rank 0 writes them every round.
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        # the trainer sizes each rank's micro-batch for the full job (engine/membership.py)
+        os.environ["WRN_ELASTIC_NODES"] = f"{low}:{high}"
     try:
         torchrun(argv)
     except RendezvousTimeoutError:

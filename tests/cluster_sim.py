@@ -37,13 +37,14 @@ class Cluster:
                  max_restarts: int = 0, nnodes: str | None = None, env: dict | None = None,
                  script: Path | None = None, config: str = "configs/quickstart.yaml",
                  agent_args: list[str] = (), rdzv_conf: str = "",
-                 launcher: list[str] | None = None):
+                 launcher: list[str] | None = None, store_host_last: bool = False):
         self.nodes, self.ranks_per_node, self.overrides = nodes, ranks_per_node, overrides
         self.logs = Path(logs)
         self.max_restarts, self.nnodes = max_restarts, nnodes or str(nodes)
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
         self.script, self.config = script or REPO / "train_imagenet.py", config
         self.agent_args, self.rdzv_conf = list(agent_args), rdzv_conf
+        self.store_host_last = store_host_last
         self.launcher = launcher or [sys.executable, "-m", "torch.distributed.run"]
         self.port = free_port()
         self.rdzv_id = f"sim-{os.getpid()}-{self.port}"
@@ -63,22 +64,29 @@ class Cluster:
                 *self.agent_args, str(self.script), "--config", self.config, *self.overrides]
 
     def start(self) -> "Cluster":
+        """Agent 0 (the store's host) first, so the others connect at once; or, with
+        ``store_host_last``, after the others, which wait for it and join the first round of an
+        elastic job together (it closes ``last_call_timeout`` after MIN nodes are in)."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        for node in range(self.nodes):
-            self.add_agent()
-            if node == 0:
-                time.sleep(0.5)   # its store first: the others then connect at once
+        order = [*range(1, self.nodes), 0] if self.store_host_last else range(self.nodes)
+        self.agents = [None] * self.nodes
+        for node in order:
+            self.agents[node] = self.launch(node)
+            if node == order[0] == 0 or (self.store_host_last and node == order[-2]):
+                time.sleep(0.5)
         return self
+
+    def launch(self, node: int) -> subprocess.Popen:
+        log = open(self.log_path(node), "w")
+        agent = subprocess.Popen(self.command(node), cwd=REPO, env=self.env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return agent
 
     def add_agent(self) -> int:
         """Start agent K (the next number; agent 0 hosts the store) and return K."""
-        node = len(self.agents)
-        log = open(self.log_path(node), "w")
-        self.agents.append(subprocess.Popen(
-            self.command(node), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True))
-        log.close()
-        return node
+        self.agents.append(self.launch(len(self.agents)))
+        return len(self.agents) - 1
 
     def lose_node(self, node: int) -> None:
         """Node ``node`` is gone: its agent and its ranks SIGKILLed at once, as a node that

@@ -14,7 +14,7 @@ import torch
 from cluster_sim import Cluster
 from engine.checkpoint import checkpoint_dir, list_checkpoints, newest_complete
 from engine.config import ConfigError, TrainConfig
-from engine.membership import membership_record, plan_batching
+from engine.membership import membership_record, plan_batching, sizes_it_cannot_run_at
 from pipelines.base import train_shard_indices
 from trainer_utils import REPO, base_overrides, make_folder, run_training
 
@@ -52,8 +52,11 @@ def wait_for(what, cluster, timeout=240):
         found = what()
         if found:
             return found
+        if all(agent.poll() is not None for agent in cluster.agents):
+            break
         time.sleep(0.1)
-    raise TimeoutError(f"{what.__doc__} not within {timeout} s\n{cluster.tail()}")
+    raise TimeoutError(f"{what.__doc__}: not within {timeout} s, or every agent ended\n"
+                       f"{cluster.tail()}")
 
 
 def weights(out) -> dict:
@@ -87,15 +90,21 @@ def test_each_step_has_the_same_micro_batches_at_any_world_size(world):
 
 
 def test_batching_keeps_the_micro_batch_and_refuses_a_world_that_does_not_divide():
-    t = TrainConfig(batch_size=12, grad_accum=2)
-    first = plan_batching(t, 3)
-    assert (first.micro_batch, first.accumulation) == (2, 2)
-    shrunk = plan_batching(t, 2, remembered=first.micro_batch)
+    """An elastic job (launch/torchrun.py's WRN_ELASTIC_NODES) sizes the micro-batch for its full
+    size, whatever size a start has; a world size that cannot take it is refused, naming it."""
+    t, elastic = TrainConfig(batch_size=12, grad_accum=2), (2, 3, 1)
+    full, shrunk = plan_batching(t, 3, elastic), plan_batching(t, 2, elastic)
+    assert (full.micro_batch, full.accumulation) == (2, 2)
     assert (shrunk.micro_batch, shrunk.accumulation) == (2, 3)
     with pytest.raises(ConfigError, match=r"batch_size=12 cannot be split over 4 processes with "
                                           r"a micro-batch of 2 .*must divide 6"):
-        plan_batching(t, 4, remembered=2)
+        plan_batching(t, 4, elastic)
+    with pytest.raises(ConfigError, match=r"not divisible by the full elastic job's 3 processes"):
+        plan_batching(TrainConfig(batch_size=10), 2, elastic)
+    assert sizes_it_cannot_run_at(plan_batching(TrainConfig(batch_size=256), 32, (2, 4, 8)),
+                                  (2, 4, 8)) == [24]
     assert plan_batching(TrainConfig(batch_size=12, micro_batch=3), 2).accumulation == 2
+    assert plan_batching(t, 2).micro_batch == 3           # a fixed-size job: as before
 
 
 def test_membership_record_measures_from_the_earliest_note():
@@ -106,6 +115,37 @@ def test_membership_record_measures_from_the_earliest_note():
                       "accumulation": 3, "recovery_s": 12.25, "steps_repeated": 3}
     unknown = membership_record({"world_size": 3}, 2, ["a"], batching, 4, [], 112.0)
     assert unknown["recovery_s"] is None and unknown["steps_repeated"] is None
+
+
+@pytest.mark.parametrize("rank, world", [(0, 2), (1, 2), (2, 3)])
+def test_rng_streams_follow_the_written_rule(rank, world):
+    """Saved by 2 ranks: ranks 0 and 1 continue their own streams (at 2 or 3 processes); rank 2
+    (new) starts the stream of (seed, rank 2, step 7), not rank 0's or 1's nor a fresh run's."""
+    from engine.distributed import DistInfo
+    from engine.state import rng_state, seed_process
+    from engine.trainer import Trainer, TrainState
+
+    saved = []
+    for r in range(2):
+        seed_process(5, r, step=100 + r)
+        saved.append(rng_state())
+    trainer = Trainer.__new__(Trainer)        # the rule alone: no model, engine or loader
+    trainer.dist, trainer.seed, trainer.state = DistInfo(rank=rank, world_size=world), 5, \
+        TrainState(step=7)
+    trainer.restore_rng_streams(saved)
+    drawn = torch.rand(4)
+    if rank < 2:
+        torch.set_rng_state(saved[rank]["torch"])
+    else:
+        seed_process(5, rank, step=7)
+    assert torch.equal(drawn, torch.rand(4))
+    others = []
+    for r in range(2):
+        torch.set_rng_state(saved[r]["torch"])
+        others.append(torch.rand(4))
+    seed_process(5, rank)                      # the stream rank 2 of a fresh run would have
+    others.append(torch.rand(4))
+    assert sum(torch.equal(drawn, o) for o in others) == (1 if rank < 2 else 0)
 
 
 def test_a_zero_checkpoint_of_another_world_size_is_refused_in_one_line(tmp_path):
@@ -126,7 +166,14 @@ def test_a_zero_checkpoint_of_another_world_size_is_refused_in_one_line(tmp_path
                                              r"with 3 processes"):
         check({**zero1, "world_size": 3}, {**zero1, "world_size": 2})
     check({**zero1, "world_size": 2}, {**zero1, "world_size": 2})
-    check(zero1, {**zero1, "world_size": 2})
+    check(zero1, {**zero1, "world_size": 2})          # older layout, no rank files: let it try
+    (tmp_path / "state").mkdir()
+    for rank in range(3):   # an older layout's world size: its ranks' optimizer-state files
+        (tmp_path / "state" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    with pytest.raises(ResumeMismatch, match=r"ZeRO-1 on 3 processes, this job has 2"):
+        check(zero1, {**zero1, "world_size": 2})
+    for rank in range(3):
+        (tmp_path / "state" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").unlink()
     check({"precision": "fp32", "zero_stage": 0}, {"precision": "fp32", "zero_stage": 0})
     with pytest.raises(ResumeMismatch, match="same precision and ZeRO stage"):
         check({**zero1, "world_size": 3}, {"precision": "fp32", "zero_stage": 2,
@@ -140,7 +187,8 @@ def test_a_node_lost_and_one_joining_keep_batch_schedule_and_samples(data, tmp_p
     run_training(overrides(data, ref, **{"train.grad_accum": 6}))
     out = tmp_path / "elastic"
     with Cluster(nodes=3, ranks_per_node=1, logs=tmp_path / "logs", nnodes="2:3",
-                 max_restarts=3, rdzv_conf="last_call_timeout=1", launcher=LAUNCHER,
+                 max_restarts=3, rdzv_conf="last_call_timeout=3", launcher=LAUNCHER,
+                 store_host_last=True,
                  overrides=overrides(data, out, **{"train.grad_accum": 2})) as cluster:
         def first_checkpoint():
             """the first checkpoint"""
@@ -168,6 +216,8 @@ def test_a_node_lost_and_one_joining_keep_batch_schedule_and_samples(data, tmp_p
     assert (back["old_world"], back["new_world"], back["micro_batch"], back["accumulation"]) == \
         (2, 3, MICRO, 2), back
     assert back["steps_repeated"] == 0 and back["recovery_s"] > 0   # the stop checkpointed
+    assert lost["recovery_s"] < 120 and back["recovery_s"] < 120
+    assert not list((out / "membership").glob("*"))   # every note read once; none of a finish
     got = {r["step"]: r for r in records(out, "train")}
     want = {r["step"]: r for r in records(ref, "train")}
     assert sorted(got) == sorted(want) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
@@ -190,7 +240,7 @@ def test_falling_below_min_stops_in_one_line_and_the_last_checkpoint_stands(data
     with Cluster(nodes=2, ranks_per_node=1, logs=tmp_path / "logs", nnodes="2:3",
                  max_restarts=3, rdzv_conf="last_call_timeout=1,join_timeout=5",
                  launcher=LAUNCHER,
-                 overrides=overrides(data, out, **{"train.grad_accum": 3})) as cluster:
+                 overrides=overrides(data, out, **{"train.grad_accum": 2})) as cluster:
         def first_checkpoint():
             """the first checkpoint"""
             return newest_complete(checkpoint_dir(out))
@@ -199,6 +249,7 @@ def test_falling_below_min_stops_in_one_line_and_the_last_checkpoint_stands(data
         codes = cluster.wait(timeout=120)
         log = cluster.log(0)
     assert codes[0] == 3, log[-3000:]
+    assert "RendezvousTimeoutError" not in log, log[-3000:]    # the launcher's own: one line
     last = log.strip().splitlines()[-1]
     newest = newest_complete(checkpoint_dir(out))
     assert last == (f"error: fewer than 2 nodes joined rendezvous '{cluster.rdzv_id}' at "

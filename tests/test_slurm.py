@@ -177,7 +177,8 @@ STOP_PATHS = {  # sbatch options, the command that stops the job (None: it stops
     # without --batch SLURM signals every process of the job's steps, workers included
     "usr1_steps": ([], lambda job: ["scancel", "--signal=USR1", job], "requeue"),
     "scontrol": ([], lambda job: ["scontrol", "requeue", job], "requeue"),
-    # PreemptMode=REQUEUE: a job of a higher-priority partition needs both nodes
+    # PreemptMode=REQUEUE: a job of a higher-priority partition needs 2 of the 3 nodes to
+    # itself, so at least one of the 2-node job's
     "preemption": ([], lambda job: ["sbatch", "--partition=urgent", "--nodes=2", "--exclusive",
                                     "--output=/dev/null", "--wrap", "sleep 5"], "requeue"),
     "batch_term": ([], lambda job: ["scancel", "--batch", "--signal=TERM", job], "end"),

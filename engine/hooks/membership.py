@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
-from ..distributed import all_gather_object
+from ..distributed import all_gather_object, broadcast_object
 from ..membership import Batching, membership_record, read_notes, remove_notes, write_note
 from .base import Hook
 from .metrics import MetricsHook
@@ -26,32 +27,36 @@ class MembershipHook(Hook):
         self.out, self.batching, self.hosts, self.is_main = Path(out), batching, hosts, is_main
         self.saved: dict | None = None       # the checkpoint's membership
         self.pending: dict | None = None     # the change, until its record is written
+        self.start: str | None = None        # this start's id, shared by its ranks
 
     def state_dict(self) -> dict:
         return {"world_size": self.batching.world_size, "hosts": self.hosts,
                 "micro_batch": self.batching.micro_batch,
-                "accumulation": self.batching.accumulation}
+                "accumulation": self.batching.accumulation, "start": self.start}
 
     def load_state_dict(self, state: dict | None) -> None:
         self.saved = state
 
     def before_train(self) -> None:
         """Every rank reads the notes its host's folder holds (a run directory may be
-        node-local), all of them are gathered, and each rank removes those it read."""
+        node-local), all of them are gathered, and each rank removes those it read. Only the
+        notes of the start that saved the checkpoint count: how that start ended."""
+        self.start = broadcast_object(uuid.uuid4().hex if self.is_main else None)
         mine = read_notes(self.out)
-        notes = {name: note for found in all_gather_object(mine) for name, note in found.items()}
+        gathered = {name: note for found in all_gather_object(mine)
+                    for name, note in found.items() if note is not None}
         remove_notes(self.out, mine)
         old = self.saved
         if old is None or (old["world_size"] == self.batching.world_size
                            and sorted(old["hosts"]) == sorted(self.hosts)):
             return
-        self.pending = {"old": old, "notes": list(notes.values()),
-                        "resumed": self.trainer.state.step}
+        notes = [n for n in gathered.values() if n["start"] == old.get("start")]
+        self.pending = {"old": old, "notes": notes, "resumed": self.trainer.state.step}
         if self.is_main:
-            log.info("membership changed: %d -> %d processes (hosts %s); micro-batch %d kept, "
-                     "accumulation %d -> %d; resumed at step %d", old["world_size"],
+            log.info("membership changed: %d -> %d processes (hosts %s); micro-batch %d, "
+                     "accumulation %s -> %d; resumed at step %d", old["world_size"],
                      self.batching.world_size, ", ".join(dict.fromkeys(self.hosts)),
-                     self.batching.micro_batch, old.get("accumulation", 0),
+                     self.batching.micro_batch, old.get("accumulation", "?"),
                      self.batching.accumulation, self.trainer.state.step)
 
     def after_step(self) -> None:
@@ -68,12 +73,13 @@ class MembershipHook(Hook):
                 metrics.write("membership", self.trainer.state.step, record)
 
     def after_train(self) -> None:
-        """The note of a start that did not end well: when (the first stop signal, else now,
-        just after the error) and at which step."""
+        """The note of a start that did not end well: when (the first stop signal, else the
+        error as the loop saw it) and at which step."""
         t = self.trainer
-        if t.status in ("finished", "max_steps"):
+        if t.status in ("finished", "max_steps") or self.start is None:
             return
         stop = t.hooks.of_type(StopHook)
         signalled = stop.signalled_at if stop is not None else None
         reason = "stop signal" if t.status == "preempted" else "error"
-        write_note(self.out, signalled or time.time(), t.state.step, reason)
+        write_note(self.out, signalled or t.failed_at or time.time(), t.state.step, reason,
+                   self.start)
