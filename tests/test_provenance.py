@@ -94,3 +94,17 @@ def test_a_legacy_start_stays_listed_and_an_undone_start_is_dropped(tmp_path):
     again = began_training({"starts": died + [start("c1")]}, 40)
     assert [(s["world_size"], s["resumed_from_step"]) for s in again["starts"]] == [(1, 0), (1, 40)]
     assert mixed_starts(again["starts"]) == {}
+
+
+def test_a_key_added_later_leaves_digests_as_they_were_at_its_default():
+    """train.micro_batch came after runs had digests: a config without it and one with its
+    default (null) share a digest, so sweep directories claimed before stay claimed; set, it
+    counts. A start recorded before micro_batch was recorded is not a mixed start."""
+    values = to_dict(load_config("configs/quickstart.yaml", []))
+    before = copy.deepcopy(values)
+    del before["train"]["micro_batch"]
+    assert config_digest(values) == config_digest(before)
+    values["train"]["micro_batch"] = 16
+    assert config_digest(values) != config_digest(before)
+    assert mixed_starts([{"world_size": 2}, {"world_size": 2, "micro_batch": 8}]) == {}
+    assert mixed_starts([{"micro_batch": 4}, {"micro_batch": 8}]) == {"micro_batch": [4, 8]}
