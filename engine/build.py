@@ -231,11 +231,13 @@ def assemble(cfg: Config, dist: DistInfo, out: Path, run_dir: RunDirHook) -> Tra
     set_determinism(t.deterministic)
     quarantines = {s: q for s in ("train", "val") if (q := quarantine_for(cfg.data, s)) is not None}
     elastic = elastic_range()
+    if main and elastic:       # said first, also by a start that is refused just below
+        full = plan_batching(cfg.train, elastic[1] * elastic[2], elastic)
+        if refused := sizes_it_cannot_run_at(full, elastic):
+            log.warning("elastic job of %d-%d nodes x %d: a global batch of %d in micro-batches of "
+                        "%d cannot be split over %s processes; a start at that size is refused",
+                        *elastic, t.batch_size, full.micro_batch, ", ".join(map(str, refused)))
     batching = plan_batching(cfg.train, dist.world_size, elastic)
-    if main and elastic and (refused := sizes_it_cannot_run_at(batching, elastic)):
-        log.warning("elastic job of %d-%d nodes x %d: a global batch of %d in micro-batches of %d "
-                    "cannot be split over %s processes; a start at that size will be refused",
-                    *elastic, t.batch_size, batching.micro_batch, ", ".join(map(str, refused)))
     loaders = build_loaders(cfg, dist, out, quarantines, batching.micro_batch)
     # the ones a backend took (files that can go bad): not CIFAR's arrays, not synthetic data
     quarantines = {s: q for s, q in quarantines.items() if q.samples is not None}

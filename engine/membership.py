@@ -22,9 +22,9 @@ from (seed, rank, step); the streams of departed ranks end.
 A membership change (another world size or other hosts than the checkpoint's: a lost or joined
 node, or a requeue onto other nodes) is one log line and one ``membership`` record in
 metrics.jsonl (``MembershipHook``). How long recovery took and which steps were repeated come
-from the notes the ranks of the start that saved the checkpoint left when they ended by an error
-or a stop signal (``write_note``): the earliest is the failure, the furthest step is where
-training had got to. The times are each host's clock.
+from the notes the ranks left when their start ended by an error or a stop signal
+(``write_note``), those written since the start that saved the checkpoint began: the earliest is
+the failure, the furthest step is where training had got to. The times are each host's clock.
 """
 from __future__ import annotations
 
@@ -56,12 +56,18 @@ class Batching:
 
 def elastic_range() -> tuple[int, int, int] | None:
     """(MIN, MAX, processes per node) of an elastic job started by launch/torchrun.py, which
-    says ``--nnodes=MIN:MAX`` in ``WRN_ELASTIC_NODES``; None otherwise."""
+    says ``--nnodes=MIN:MAX`` in ``WRN_ELASTIC_NODES`` to its workers; None in any process
+    torchrun did not start (a variable inherited by something else is not an elastic job)."""
     spec = os.environ.get(ELASTIC_NODES)
-    if not spec:
+    if not spec or "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
-    low, high = (int(n) for n in spec.split(":"))
-    return low, high, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        low, high = (int(n) for n in spec.split(":"))
+        per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        raise ConfigError(f"{ELASTIC_NODES}={spec!r}: expected MIN:MAX (as launch/torchrun.py "
+                          f"sets it) in a torchrun worker") from None
+    return low, high, per_node
 
 
 def plan_batching(t: TrainConfig, world_size: int,
@@ -112,28 +118,26 @@ def notes_dir(out: Path) -> Path:
     return Path(out) / NOTES
 
 
-def write_note(out: Path, at: float, step: int, reason: str, start: str) -> None:
-    """This rank's note that its start (``start``: the start's id) ended at time ``at`` (an
-    error, a stop signal) with ``step`` optimizer steps done. Best effort: a rank that is going
-    down never fails on it."""
+def write_note(out: Path, at: float, step: int, reason: str) -> None:
+    """This rank's note that its start ended at time ``at`` (an error, a stop signal) with
+    ``step`` optimizer steps done. Best effort: a rank that is going down never fails on it."""
     folder = notes_dir(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{socket.gethostname()}-{os.getpid()}.json"
-        path.write_text(json.dumps({"time": at, "step": step, "reason": reason,
-                                    "start": start}) + "\n")
+        path.write_text(json.dumps({"time": at, "step": step, "reason": reason}) + "\n")
     except OSError:
         pass
 
 
-def read_notes(out: Path) -> dict[str, dict]:
+def read_notes(out: Path) -> dict[str, dict | None]:
     """The notes this host's folder holds, by file name (unreadable or incomplete ones as
     None: removed, never counted)."""
     found = {}
     for path in sorted(notes_dir(out).glob("*.json")):
         try:
             note = json.loads(path.read_text())
-            found[path.name] = note if {"time", "step", "start"} <= note.keys() else None
+            found[path.name] = note if {"time", "step"} <= note.keys() else None
         except (OSError, ValueError, AttributeError):
             found[path.name] = None
     return found

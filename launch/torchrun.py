@@ -69,6 +69,8 @@ def main(argv: list[str]) -> int:
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         # the trainer sizes each rank's micro-batch for the full job (engine/membership.py)
         os.environ["WRN_ELASTIC_NODES"] = f"{low}:{high}"
+    else:                                       # never inherited from an elastic job around it
+        os.environ.pop("WRN_ELASTIC_NODES", None)
     try:
         torchrun(argv)
     except RendezvousTimeoutError:

@@ -14,7 +14,8 @@ import torch
 from cluster_sim import Cluster
 from engine.checkpoint import checkpoint_dir, list_checkpoints, newest_complete
 from engine.config import ConfigError, TrainConfig
-from engine.membership import membership_record, plan_batching, sizes_it_cannot_run_at
+from engine.membership import (elastic_range, membership_record, plan_batching,
+                               sizes_it_cannot_run_at)
 from pipelines.base import train_shard_indices
 from trainer_utils import REPO, base_overrides, make_folder, run_training
 
@@ -107,6 +108,20 @@ def test_batching_keeps_the_micro_batch_and_refuses_a_world_that_does_not_divide
     assert plan_batching(t, 2).micro_batch == 3           # a fixed-size job: as before
 
 
+def test_only_a_torchrun_worker_of_an_elastic_launch_is_elastic(monkeypatch):
+    """WRN_ELASTIC_NODES (launch/torchrun.py's) counts in a torchrun worker alone: inherited by
+    a plain process it changes nothing; malformed, it is a config error."""
+    monkeypatch.setenv("WRN_ELASTIC_NODES", "2:4")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert elastic_range() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert elastic_range() == (2, 4, 8)
+    monkeypatch.setenv("WRN_ELASTIC_NODES", "2:")
+    with pytest.raises(ConfigError, match="WRN_ELASTIC_NODES='2:': expected MIN:MAX"):
+        elastic_range()
+
+
 def test_membership_record_measures_from_the_earliest_note():
     batching = plan_batching(TrainConfig(batch_size=12, micro_batch=2), 2)
     notes = [{"time": 100.0, "step": 7}, {"time": 100.5, "step": 6}]
@@ -117,8 +132,21 @@ def test_membership_record_measures_from_the_earliest_note():
     assert unknown["recovery_s"] is None and unknown["steps_repeated"] is None
 
 
+@pytest.fixture
+def own_rng_streams():
+    """The process's torch, numpy and Python streams as they were, after the test."""
+    import random
+
+    import numpy as np
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    torch.set_rng_state(saved[0])
+    np.random.set_state(saved[1])
+    random.setstate(saved[2])
+
+
 @pytest.mark.parametrize("rank, world", [(0, 2), (1, 2), (2, 3)])
-def test_rng_streams_follow_the_written_rule(rank, world):
+def test_rng_streams_follow_the_written_rule(rank, world, own_rng_streams):
     """Saved by 2 ranks: ranks 0 and 1 continue their own streams (at 2 or 3 processes); rank 2
     (new) starts the stream of (seed, rank 2, step 7), not rank 0's or 1's nor a fresh run's."""
     from engine.distributed import DistInfo

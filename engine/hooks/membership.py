@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from pathlib import Path
 
 from ..distributed import all_gather_object, broadcast_object
@@ -27,30 +26,34 @@ class MembershipHook(Hook):
         self.out, self.batching, self.hosts, self.is_main = Path(out), batching, hosts, is_main
         self.saved: dict | None = None       # the checkpoint's membership
         self.pending: dict | None = None     # the change, until its record is written
-        self.start: str | None = None        # this start's id, shared by its ranks
+        self.started_at: float | None = None  # when this start began training (rank 0's clock)
+        self.read: dict = {}                   # the notes this rank read, to remove
 
     def state_dict(self) -> dict:
         return {"world_size": self.batching.world_size, "hosts": self.hosts,
                 "micro_batch": self.batching.micro_batch,
-                "accumulation": self.batching.accumulation, "start": self.start}
+                "accumulation": self.batching.accumulation, "started_at": self.started_at}
 
     def load_state_dict(self, state: dict | None) -> None:
         self.saved = state
 
     def before_train(self) -> None:
         """Every rank reads the notes its host's folder holds (a run directory may be
-        node-local), all of them are gathered, and each rank removes those it read. Only the
-        notes of the start that saved the checkpoint count: how that start ended."""
-        self.start = broadcast_object(uuid.uuid4().hex if self.is_main else None)
-        mine = read_notes(self.out)
-        gathered = {name: note for found in all_gather_object(mine)
+        node-local) and all of them are gathered. Those written since the start that saved the
+        checkpoint began count: how it (and any start after it) ended. The notes are removed
+        once the change's record is written (at once where there is none): a start that dies
+        before its first step leaves them to the next."""
+        self.started_at = broadcast_object(time.time() if self.is_main else None)
+        self.read = read_notes(self.out)
+        gathered = {name: note for found in all_gather_object(self.read)
                     for name, note in found.items() if note is not None}
-        remove_notes(self.out, mine)
         old = self.saved
         if old is None or (old["world_size"] == self.batching.world_size
                            and sorted(old["hosts"]) == sorted(self.hosts)):
+            remove_notes(self.out, self.read)
             return
-        notes = [n for n in gathered.values() if n["start"] == old.get("start")]
+        since = old.get("started_at") or 0.0
+        notes = [n for n in gathered.values() if n["time"] >= since]
         self.pending = {"old": old, "notes": notes, "resumed": self.trainer.state.step}
         if self.is_main:
             log.info("membership changed: %d -> %d processes (hosts %s); micro-batch %d, "
@@ -71,15 +74,15 @@ class MembershipHook(Hook):
             metrics = self.trainer.hooks.of_type(MetricsHook)
             if metrics is not None:
                 metrics.write("membership", self.trainer.state.step, record)
+        remove_notes(self.out, self.read)
 
     def after_train(self) -> None:
         """The note of a start that did not end well: when (the first stop signal, else the
         error as the loop saw it) and at which step."""
         t = self.trainer
-        if t.status in ("finished", "max_steps") or self.start is None:
+        if t.status in ("finished", "max_steps") or self.started_at is None:
             return
         stop = t.hooks.of_type(StopHook)
         signalled = stop.signalled_at if stop is not None else None
         reason = "stop signal" if t.status == "preempted" else "error"
-        write_note(self.out, signalled or t.failed_at or time.time(), t.state.step, reason,
-                   self.start)
+        write_note(self.out, signalled or t.failed_at or time.time(), t.state.step, reason)
