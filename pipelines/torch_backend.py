@@ -194,7 +194,14 @@ def worker_start(workers: int):
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)
         if threading.current_thread() is threading.main_thread():
             os.environ[_FORK_SERVER_OF] = str(os.getpid())    # read by _die_with_rank
+        server = forkserver._forkserver
+        if server._forkserver_pid not in (None, _own_fork_server["pid"]):
+            # this process's fork server, started by someone else (a library, an earlier
+            # DataLoader with multiprocessing_context="forkserver") without the stop signals
+            # blocked: its workers would die of a step's SIGTERM. Ours replaces it
+            server._stop()
         forkserver.ensure_running()   # each a no-op while its process lives
+        _own_fork_server["pid"] = server._forkserver_pid
     finally:
         os.environ.pop(_FORK_SERVER_OF, None)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -202,6 +209,7 @@ def worker_start(workers: int):
 
 
 _FORK_SERVER_OF = "WRN_FORK_SERVER_OF"
+_own_fork_server = {"pid": None}      # the fork server worker_start started in this process
 
 
 def launched() -> bool:
