@@ -37,11 +37,11 @@ from .distributed import (BufferSync, DistInfo, all_gather_object, barrier, broa
 from .engines import PRECISION_NAMES, build_engine, engine_class, set_determinism
 from .errors import RunDirInUse, TrainingDiverged
 from .listings import list_once
-from .membership import elastic_range, plan_batching, sizes_it_cannot_run_at
-from .hooks import (CheckpointHook, EmaHook, EvalHook, MembershipHook, MetricsHook, ProgressBarHook,
-                    PrometheusHook, QuarantineHook, RunDirHook, StepTimesHook, StopHook,
-                    SummaryHook, WatchdogHook)
+from .hooks import (CheckpointHook, EmaHook, EvalHook, MembershipHook, MetricsHook,
+                    ProgressBarHook, PrometheusHook, QuarantineHook, RunDirHook, StepTimesHook,
+                    StopHook, SummaryHook, WatchdogHook)
 from .hooks.prometheus import require_client
+from .membership import elastic_range, plan_batching, sizes_it_cannot_run_at
 from .metrics import loggers_problem
 from .provenance import provenance, with_earlier_starts, write_json
 from .schedule import Schedule, scaled_lr

@@ -354,7 +354,8 @@ def combination_problems(cfg: Config) -> Iterator[str]:
     if t.batch_size % t.grad_accum:
         yield f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
     if t.micro_batch is not None and t.batch_size % t.micro_batch:
-        yield f"train.batch_size={t.batch_size} is not divisible by train.micro_batch={t.micro_batch}"
+        yield (f"train.batch_size={t.batch_size} is not divisible by "
+               f"train.micro_batch={t.micro_batch}")
     if o.nesterov and (o.momentum == 0 or o.dampening != 0):
         yield (f"optim.nesterov=true needs optim.momentum > 0 and optim.dampening=0 (they are "
                f"{o.momentum:g} and {o.dampening:g}); or optim.nesterov=false")

@@ -6,8 +6,8 @@ networks down, data sets across) and results.png (each seed's point, our median 
 paper's value).
 
 A run resumed at another commit, config digest, world size, precision or micro-batch than it
-started with is flagged, not refused: results.csv's ``mixed_starts`` names what differs, results.md lists it below the
-tables and reproduce.py prints a warning (``start_warnings``)."""
+started with is flagged, not refused: results.csv's ``mixed_starts`` names what differs,
+results.md lists it below the tables and reproduce.py prints a warning (``start_warnings``)."""
 from __future__ import annotations
 
 import csv

@@ -13,9 +13,9 @@ from pipelines.class_names import class_names
 
 from .build import build_model, resolve
 from .distributed import cleanup, init_distributed
-from .membership import plan_batching
 from .engines import autocast, resolve_amp, set_determinism
 from .evaluate import evaluate, plot_confusion
+from .membership import plan_batching
 from .metrics import fmt, summary_table
 
 
@@ -27,7 +27,8 @@ def run_evaluation(cfg, per_class: bool = False) -> dict:
     dist = init_distributed(cfg.engine.dist_backend)
     cfg = resolve(cfg, dist)
     set_determinism(cfg.train.deterministic)
-    loader = build_loader(cfg.data, LoaderSpec("val", batch_size=plan_batching(cfg.train, dist.world_size).micro_batch,
+    micro_batch = plan_batching(cfg.train, dist.world_size).micro_batch
+    loader = build_loader(cfg.data, LoaderSpec("val", batch_size=micro_batch,
                                                rank=dist.rank, world_size=dist.world_size,
                                                seed=cfg.train.seed, device=dist.device))
     model = build_model(cfg, loader.num_classes, dist)

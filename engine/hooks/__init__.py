@@ -16,5 +16,6 @@ from .summary import SummaryHook
 from .watchdog import WatchdogHook
 
 __all__ = ["Check", "Hook", "HookList", "PerRank", "CheckpointHook", "EmaHook", "EvalHook",
-           "MembershipHook", "MetricsHook", "ProgressBarHook", "PrometheusHook", "QuarantineHook", "RunDirHook",
-           "StepTimesHook", "REQUEUE_MARKER", "StopHook", "SummaryHook", "WatchdogHook"]
+           "MembershipHook", "MetricsHook", "ProgressBarHook", "PrometheusHook", "QuarantineHook",
+           "RunDirHook", "StepTimesHook", "REQUEUE_MARKER", "StopHook", "SummaryHook",
+           "WatchdogHook"]
