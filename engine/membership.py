@@ -7,7 +7,7 @@ restarted at another world size when a node is lost or one joins. Every start ke
   the full job's (MAX nodes; the memory the job was sized for), whatever the size of the start.
   The micro-batches a rank accumulates per optimizer step are what the world size leaves
   (``plan_batching``); a world size that cannot take them is refused in one line before any
-  step, and the sizes of the range that would be are named when the job starts. Never a bigger
+  step, and each start names the sizes of the range that would be. Never a bigger
   micro-batch: 2 nodes down to 1 would double every rank's activations.
 - the sample stream: step s takes the samples ``perm[s*B:(s+1)*B]`` of the epoch's global
   permutation in micro-batches of m consecutive samples, rank r taking every W-th
@@ -15,7 +15,7 @@ restarted at another world size when a node is lost or one joins. Every start ke
   sets at any world size, so the gradient is the same mean and BatchNorm sees the same batches.
 - the lr schedule, counted in optimizer steps, and evaluation (every image once).
 
-The RNG streams (dropout, mixup) follow a written rule (``engine.trainer.Trainer.load_state_dict``):
+The RNG streams (dropout, mixup) follow a written rule (``Trainer.restore_rng_streams``):
 rank r continues the stream rank r saved; a rank the saving job did not have starts one seeded
 from (seed, rank, step); the streams of departed ranks end.
 

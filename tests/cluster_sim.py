@@ -94,7 +94,7 @@ class Cluster:
         agent = self.agents[node].pid
         # its ranks first: a rank that outlived its agent by a moment would be told to stop
         # (PR_SET_PDEATHSIG) and could checkpoint, which a crashed node never does
-        victims = [pid for pid in self.rank_pids() if parent_of(pid) == agent] + [agent]
+        victims = [*self.rank_pids(node=node), agent]
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -124,11 +124,12 @@ class Cluster:
     def signal_agent(self, node: int, sig: int = signal.SIGTERM) -> None:
         os.kill(self.agents[node].pid, sig)
 
-    def rank_pids(self, zombies: bool = False) -> list[int]:
-        """PIDs of this cluster's live ranks (worker processes of its agents); with ``zombies``,
-        also those whose main thread has exited (state Z) while another thread has not: a
-        thread in uninterruptible sleep (D: a read on a hung mount) holds the process there."""
-        agents = {a.pid for a in self.agents}
+    def rank_pids(self, zombies: bool = False, node: int | None = None) -> list[int]:
+        """PIDs of this cluster's live ranks (worker processes of its agents, or of agent
+        ``node``'s alone); with ``zombies``, also those whose main thread has exited (state Z)
+        while another thread has not: a thread in uninterruptible sleep (D: a read on a hung
+        mount) holds the process there."""
+        agents = {a.pid for a in self.agents} if node is None else {self.agents[node].pid}
         found = []
         for proc in Path("/proc").iterdir():
             try:
@@ -164,10 +165,3 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def parent_of(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from slurm_cluster import SlurmCluster
-from trainer_utils import (REPO, base_overrides, free_port, make_folder, step_losses,
-                           sweep_overrides, write_table_configs)
+from trainer_utils import (REPO, base_overrides, free_port, make_folder, read_metrics,
+                           step_losses, sweep_overrides, write_table_configs)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 _reason = SlurmCluster.skip_reason()
@@ -308,7 +308,7 @@ def test_an_elastic_job_loses_a_node_and_finishes_on_the_other_two(cluster, clon
         os.kill(pid, signal.SIGKILL)
     state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
     assert len(agents) == 3 and state == "COMPLETED", log_of(out, job)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     changes = [r for r in rows if r["type"] == "membership"]
     assert [(r["old_world"], r["new_world"], r["micro_batch"], r["accumulation"])
             for r in changes] == [(3, 2, 2, 3)], log_of(out, job)
