@@ -82,14 +82,45 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 
 
-def train_shard_indices(num_samples: int, batch_size: int, rank: int, world_size: int,
-                        seed: int, epoch: int) -> "torch.Tensor":
-    """This rank's sample indices for one training epoch, in order (full batches only).
+@dataclass(frozen=True)
+class ShardGroups:
+    """``data.shuffle=shards``: a pack's shards in a random order, ``at_once`` of them mixed
+    at a time (``shard_of``: each sample's shard)."""
 
-    The epoch's permutation depends only on (seed, epoch). Global batch b holds
-    ``perm[b*G:(b+1)*G]`` with G = batch_size * world_size; rank r reads its r-th slice."""
+    shard_of: object               # np.ndarray / tensor of ints, one per sample
+    at_once: int
+
+
+def train_permutation(num_samples: int, seed: int, epoch: int,
+                      groups: ShardGroups | None = None) -> "torch.Tensor":
+    """The epoch's order of the whole split, from (seed, epoch) only. ``groups`` None: one
+    uniform permutation (``data.shuffle=global``). Else the shards are permuted and taken
+    ``at_once`` at a time; the samples of each group of shards come in a uniform random
+    order, the groups one after another (each sample once): a reader needs a few shards at a
+    time, not all of them (whole shards from object storage, ``s3_pack.ShardCache``)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(num_samples, generator=g)
+    if groups is None:
+        return perm
+    shard_of = torch.as_tensor(groups.shard_of, dtype=torch.int64)
+    if len(shard_of) != num_samples:
+        raise ValueError(f"{len(shard_of)} shard numbers for {num_samples} samples")
+    shard_order = torch.randperm(int(shard_of.max()) + 1, generator=g)
+    place = torch.empty_like(shard_order)
+    place[shard_order] = torch.arange(len(shard_order))
+    group = place[shard_of] // groups.at_once          # each sample's group
+    return perm[torch.argsort(group[perm], stable=True)]
+
+
+def train_shard_indices(num_samples: int, batch_size: int, rank: int, world_size: int,
+                        seed: int, epoch: int,
+                        groups: ShardGroups | None = None) -> "torch.Tensor":
+    """This rank's sample indices for one training epoch, in order (full batches only).
+
+    The epoch's permutation (``train_permutation``) depends only on (seed, epoch) and the
+    shuffle. Global batch b holds ``perm[b*G:(b+1)*G]`` with G = batch_size * world_size;
+    rank r reads its r-th slice."""
+    perm = train_permutation(num_samples, seed, epoch, groups)
     global_batch = batch_size * world_size
     steps = num_samples // global_batch
     if steps == 0:
@@ -104,27 +135,52 @@ def val_shard_indices(num_samples: int, rank: int, world_size: int) -> "torch.Te
     return torch.arange(rank, num_samples, world_size)
 
 
-def epoch_indices(spec: "LoaderSpec", num_samples: int, epoch: int) -> "torch.Tensor":
+def epoch_indices(spec: "LoaderSpec", num_samples: int, epoch: int,
+                  groups: ShardGroups | None = None) -> "torch.Tensor":
     """This rank's sample order for one epoch of ``spec.split`` (the one rule of every backend)."""
     if spec.split == "train":
         return train_shard_indices(num_samples, spec.batch_size, spec.rank, spec.world_size,
-                                   spec.seed, epoch)
+                                   spec.seed, epoch, groups)
     return val_shard_indices(num_samples, spec.rank, spec.world_size)
+
+
+def shard_groups(cfg: DataConfig, samples) -> ShardGroups | None:
+    """The training order's groups of shards under ``data.shuffle=shards``, None under
+    ``global``. Refused (ValueError, one line) where the samples are no pack, or a pack whose
+    shards each hold one or two classes (``--layout source``): its batches would too."""
+    if cfg.shuffle == "global":
+        return None
+    where = getattr(samples, "root", cfg.root)
+    if not hasattr(samples, "shard"):
+        raise ValueError(f"data.shuffle=shards reads a pack's shards a few at a time; {where} "
+                         f"is not a pack (python -m pipelines pack DATA_DIR OUT, then "
+                         f"data.root=OUT)")
+    if samples.layout != "mixed":
+        raise ValueError(f"data.shuffle=shards needs a pack whose shards mix the classes; "
+                         f"{where} was packed with --layout {samples.layout} (pack it again: "
+                         f"the default layout is mixed)")
+    return ShardGroups(samples.shard, cfg.shuffle_shards)
 
 
 class EpochOrder:
     """The epoch bookkeeping of a Loader over ``dataset_size`` indexed samples: ``set_epoch``
-    computes this rank's order with ``epoch_indices`` and keeps the resume point;
+    computes this rank's order with ``epoch_indices`` (the training order's ``groups``, None
+    for a global shuffle), keeps the resume point and tells ``planned_reads`` (where set: the
+    samples' ``plan``, an S3 pack's shard cache) what this process reads from there on;
     ``__len__`` counts batches. Subclasses set ``spec`` and ``dataset_size``, then call
     ``set_epoch(0)``."""
 
     spec: LoaderSpec
     dataset_size: int
+    groups: ShardGroups | None = None
+    planned_reads: Callable[[list[int]], None] | None = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
-        self.order = epoch_indices(self.spec, self.dataset_size, epoch)
+        self.order = epoch_indices(self.spec, self.dataset_size, epoch, self.groups)
         self.num_samples = len(self.order)
+        if self.planned_reads is not None:
+            self.planned_reads(self.remaining_order().tolist())
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.spec.batch_size)

@@ -53,7 +53,7 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.tensors import TensorListCPU, TensorListGPU
 
 from . import torch_resize
-from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
+from .base import DataConfig, EpochOrder, LoaderSpec, register_backend, shard_groups
 from .presets import eval_preset
 from .quarantine import (VERIFY_HINT, BadImage, BadImagePolicy, CorruptImageError,
                          TooManyBadImages)
@@ -408,6 +408,8 @@ class DaliLoader(EpochOrder):
         self.device_id = (spec.device.index if spec.device.index is not None
                           else torch.cuda.current_device()) if cuda else None
         self.decoder_device = "mixed" if cuda else "cpu"
+        self.groups = shard_groups(cfg, self.samples) if spec.split == "train" else None
+        self.planned_reads = getattr(self.samples, "plan", None)
         self.resize_in_pipe = resize_in_dali(cfg.resize_with, cuda)
         if not self.resize_in_pipe:
             torch_resize.keep_freed_batches_mapped()

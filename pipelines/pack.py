@@ -13,8 +13,12 @@ so an epoch costs a few hundred opens and positioned reads::
 
 KEY is the file's path relative to the split folder without its extension (dots in the name
 become ``_``: WebDataset splits a member name at the first dot of its base name). Samples keep
-the source's order (ImageFolder's, or the clean list's), so sample i of the pack is sample i of
-the folder, and the same seed trains the same run from either. DALI's
+the source's order (ImageFolder's, or the clean list's) as their index, so sample i of the pack
+is sample i of the folder, and the same seed trains the same run from either. Where they lie is
+the layout: ``mixed`` (the default) writes them to the shards in a fixed random order, so each
+shard holds every class in proportion (what ``data.shuffle=shards`` and WebDataset's shard
+shuffles need: a shard of the folder's order holds one or two classes); ``--layout source``
+writes them in index order. DALI's
 ``fn.readers.webdataset`` and the ``webdataset`` library read the shards as they are; our
 loaders read ``data.root=OUT`` by sample index through ``index.npz``.
 
@@ -50,6 +54,8 @@ PACK_JSON = "pack.json"
 INDEX = "index.npz"
 FORMAT = 1
 SHARD_MB = 256
+LAYOUTS = ("mixed", "source")
+LAYOUT_SEED = 0x5EED    # the mixed layout's order: fixed, so one input always packs the same
 SPLITS = ("train", "val")
 
 
@@ -74,6 +80,7 @@ class PackedSamples:
     size: np.ndarray
     labels: list[int]
     classes: list[str]
+    layout: str = "source"         # how samples lie in the shards (pack's --layout)
     _fds: dict = field(default_factory=dict, repr=False)
     _pid: int = field(default=0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -175,7 +182,20 @@ def load_pack(root, split: str) -> PackedSamples:
                                 f"`python -m pipelines pack` again to finish it)")
     with np.load(index) as z:
         return PackedSamples(folder, [str(s) for s in z["shards"]], z["shard"], z["offset"],
-                             z["size"], z["label"].tolist(), [str(c) for c in z["classes"]])
+                             z["size"], z["label"].tolist(), [str(c) for c in z["classes"]],
+                             index_layout(z))
+
+
+def index_layout(z) -> str:
+    """The layout an ``index.npz`` records (one written before layouts: ``source``)."""
+    return str(z["layout"]) if "layout" in z.files else "source"
+
+
+def layout_order(layout: str, num_samples: int) -> np.ndarray:
+    """The sample indices in the order ``layout`` writes them to the shards."""
+    if layout == "source":
+        return np.arange(num_samples)
+    return np.random.default_rng(LAYOUT_SEED).permutation(num_samples)
 
 
 # ---------------------------------------------------------------- writing
@@ -326,14 +346,16 @@ class LocalDestination:
 
 
 def pack_split(samples, sizes: np.ndarray, dest, split: str, shard_bytes: int,
-               reader: ReadAhead, progress: bool) -> int:
-    """The split's shards (those complete from an earlier run kept), then its ``index.npz``
-    with each shard's SHA-256 (what a shard cache checks its downloads against), last."""
+               reader: ReadAhead, progress: bool, layout: str = "mixed") -> int:
+    """The split's shards (those complete from an earlier run kept), the samples written in
+    ``layout``'s order, then its ``index.npz`` with each shard's SHA-256 (what a shard cache
+    checks its downloads against), last."""
     from tqdm import tqdm
     stage = dest.staging(split)
     stage.mkdir(parents=True, exist_ok=True)
     shard_of, offset, size = (np.zeros(len(samples), t) for t in (np.int32, np.int64, np.int64))
     shards, digests, start = [], [], 0
+    order = layout_order(layout, len(samples))
     bar = tqdm(total=len(samples), desc=f"pack {split}", unit="img", disable=not progress,
                dynamic_ncols=True)
     while start < len(samples):
@@ -342,16 +364,18 @@ def pack_split(samples, sizes: np.ndarray, dest, split: str, shard_bytes: int,
         if done is not None:  # complete from an earlier run
             rows, digest = done
             stop = start + len(rows)
-            offset[start:stop], size[start:stop] = np.array(rows).T
+            members = order[start:stop]
+            offset[members], size[members] = np.array(rows).T
         else:
             stop, total = start, 0
             while stop < len(samples) and (stop == start or total < shard_bytes):
-                total += int(sizes[stop]) + 1536
+                total += int(sizes[order[stop]]) + 1536
                 stop += 1
-            rows = write_shard(stage / name, samples, list(range(start, stop)), reader)
-            offset[start:stop], size[start:stop] = np.array([r[:2] for r in rows]).T
+            members = order[start:stop]
+            rows = write_shard(stage / name, samples, members.tolist(), reader)
+            offset[members], size[members] = np.array([r[:2] for r in rows]).T
             digest = dest.publish_shard(split, stage / name)
-        shard_of[start:stop] = len(shards)
+        shard_of[members] = len(shards)
         shards.append(name)
         digests.append(digest)
         bar.update(stop - start)
@@ -360,7 +384,7 @@ def pack_split(samples, sizes: np.ndarray, dest, split: str, shard_bytes: int,
     tmp = stage / (INDEX + ".tmp.npz")
     np.savez(tmp, shards=np.array(shards), shard=shard_of, offset=offset, size=size,
              label=np.array(samples.labels, np.int32), classes=np.array(samples.classes),
-             sha256=np.array(digests))
+             sha256=np.array(digests), layout=np.array(layout))
     dest.publish(f"{split}/{INDEX}", tmp)
     return len(shards)
 
@@ -387,7 +411,8 @@ def destination(out: str):
 
 
 def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float = SHARD_MB,
-         read_ahead: int = 64, progress: bool = True) -> dict[str, tuple[int, int]]:
+         read_ahead: int = 64, progress: bool = True,
+         layout: str = "mixed") -> dict[str, tuple[int, int]]:
     if url_scheme(data_dir):
         raise PackError(f"{data_dir}: pack reads a local folder, not a "
                         f"{url_scheme(data_dir)}:// URL")
@@ -402,7 +427,7 @@ def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float 
     splits = {s: open_folder(src, s, file_list, listing_cache="off") for s in SPLITS}
     sizes = {split: check_input(samples, split) for split, samples in splits.items()}
     plan = {"format": FORMAT, "source": str(src.resolve()), "file_list": file_list,
-            "shard_mb": shard_mb,
+            "shard_mb": shard_mb, "layout": layout,
             "splits": {s: {"samples": len(v), "digest": samples_digest(v)} for s, v in splits.items()}}
     try:
         start_pack(dest, plan)
@@ -414,7 +439,7 @@ def pack(data_dir: str, out: str, file_list: str | None = None, shard_mb: float 
         counts = {}
         for split, samples in splits.items():
             shards = pack_split(samples, sizes[split], dest, split, int(shard_mb * 2**20),
-                                reader_for[split], progress)
+                                reader_for[split], progress, layout)
             counts[split] = (len(samples), shards)
         return counts
     finally:
@@ -431,6 +456,10 @@ def start_pack(dest, plan: dict) -> None:
                 {k: plan[k] for k in ("format", "shard_mb", "splits")}:
             raise PackError(f"{dest} holds a pack of another input ({earlier.get('source')}, "
                             f"or other files or shard size): choose another OUT or remove it")
+        layout = earlier.get("layout", "source")      # a pack begun before layouts: source
+        if layout != plan["layout"]:
+            raise PackError(f"{dest} holds a pack begun with --layout {layout}: finish it with "
+                            f"--layout {layout}, or choose another OUT")
     elif dest.holds_anything():
         raise PackError(f"{dest} exists and is not a pack: choose an empty or new folder")
     dest.prepare()
@@ -445,10 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file-list", help="a clean list from `verify`; {split} becomes train/val")
     p.add_argument("--shard-mb", type=float, default=SHARD_MB, help="shard size (default %(default)s)")
     p.add_argument("--read-ahead", type=int, default=64, help="reads in flight")
+    p.add_argument("--layout", choices=LAYOUTS, default="mixed",
+                   help="mixed: samples in a fixed random order across the shards, each shard "
+                        "holding every class (for data.shuffle=shards); source: in index order "
+                        "(default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
-        counts = pack(a.data_dir, a.out, a.file_list, a.shard_mb, a.read_ahead, not a.no_progress)
+        counts = pack(a.data_dir, a.out, a.file_list, a.shard_mb, a.read_ahead,
+                      not a.no_progress, a.layout)
     except (PackError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,11 @@ never stale). A sample whose shard is in the cache is read from it (a positioned
 others by range GET. The ranks of a node share DIR: a shard is downloaded by whichever process
 takes its lock file first (``fcntl.flock``), the others skip it and read it once it is there.
 A download is written only under that lock: the partial files a killed process left are removed
-under it before the next download of the shard.
+under it before the next download of the shard. The downloads (``ShardCache.DOWNLOADS`` at a
+time) follow the loader's plan (``S3PackedSamples.plan``: the shards in the order of their first
+read, then the others); a read of a shard that a process of the node is downloading waits for
+it. With ``data.shuffle=shards`` (``base.train_permutation``) a plan is a few shards at a time,
+so the downloads stay ahead of the reads and no sample is a request of its own.
 Nothing is evicted: DIR must hold the split (ImageNet's train: ~140 GB).
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +46,7 @@ import numpy as np
 from . import object_store
 from .object_store import ObjectStoreError
 from .object_store import file_sha256
-from .pack import (INDEX, PACK_JSON, PackedSamples, manifest_problem, parse_idx,
+from .pack import (INDEX, PACK_JSON, PackedSamples, index_layout, manifest_problem, parse_idx,
                    register_destination)
 from .read_guard import ShardUnreadable, SourceUnusable
 
@@ -56,8 +61,9 @@ class S3PackedSamples(PackedSamples):
     downloader are per process."""
 
     def __init__(self, root: str, shards, shard, offset, size, labels, classes,
-                 sha256: list[str] | None = None, cache: "ShardCache | None" = None):
-        super().__init__(root, shards, shard, offset, size, labels, classes)
+                 sha256: list[str] | None = None, cache: "ShardCache | None" = None,
+                 layout: str = "source"):
+        super().__init__(root, shards, shard, offset, size, labels, classes, layout)
         self.sha256, self.cache = sha256, cache
         self._names: dict[int, dict[int, str]] = {}
 
@@ -68,7 +74,8 @@ class S3PackedSamples(PackedSamples):
         return self.cache.path(self.sha256[shard])
 
     def read_range(self, shard: int, offset: int, size: int) -> bytes:
-        if self.cache is not None and self.cache.holds(self.sha256[shard], self):
+        if self.cache is not None and (self.cache.holds(self.sha256[shard], self)
+                                       or self.cache.arrives(self.sha256[shard])):
             return super().read_range(shard, offset, size)
         try:
             return object_store.read(self.location(shard), offset, size)
@@ -77,6 +84,14 @@ class S3PackedSamples(PackedSamples):
             if e.errno == errno.EIO or object_store.no_such_object(e):
                 raise ShardUnreadable(self.location(shard), e.strerror, e.errno) from None
             raise SourceUnusable(e.strerror) from None     # credentials, permission, bucket
+
+    def plan(self, order: list[int]) -> None:
+        """This process reads ``order`` next (the loader's ``set_epoch``): the shard cache
+        downloads the shards in the order of their first read."""
+        if self.cache is not None:
+            shards = np.asarray(self.shard)[np.asarray(order, dtype=np.int64)]
+            _, first = np.unique(shards, return_index=True)
+            self.cache.plan(self, shards[np.sort(first)].tolist())
 
     def member_name(self, shard: int, offset: int) -> str:
         """From the shard's ``.idx`` (one GET per shard and process, kept): no read of the
@@ -110,7 +125,8 @@ def open_s3_pack(root: str, split: str, file_list: str | None = None,
         sha256 = [str(s) for s in z["sha256"]] if "sha256" in z.files else None
         samples = S3PackedSamples(str(url), [str(s) for s in z["shards"]], z["shard"],
                                   z["offset"], z["size"], z["label"].tolist(),
-                                  [str(c) for c in z["classes"]], sha256)
+                                  [str(c) for c in z["classes"]], sha256,
+                                  layout=index_layout(z))
     if shard_cache:
         if sha256 is None:
             log.warning("data.shard_cache is not used for %s: its index.npz records no SHA-256 "
@@ -139,15 +155,21 @@ def s3_pack_problem(root: str) -> str | None:
 # ---------------------------------------------------------------- the shard cache
 class ShardCache:
     """``data.shard_cache``: whole shards in a node-local folder, named by their SHA-256 (see
-    the module's docstring). ``holds`` says whether a shard is there; ``start`` starts the
-    downloader, in the process that made the cache only (never in a DataLoader or DALI worker,
-    forked or unpickled: a worker killed mid-download would leave its partial file, and each
-    would download the same shards); ``wait`` blocks until the downloader is done."""
+    the module's docstring). ``holds`` says whether a shard is there; ``plan`` sets the order
+    of the downloads (the order of first reads; every shard of the split in the end) and
+    starts the downloaders (``DOWNLOADS`` threads), in the process that made the cache only
+    (never in a DataLoader or DALI worker, forked or unpickled: a worker killed mid-download
+    would leave its partial file, and each would download the same shards); ``arrives`` waits
+    for a shard being downloaded on this node; ``wait`` blocks until the downloads are done."""
+
+    DOWNLOADS = 4                  # shards downloaded at once (one connection each)
+    ARRIVAL_WAIT_S = 30.0          # longest wait for a shard being downloaded, then range GETs
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
         self._known: set[str] = set()
-        self._owner, self._thread = os.getpid(), None
+        self._owner, self._threads = os.getpid(), []
+        self._todo: list[int] = []
         self._lock = threading.Lock()
 
     def path(self, sha256: str) -> Path:
@@ -163,31 +185,80 @@ class ShardCache:
         return False
 
     def start(self, samples: S3PackedSamples) -> None:
-        """The downloader of ``samples``' shards, once, in the process that made the cache."""
-        if self._thread is not None or os.getpid() != self._owner:
+        """The downloads of ``samples``' shards in shard order, unless planned already."""
+        if not self._threads and os.getpid() == self._owner:
+            self.plan(samples, [])
+
+    def plan(self, samples: S3PackedSamples, first: list[int]) -> None:
+        """Download ``first`` in this order, then the split's other shards; in the process
+        that made the cache only."""
+        if os.getpid() != self._owner:
             return
+        seen = set(first)
+        todo = list(first) + [k for k in range(len(samples.shards)) if k not in seen]
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self.fill, args=(samples,), daemon=True,
-                                                name="shard-cache")
-                self._thread.start()
+            self._todo = todo
+            self._threads = [t for t in self._threads if t.is_alive()]
+            for _ in range(self.DOWNLOADS - len(self._threads)):
+                thread = threading.Thread(target=self.fill, args=(samples,), daemon=True,
+                                          name="shard-cache")
+                self._threads.append(thread)
+                thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Whether this process's downloader has finished (waiting up to ``timeout``)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self._thread is not None and not self._thread.is_alive()
+        """Whether this process's downloads have finished (waiting up to ``timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return bool(self._threads) and not any(t.is_alive() for t in self._threads)
 
     def fill(self, samples: S3PackedSamples) -> None:
-        """Every shard of ``samples`` into the cache, in shard order; a shard that another
-        process is downloading is skipped and looked at again after the others."""
+        """Downloads from the planned list, first come first taken; a shard that another
+        process is downloading is put back at the end and looked at again after the others."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        todo = list(range(len(samples.shards)))
-        while todo:
-            busy = [shard for shard in todo if self.fetch(samples, shard) is None]
-            if busy == todo:
-                threading.Event().wait(0.5)   # all held by other processes: theirs soon
-            todo = busy
+        busy_in_a_row = 0
+        while True:
+            with self._lock:
+                if not self._todo:
+                    return
+                shard = self._todo.pop(0)
+            if self.fetch(samples, shard) is None:
+                with self._lock:
+                    self._todo.append(shard)
+                    busy_in_a_row += 1
+                    all_busy = busy_in_a_row >= len(self._todo)
+                if all_busy:
+                    threading.Event().wait(0.5)   # all held by other processes: theirs soon
+                    busy_in_a_row = 0
+            else:
+                busy_in_a_row = 0
+
+    def arrives(self, sha256: str) -> bool:
+        """Whether the shard is being downloaded on this node (any process holds its lock)
+        and is there once that download ends (waiting up to ``ARRIVAL_WAIT_S``): a read waits
+        for it rather than asking the bucket for the same bytes once more."""
+        deadline = time.monotonic() + self.ARRIVAL_WAIT_S
+        while time.monotonic() < deadline:
+            if self.path(sha256).is_file():
+                self._known.add(sha256)
+                return True
+            if not self.downloading(sha256):
+                return self.path(sha256).is_file()
+            time.sleep(0.01)
+        return False
+
+    def downloading(self, sha256: str) -> bool:
+        try:
+            fd = os.open(self.folder / f".{sha256}.lock", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)             # (closing drops a shared lock it took)
 
     def fetch(self, samples: S3PackedSamples, shard: int) -> bool | None:
         """Shard ``shard`` into the cache: True once it is there, None while another process
@@ -197,9 +268,7 @@ class ShardCache:
         if final.is_file():
             return True
         with open(self.folder / f".{sha256}.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not take_lock(lock):
                 return None
             if final.is_file():
                 return True
@@ -230,10 +299,24 @@ class ShardCache:
             tmp.unlink(missing_ok=True)
 
     def __getstate__(self):   # a worker process reads what is there, never downloads
-        return {"folder": self.folder, "_known": set(), "_owner": self._owner, "_thread": None}
+        return {"folder": self.folder, "_known": set(), "_owner": self._owner, "_threads": [],
+                "_todo": []}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _lock=threading.Lock())
+
+
+def take_lock(file, tries: int = 3) -> bool:
+    """An exclusive lock on ``file`` without blocking; a few tries, as a reader's probe
+    (``ShardCache.downloading``) holds a shared one for an instant."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.005)
+    return False
 
 
 # ---------------------------------------------------------------- writing

@@ -18,7 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 from torchvision.transforms import v2
 
-from .base import DataConfig, EpochOrder, LoaderSpec, register_backend
+from .base import (DataConfig, EpochOrder, LoaderSpec, ShardGroups, register_backend,
+                   shard_groups)
 from .presets import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, eval_preset  # noqa: F401
 from .quarantine import BadImage, BadImagePolicy, CorruptImageError, Quarantine  # noqa: F401
 from .read_ahead import ReadAhead, read_or_error
@@ -262,11 +263,13 @@ class IndexedLoader(EpochOrder):
     """A Loader (pipelines.base) over any map-style dataset of (image, label) pairs."""
 
     def __init__(self, dataset, spec: LoaderSpec, num_classes: int, workers: int,
-                 channels_last: bool):
-        """``spec.quarantine`` receives what the dataset's workers quarantined."""
+                 channels_last: bool, groups: ShardGroups | None = None):
+        """``spec.quarantine`` receives what the dataset's workers quarantined; ``groups``:
+        the training order's shard groups (``data.shuffle=shards``)."""
         self.dataset, self.spec, self.num_classes = dataset, spec, num_classes
         self.workers, self.channels_last = workers, channels_last
-        self.dataset_size = len(dataset)
+        self.dataset_size, self.groups = len(dataset), groups
+        self.planned_reads = getattr(getattr(dataset, "samples", None), "plan", None)
         self.set_epoch(0)
 
     def __iter__(self):
@@ -324,7 +327,8 @@ def torch_loader(cfg: DataConfig, spec: LoaderSpec) -> IndexedLoader:
     dataset = ImageFiles(samples, imagenet_transform(cfg, spec.split), spec.seed, cfg.read_ahead,
                          spec.quarantine, drop_bad=spec.split != "train",
                          read_timeout_s=cfg.read_timeout_s)
+    groups = shard_groups(cfg, samples) if spec.split == "train" else None
     loader = IndexedLoader(dataset, spec, cfg.num_classes or len(samples.classes), cfg.workers,
-                           cfg.channels_last)
+                           cfg.channels_last, groups)
     loader.classes = samples.classes
     return loader

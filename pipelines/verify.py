@@ -92,6 +92,7 @@ def pack_layout_errors(samples) -> list[str]:
     errors = []
     for number, name in enumerate(samples.shards):
         mine = np.flatnonzero(samples.shard == number)
+        mine = mine[np.argsort(samples.offset[mine])]   # in the shard's order (any layout)
         expected = list(zip(samples.offset[mine].tolist(), samples.size[mine].tolist()))
         tar_path = samples.root / name
         try:

@@ -7,7 +7,7 @@
   produce: 5xx answers, throttling (503 ``SlowDown``), access denied, and a connection cut off
   mid-object (headers and part of the body, then a closed socket). Faults are rules set at run
   time (``proxy.set_faults([...])``); ``proxy.stats()`` counts what it served (in all and by
-  method; the paths PUT, in order) and injected.
+  method; the paths PUT, and those GET with their Range header, in order) and injected.
 
 ``s3_env(url)`` is the environment a client needs (endpoint, dummy credentials, region): the
 standard AWS variables, as a user sets them for a real bucket.
@@ -192,15 +192,18 @@ class ProxyState:
         self.latency_s = latency_ms / 1000
         self.rules: list[dict] = []
         self.lock = threading.Lock()
-        self.stats = {"requests": 0, "injected": {}, "methods": {}, "puts": [], "held": 0}
+        self.stats = {"requests": 0, "injected": {}, "methods": {}, "puts": [], "gets": [],
+                      "held": 0}
         self.local = threading.local()
 
-    def fault_for(self, method: str, path: str) -> dict | None:
+    def fault_for(self, method: str, path: str, byte_range: str | None = None) -> dict | None:
         with self.lock:
             self.stats["requests"] += 1
             self.stats["methods"][method] = self.stats["methods"].get(method, 0) + 1
             if method == "PUT":
                 self.stats["puts"].append(path.split("?")[0])
+            if method == "GET":
+                self.stats["gets"].append([path.split("?")[0], byte_range])
             for rule in self.rules:
                 if rule.get("method", method) != method:
                     continue
@@ -283,7 +286,7 @@ def make_handler(state: ProxyState):
                 return self.control(data)
             if state.latency_s:
                 time.sleep(state.latency_s)
-            rule = state.fault_for(self.command, self.path)
+            rule = state.fault_for(self.command, self.path, self.headers.get("Range"))
             action = rule and rule["action"]
             if action == "hold":
                 state.hold(rule.get("ms", 60_000))

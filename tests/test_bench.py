@@ -155,6 +155,7 @@ def test_s3_input_tiny_prints_each_source_and_its_ratio():
     out = bench("s3_input.py", "--tiny")
     assert re.search(r"^24 files of 2 KB in \d+ shard\(s\) .* 20 ms per S3 request", out, re.M), out
     rows = markdown_rows(out)
-    assert list(rows) == ["local", "s3", "s3+cache"]
+    assert list(rows) == ["local", "s3", "s3+cache", "local/shards", "s3/shards cold",
+                          "s3/shards cold 0ms"]
     assert all(positive(values) for values in rows.values()), rows
     assert rows["local"][1] == "1.000"

@@ -58,7 +58,8 @@ def test_pack_keeps_every_file_byte_for_byte_in_the_folder_order(source, packed)
         assert pk.classes == folder.classes and pk.labels == folder.labels
         for i in range(len(folder)):
             assert pk.read(i) == folder.read(i), folder.describe(i)
-    assert load_pack(packed, "train").describe(0).endswith("shard-000000.tar:a_cls/a_cls_000.jpg")
+    train = load_pack(packed, "train")
+    assert train.describe(0).endswith(f"shard-{train.shard[0]:06d}.tar:a_cls/a_cls_000.jpg")
     assert (packed / "classes.tsv").read_text().splitlines()[1:] == [
         "0\ta_cls\t", "1\tb_cls\t", "2\tc_cls\t"]
 
@@ -138,6 +139,35 @@ def test_loaders_give_the_folders_batches_from_its_pack(source, packed, backend)
         assert len(batches[0]) == len(batches[1]) > 1
         for (a, la), (b, lb) in zip(*batches):
             assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_the_mixed_layout_puts_every_class_in_each_shard_and_keeps_the_index(
+        source, packed_in_two, tmp_path):
+    """The default layout writes the samples in a fixed random order: each shard holds the
+    classes in proportion (a shard of the folder's order holds one or two), the index is the
+    folder's, and the same input packs the same bytes again. ``--layout source`` keeps the
+    index order, and a pack begun with one layout is not finished with the other."""
+    mixed, by_source = load_pack(packed_in_two, "train"), None
+    assert mixed.layout == "mixed"
+    pack(str(source), str(tmp_path / "source"), shard_mb=0.05, progress=False, layout="source")
+    by_source = load_pack(tmp_path / "source", "train")
+    assert by_source.layout == "source" and (np.diff(by_source.shard) >= 0).all()
+    assert by_source.labels == mixed.labels
+    assert not (np.diff(mixed.shard) >= 0).all()        # not in index order
+    labels = np.array(mixed.labels)
+
+    def classes_per_shard(samples):
+        return [len(set(labels[samples.shard == k])) for k in range(len(samples.shards))]
+    assert np.mean(classes_per_shard(mixed)) > np.mean(classes_per_shard(by_source))
+    for i in range(len(mixed)):
+        assert mixed.read(i) == by_source.read(i)
+    pack(str(source), str(tmp_path / "again"), shard_mb=0.05, progress=False)
+    for shard in mixed.shards:
+        assert (tmp_path / "again" / "train" / shard).read_bytes() == \
+            (packed_in_two / "train" / shard).read_bytes()
+    with pytest.raises(PackError, match="begun with --layout source: finish it with --layout "
+                                        "source"):
+        pack(str(source), str(tmp_path / "source"), shard_mb=0.05, progress=False)
 
 
 def test_pack_resumes_after_the_last_complete_shard(source, packed, tmp_path):

@@ -212,6 +212,59 @@ def test_the_shard_cache_serves_reads_once_warm(packs, s3, tmp_path):
     assert s3[0].stats()["requests"] == requests + 1          # the one not cached: a range GET
 
 
+def test_the_cache_downloads_in_the_order_of_first_reads_and_a_read_waits_for_its_shard(
+        packs, s3, tmp_path, monkeypatch):
+    """``plan`` (the loader's set_epoch) puts the shards in the order this process reads them,
+    then the others; a read of a shard being downloaded waits for it: no range GET of it."""
+    _, local, url = packs
+    a = load_pack(local, "train")
+    monkeypatch.setattr(ShardCache, "DOWNLOADS", 1)
+    b = open_samples(url, "train")
+    b.cache = ShardCache(str(tmp_path))
+    first = [7, 2, 5]
+    order = [int(i) for k in first for i in np.flatnonzero(b.shard == k)]
+    s3[0].set_faults([{"method": "GET", "key": r"train/shard-000007\.tar", "action": "hold",
+                       "ms": 1500, "times": 1}])
+    before = len(s3[0].stats()["gets"])
+    b.plan(order)
+    deadline = time.monotonic() + 30
+    while s3[0].stats()["held"] == 0:                     # shard 7's download is in flight
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert b.read(order[0]) == a.read(order[0])
+    assert b.cache.wait(60)
+    gets = s3[0].stats()["gets"][before:]
+    tars = [path.rsplit("/", 1)[1] for path, _ in gets if path.endswith(".tar")]
+    assert tars[:3] == [f"shard-{k:06d}.tar" for k in first]
+    assert sorted(tars) == sorted(b.shards)               # then the others, each once
+    assert [byte_range for _, byte_range in gets] == [None] * len(gets)   # whole objects only
+    assert [b.read(i) for i in order] == [a.read(i) for i in order]
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_shard_order_from_an_empty_cache_reads_the_local_packs_batches(packs, tmp_path, backend):
+    """data.shuffle=shards, rank 1 of 2 with a DataLoader worker / DALI's feed, epoch 1 resumed
+    at batch 1, the shard cache empty at the start: the local pack's batches, every shard in
+    the cache at the end."""
+    _, local, url = packs
+    got = []
+    for root, cache in ((local, None), (url, tmp_path / "cache")):
+        cfg = DataConfig(root=str(root), backend=backend, image_size=32, val_resize=36,
+                         workers=1, read_ahead=16, shuffle="shards", shuffle_shards=2,
+                         shard_cache=cache and str(cache))
+        with build_loader(cfg, LoaderSpec("train", batch_size=4, rank=1, world_size=2,
+                                          seed=3)) as loader:
+            loader.set_epoch(1, 1)
+            got.append(list(loader))
+            samples = loader.samples if backend == "dali" else loader.dataset.samples
+    assert samples.cache.wait(60)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.tar")) == \
+        sorted(f"{h}.tar" for h in samples.sha256)
+    assert len(got[0]) == len(got[1]) == 5
+    for (a, la), (b, lb) in zip(*got):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
 @pytest.mark.parametrize("case", ["no credentials", "unknown bucket", "not a pack", "denied"])
 def test_a_data_root_that_cannot_be_read_is_one_line_before_training(packs, s3, case, tmp_path):
     env, root = dict(s3[1]), "s3://data/pack"
@@ -379,7 +432,7 @@ def test_only_the_process_that_made_the_cache_downloads_and_partials_are_removed
             b.cache.holds(b.sha256[0], b)
             pickle.loads(pickle.dumps(b)).cache.holds(b.sha256[0], b)
             code = 0 if [t.name for t in threading.enumerate()] == ["MainThread"] and \
-                b.cache._thread is None else 3
+                b.cache._threads == [] else 3
         finally:
             os._exit(code)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
