@@ -18,6 +18,7 @@ TYPOS = [
     ("data.normalization", "zcaa", ["meanstd", "zca", "scale"]),
     ("data.resize_with", "bicubicc", ["auto", "dali", "torch"]),
     ("data.on_bad_image", "skp", ["skip", "stop"]),
+    ("data.shuffle", "shard", ["global", "shards"]),
     ("data.listing_cache", "of", ["auto", "off", "a folder"]),
     ("train.amp", "bf61", ["auto", "off", "bf16", "fp16"]),
     ("train.channels_last", "onn", ["auto", "on", "off"]),
