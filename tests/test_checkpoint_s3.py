@@ -473,3 +473,36 @@ def test_storage_problems_are_one_line_before_training(data, s3, tmp_path, case)
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line and what in line and folder in line, line
     assert not out.exists()                              # before the run directory
+
+
+def test_deepspeed_on_two_processes_falls_back_past_a_changed_byte_and_replays_its_step(
+        data, s3, tmp_path):
+    """DeepSpeed ZeRO-1, 2 processes under torchrun (gloo), ``run.checkpoint_dir=s3://...``:
+    each rank uploads the files it wrote, rank 0 the one ``MANIFEST.sha256`` last. Stopped at
+    step 4, a byte of rank 1's optimizer shard of step 4 changed: the restart falls back to
+    step 3 with a log line, and its step 4 is the first run's, bit for bit."""
+    env, proxy = s3
+    proxy.set_faults([])
+    folder, out = f"s3://{BUCKET}/deepspeed", tmp_path / "run"
+    ds = {"engine.name": "deepspeed", "engine.deepspeed_config": "launch/deepspeed/zero1.json",
+          "run.checkpoint_dir": folder, "run.checkpoint_every_steps": 1,
+          "run.keep_checkpoints": 2}
+    with using_env(env):
+        first = run_training(base_overrides(data, out, **ds, **{"run.max_steps": 4}), nproc=2,
+                             check=False)
+        assert first.returncode == 0, first.stderr[-3000:]
+        names = [ckpt.name_of(p) for p in ckpt.list_checkpoints(folder)]
+        assert names == ["step_00000004", "step_00000003"], names
+        files = [key for key, _ in object_store.listing(f"{folder}/step_00000004")]
+        assert "MANIFEST.sha256" in files, files
+        shards = sorted(key for key in files if "optim_states" in key)
+        assert len(shards) == 2 and "zero_pp_rank_1" in shards[1], files
+        change_one_byte(f"{folder}/step_00000004/{shards[1]}")
+        before = step_losses(out)
+        again = run_training(base_overrides(data, out, **ds), nproc=2, check=False)
+        assert again.returncode == 0, again.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "step_00000004" in log and "falling back" in log, log[-3000:]
+    assert f"resumed from {folder}/step_00000003 at step 3" in log, log[-3000:]
+    after = step_losses(out)
+    assert sorted(after) == list(range(1, 7)) and after[4] == before[4], (before, after)

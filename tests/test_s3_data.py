@@ -447,22 +447,31 @@ def test_only_the_process_that_made_the_cache_downloads_and_partials_are_removed
 
 
 @pytest.mark.slow
-def test_a_two_process_run_from_s3_killed_mid_epoch_resumes_as_the_local_run(packs, s3, tmp_path):
-    """torchrun, 2 processes, the DALI graph: uninterrupted from the local pack, then from S3
-    with its checkpoints in S3 (run.checkpoint_dir=s3://...), a worker SIGKILLed once a step
-    after the first checkpoint is logged, restarted by torchrun from its newest checkpoint in
-    S3 (step 4 or 8, whichever the kill found): every step's loss equal (the order, partition
-    and bytes of every batch)."""
+@pytest.mark.parametrize("case", ["dali", "torch-shards"])
+def test_a_two_process_run_from_s3_killed_mid_epoch_resumes_as_the_local_run(packs, s3, tmp_path,
+                                                                             case):
+    """torchrun, 2 processes: the DALI graph (global shuffle, a range GET per sample), or the
+    torch backend with a DataLoader worker per rank in the shard order (data.shuffle=shards)
+    from an empty shard cache. Uninterrupted from the local pack, then from S3 with its
+    checkpoints in S3 (run.checkpoint_dir=s3://...), a worker SIGKILLed once a step after the
+    first checkpoint is logged, restarted by torchrun from its newest checkpoint in S3 (step 4
+    or 8, whichever the kill found): every step's loss equal (the order, partition and bytes
+    of every batch)."""
     _, local, url = packs
     every = {"data.backend": "dali", "data.workers": 1, "run.checkpoint_every_steps": 4,
              "train.epochs": 2}
+    from_s3 = {"run.checkpoint_dir": f"s3://data/ckpt-{case}"}
+    if case == "torch-shards":
+        every.update({"data.backend": "torch", "data.shuffle": "shards",
+                      "data.shuffle_shards": 3})
+        from_s3["data.shard_cache"] = str(tmp_path / "shard_cache")
     run_training(base_overrides(local, tmp_path / "local", **every), nproc=2)
     reference = step_losses(tmp_path / "local")
     out = tmp_path / "s3"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=s3",
            str(REPO / "train_imagenet.py"), "--config", "configs/quickstart.yaml",
-           *base_overrides(url, out, **every, **{"run.checkpoint_dir": "s3://data/ckpt"})]
+           *base_overrides(url, out, **every, **from_s3)]
     env = {**s3[1], "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -480,11 +489,15 @@ def test_a_two_process_run_from_s3_killed_mid_epoch_resumes_as_the_local_run(pac
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, log[-4000:]
-    resumed = re.findall(r"resumed from (s3://data/ckpt/\S*step_0*(\d+)\.pt)", log)
+    resumed = re.findall(r"resumed from (s3://data/ckpt-\S*step_0*(\d+)\.pt)", log)
     assert len(resumed) == 1 and int(resumed[0][1]) in (4, 8), log[-4000:]   # not a local copy
     got = step_losses(out)
     assert sorted(got) == sorted(reference) == list(range(1, 13))
     assert got == reference
+    if case == "torch-shards":     # the node's cache holds the split, each shard verified
+        with np.load(local / "train" / "index.npz") as z:
+            train = {f"{h}.tar" for h in z["sha256"]}
+        assert train <= {p.name for p in (tmp_path / "shard_cache").glob("*.tar")}
 
 
 def free_port() -> int:
