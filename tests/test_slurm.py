@@ -171,9 +171,8 @@ STOP_PATHS = {  # sbatch options, the command that stops the job (None: it stops
     # what the job does: requeue (and resume), end, or cancel (a checkpoint is not promised)
     # a real time limit: USR1 to the batch shell 30 s before it (SLURM sends it up to 60 s
     # early), the script's --signal=B:USR1@180 with a limit a test can wait for
+    # (`scancel --batch --signal=USR1` by hand is this very path: SLURM sends it here)
     "time_limit": (["--time=2", "--signal=B:USR1@30"], None, "requeue"),
-    # the same path by hand
-    "usr1": ([], lambda job: ["scancel", "--batch", "--signal=USR1", job], "requeue"),
     # without --batch SLURM signals every process of the job's steps, workers included
     "usr1_steps": ([], lambda job: ["scancel", "--signal=USR1", job], "requeue"),
     "scontrol": ([], lambda job: ["scontrol", "requeue", job], "requeue"),
