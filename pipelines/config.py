@@ -115,7 +115,7 @@ class DataConfig:
     shard_cache: str | None = None
     # the training order: global (one permutation of the split) | shards (a pack's shards in a random order, shuffle_shards of them mixed at a time: from object storage, whole shards instead of a request per image; needs a pack of the default --layout mixed)
     shuffle: Literal["global", "shards"] = "global"
-    shuffle_shards: Count = 16     # data.shuffle=shards: shards mixed at a time (memory: none; shard cache: about twice this many shards)
+    shuffle_shards: Count = 16     # data.shuffle=shards: shards mixed at a time (more: batches closer to a global shuffle; the shard cache holds the whole split either way)
     svhn_extra: bool = False       # svhn: add extra_32x32.mat to the training set (paper: 604k)
 
     def problem(self) -> str | None:
@@ -131,9 +131,10 @@ class DataConfig:
             if self.val_resize < self.image_size:
                 return (f"data.val_resize={self.val_resize} is below data.image_size="
                         f"{self.image_size}: the val center crop would be larger than the image")
-        if self.shuffle == "shards" and self.dataset != "imagenet":
-            return (f"data.shuffle=shards reads a pack's shards a few at a time; "
-                    f"{self.dataset} is read from memory (data.shuffle=global)")
+        if self.shuffle == "shards" and (self.dataset != "imagenet" or self.backend == "synthetic"):
+            source = (self.dataset if self.dataset != "imagenet" else "the synthetic backend")
+            return (f"data.shuffle=shards reads a pack's shards a few at a time; {source} has "
+                    f"no shards (data.shuffle=global)")
         if self.normalization == "zca" and self.dataset not in ("cifar10", "cifar100"):
             return f"data.normalization=zca is for cifar10/cifar100, not {self.dataset}"
         for key, lowest in (("mean", 0), ("std", 1e-12)):

@@ -192,10 +192,19 @@ def index_layout(z) -> str:
 
 
 def layout_order(layout: str, num_samples: int) -> np.ndarray:
-    """The sample indices in the order ``layout`` writes them to the shards."""
+    """The sample indices in the order ``layout`` writes them to the shards. The mixed order
+    sorts the indices by a hash of their own (splitmix64, integer arithmetic): the same for
+    every numpy version, as a resumed pack must find the shards its first run wrote where
+    this order puts them (a random generator's stream may change between versions)."""
     if layout == "source":
         return np.arange(num_samples)
-    return np.random.default_rng(LAYOUT_SEED).permutation(num_samples)
+    u64 = np.uint64
+    with np.errstate(over="ignore"):
+        z = np.arange(num_samples, dtype=u64) + u64(LAYOUT_SEED) * u64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> u64(30))) * u64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> u64(27))) * u64(0x94D049BB133111EB)
+        z ^= z >> u64(31)
+    return np.argsort(z, kind="stable")
 
 
 # ---------------------------------------------------------------- writing

@@ -22,10 +22,12 @@ others by range GET. The ranks of a node share DIR: a shard is downloaded by whi
 takes its lock file first (``fcntl.flock``), the others skip it and read it once it is there.
 A download is written only under that lock: the partial files a killed process left are removed
 under it before the next download of the shard. The downloads (``ShardCache.DOWNLOADS`` at a
-time) follow the loader's plan (``S3PackedSamples.plan``: the shards in the order of their first
-read, then the others); a read of a shard that a process of the node is downloading waits for
-it. With ``data.shuffle=shards`` (``base.train_permutation``) a plan is a few shards at a time,
-so the downloads stay ahead of the reads and no sample is a request of its own.
+time) start at the loader's first plan (``S3PackedSamples.plan``, called by its ``set_epoch``:
+the shards in the order of their first read, then the others) or the first read, whichever
+comes first; a read of a shard that a process of the node is downloading waits for it (up to
+``ShardCache.ARRIVAL_WAIT_S``). With ``data.shuffle=shards`` (``base.train_permutation``) the
+reads need a few shards at a time, in the plan's order, so the downloads run ahead of the reads
+and no sample is a request of its own.
 Nothing is evicted: DIR must hold the split (ImageNet's train: ~140 GB).
 """
 from __future__ import annotations
@@ -132,8 +134,7 @@ def open_s3_pack(root: str, split: str, file_list: str | None = None,
             log.warning("data.shard_cache is not used for %s: its index.npz records no SHA-256 "
                         "of its shards to check downloads against (pack it again)", url)
         else:
-            samples.cache = ShardCache(shard_cache)
-            samples.cache.start(samples)
+            samples.cache = ShardCache(shard_cache)   # downloads from the first plan or read
     return samples
 
 
@@ -162,13 +163,16 @@ class ShardCache:
     would leave its partial file, and each would download the same shards); ``arrives`` waits
     for a shard being downloaded on this node; ``wait`` blocks until the downloads are done."""
 
-    DOWNLOADS = 4                  # shards downloaded at once (one connection each)
-    ARRIVAL_WAIT_S = 30.0          # longest wait for a shard being downloaded, then range GETs
+    DOWNLOADS = 4                  # shards of the split downloaded at once
+    # longest wait of a read for a shard being downloaded (then range GETs, and no more waits
+    # for that shard); below data.read_timeout_s's default (60), which would count it as hung
+    ARRIVAL_WAIT_S = 20.0
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
         self._known: set[str] = set()
-        self._owner, self._threads = os.getpid(), []
+        self._late: set[str] = set()          # shards a read waited for in vain
+        self._owner, self._threads, self._active, self._planned = os.getpid(), [], 0, False
         self._todo: list[int] = []
         self._lock = threading.Lock()
 
@@ -185,21 +189,23 @@ class ShardCache:
         return False
 
     def start(self, samples: S3PackedSamples) -> None:
-        """The downloads of ``samples``' shards in shard order, unless planned already."""
-        if not self._threads and os.getpid() == self._owner:
+        """The downloads of ``samples``' shards in shard order, unless planned already (a
+        read before any loader planned: the samples used on their own)."""
+        if not self._planned and os.getpid() == self._owner:
             self.plan(samples, [])
 
     def plan(self, samples: S3PackedSamples, first: list[int]) -> None:
         """Download ``first`` in this order, then the split's other shards; in the process
-        that made the cache only."""
+        that made the cache only. Downloads in flight finish; the next ones follow this plan."""
         if os.getpid() != self._owner:
             return
         seen = set(first)
         todo = list(first) + [k for k in range(len(samples.shards)) if k not in seen]
         with self._lock:
-            self._todo = todo
+            self._todo, self._planned = todo, True
             self._threads = [t for t in self._threads if t.is_alive()]
-            for _ in range(self.DOWNLOADS - len(self._threads)):
+            while self._active < self.DOWNLOADS:
+                self._active += 1
                 thread = threading.Thread(target=self.fill, args=(samples,), daemon=True,
                                           name="shard-cache")
                 self._threads.append(thread)
@@ -210,7 +216,7 @@ class ShardCache:
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in list(self._threads):
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return bool(self._threads) and not any(t.is_alive() for t in self._threads)
+        return self._planned and not any(t.is_alive() for t in self._threads)
 
     def fill(self, samples: S3PackedSamples) -> None:
         """Downloads from the planned list, first come first taken; a shard that another
@@ -220,6 +226,7 @@ class ShardCache:
         while True:
             with self._lock:
                 if not self._todo:
+                    self._active -= 1      # under the lock: a plan() now starts another
                     return
                 shard = self._todo.pop(0)
             if self.fetch(samples, shard) is None:
@@ -237,6 +244,8 @@ class ShardCache:
         """Whether the shard is being downloaded on this node (any process holds its lock)
         and is there once that download ends (waiting up to ``ARRIVAL_WAIT_S``): a read waits
         for it rather than asking the bucket for the same bytes once more."""
+        if sha256 in self._late:
+            return False
         deadline = time.monotonic() + self.ARRIVAL_WAIT_S
         while time.monotonic() < deadline:
             if self.path(sha256).is_file():
@@ -244,7 +253,8 @@ class ShardCache:
                 return True
             if not self.downloading(sha256):
                 return self.path(sha256).is_file()
-            time.sleep(0.01)
+            time.sleep(0.02)
+        self._late.add(sha256)
         return False
 
     def downloading(self, sha256: str) -> bool:
@@ -299,8 +309,8 @@ class ShardCache:
             tmp.unlink(missing_ok=True)
 
     def __getstate__(self):   # a worker process reads what is there, never downloads
-        return {"folder": self.folder, "_known": set(), "_owner": self._owner, "_threads": [],
-                "_todo": []}
+        return {"folder": self.folder, "_known": set(), "_late": set(), "_owner": self._owner,
+                "_threads": [], "_active": 0, "_planned": False, "_todo": []}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _lock=threading.Lock())

@@ -5,6 +5,7 @@ The pack is checked against what defines its format, not against our own reader:
 library must read every sample back."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 from pipelines import DataConfig, LoaderSpec, build_loader
 from pipelines import folder as folder_module
 from pipelines.sources import open_samples
-from pipelines.pack import INDEX, PackError, load_pack, pack
+from pipelines.pack import INDEX, PackError, layout_order, load_pack, pack
 from pipelines.read_ahead import ReadAhead
 from pipeline_data import write_jpeg_folder
 from trainer_utils import REPO, base_overrides, make_folder, run_training, step_losses
@@ -168,6 +169,25 @@ def test_the_mixed_layout_puts_every_class_in_each_shard_and_keeps_the_index(
     with pytest.raises(PackError, match="begun with --layout source: finish it with --layout "
                                         "source"):
         pack(str(source), str(tmp_path / "source"), shard_mb=0.05, progress=False)
+    # the order is pinned: a resumed pack finds its first run's shards where it puts them
+    assert layout_order("mixed", 20).tolist() == [16, 18, 15, 8, 11, 14, 10, 6, 2, 7, 5, 17, 3,
+                                                  1, 12, 9, 13, 4, 19, 0]
+
+
+def test_a_pack_written_before_layouts_reads_as_source_and_is_finished_as_one(source, tmp_path):
+    out = tmp_path / "old"
+    pack(str(source), str(out), shard_mb=0.05, progress=False, layout="source")
+    manifest = json.loads((out / "pack.json").read_text())
+    del manifest["layout"]
+    (out / "pack.json").write_text(json.dumps(manifest))
+    with np.load(out / "train" / INDEX) as z:
+        np.savez(out / "train" / INDEX, **{k: z[k] for k in z.files if k != "layout"})
+    assert load_pack(out, "train").layout == "source"
+    (out / "val" / INDEX).unlink()                                  # a partial pack
+    with pytest.raises(PackError, match="begun with --layout source"):
+        pack(str(source), str(out), shard_mb=0.05, progress=False)
+    pack(str(source), str(out), shard_mb=0.05, progress=False, layout="source")
+    assert load_pack(out, "val").layout == "source"
 
 
 def test_pack_resumes_after_the_last_complete_shard(source, packed, tmp_path):

@@ -215,14 +215,17 @@ def test_the_shard_cache_serves_reads_once_warm(packs, s3, tmp_path):
 def test_the_cache_downloads_in_the_order_of_first_reads_and_a_read_waits_for_its_shard(
         packs, s3, tmp_path, monkeypatch):
     """``plan`` (the loader's set_epoch) puts the shards in the order this process reads them,
-    then the others; a read of a shard being downloaded waits for it: no range GET of it."""
+    then the others; a new plan (the next epoch, a resume) takes over after the download in
+    flight; a read of a shard being downloaded waits for it: no range GET of it."""
     _, local, url = packs
     a = load_pack(local, "train")
     monkeypatch.setattr(ShardCache, "DOWNLOADS", 1)
     b = open_samples(url, "train")
     b.cache = ShardCache(str(tmp_path))
-    first = [7, 2, 5]
-    order = [int(i) for k in first for i in np.flatnonzero(b.shard == k)]
+
+    def reads_of(shards):
+        return [int(i) for k in shards for i in np.flatnonzero(b.shard == k)]
+    order = reads_of([7, 2, 5])
     s3[0].set_faults([{"method": "GET", "key": r"train/shard-000007\.tar", "action": "hold",
                        "ms": 1500, "times": 1}])
     before = len(s3[0].stats()["gets"])
@@ -231,11 +234,12 @@ def test_the_cache_downloads_in_the_order_of_first_reads_and_a_read_waits_for_it
     while s3[0].stats()["held"] == 0:                     # shard 7's download is in flight
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    b.plan(reads_of([4, 1]))                              # planned again meanwhile
     assert b.read(order[0]) == a.read(order[0])
     assert b.cache.wait(60)
     gets = s3[0].stats()["gets"][before:]
     tars = [path.rsplit("/", 1)[1] for path, _ in gets if path.endswith(".tar")]
-    assert tars[:3] == [f"shard-{k:06d}.tar" for k in first]
+    assert tars[:3] == [f"shard-{k:06d}.tar" for k in (7, 4, 1)]
     assert sorted(tars) == sorted(b.shards)               # then the others, each once
     assert [byte_range for _, byte_range in gets] == [None] * len(gets)   # whole objects only
     assert [b.read(i) for i in order] == [a.read(i) for i in order]
@@ -298,6 +302,7 @@ def test_a_download_cut_off_for_good_is_one_line_and_the_cache_goes_on(packs, s3
     assert failed.value.strerror.startswith(f"download {url}/train/shard-000001.tar: ")
     assert list(tmp_path.iterdir()) == []                         # no partial file left
     b = open_samples(url, "train", shard_cache=str(tmp_path / "cache"))
+    b.read(0)                                                     # starts the downloads
     assert b.cache.wait(60)
     assert {p.name for p in (tmp_path / "cache").glob("*.tar")} == \
         {f"{h}.tar" for shard, h in enumerate(b.sha256) if shard != 1}
