@@ -22,7 +22,9 @@ annotations and ~1,000 images without annotations: it passes with those counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -54,6 +56,22 @@ QUIRKS = {
     "image_without_annotations": "dropped from training by DATALOADER.FILTER_EMPTY_ANNOTATIONS "
                                  "(default True); evaluated as usual",
 }
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cycle collector off while a COCO file's millions of dicts and lists are built
+    (none of them garbage): its collections would walk the growing heap again and again, half
+    of the time it takes to read train2017's annotations (orjson's parse ~9 s -> ~4 s)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class CocoFormatError(ValueError):
     """A COCO json that detectron2 must not read; ``problems`` lists what is wrong."""
 
@@ -246,7 +264,7 @@ def _load(json_file: str) -> dict:
     if not os.path.isfile(json_file):
         raise CocoFormatError(json_file, ["annotation file does not exist"])
     try:
-        with open(json_file, "rb") as f:
+        with open(json_file, "rb") as f, gc_paused():
             data = _parse_json(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CocoFormatError(json_file, [f"not valid JSON: {e}"]) from e

@@ -22,6 +22,7 @@ Multi-machine: --num-machines N --machine-rank R --dist-url tcp://HOST:PORT, as 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -37,7 +38,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
 import detection  # noqa: F401  (registers the WRN backbones: always imported here)
-from detection.coco_check import CocoFormatError, CocoReport, check_once
+from detection.coco_check import CocoFormatError, CocoReport, check_once, gc_paused
 from detection.config import get_wrn_cfg
 
 log = logging.getLogger("detection.train_net")
@@ -71,6 +72,13 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_aware_ddp():
             super().__init__(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's, with the cycle collector paused while it reads the annotations
+        (train2017's 860,001: load_coco_json ~25 s -> ~15 s)."""
+        with gc_paused():
+            return super().build_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -234,3 +242,6 @@ def cli(argv=None):
 
 if __name__ == "__main__":
     cli(sys.argv[1:])
+    # the interpreter's last garbage collections would walk every object torch & co. made
+    # (~1.5 s of CPU per process): frozen, they are left to the exit
+    gc.freeze()

@@ -168,7 +168,7 @@ def test_deepspeed_refuses_a_checkpoint_of_another_precision(data, tmp_path):
     fall-back past every checkpoint of the run to step 0."""
     out = tmp_path / "ds"
     run_training(base_overrides(data, out, **{"engine.name": "deepspeed", "train.amp": "bf16",
-                                              "train.epochs": 1}))
+                                              "train.epochs": 1, "run.max_steps": 1}))
     proc = run_training(base_overrides(data, out, **{"engine.name": "deepspeed", "train.amp": "off"}),
                         check=False)
     assert proc.returncode == 5, proc.stderr[-3000:]

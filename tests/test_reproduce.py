@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer_utils import (PAPER, REPO, THREADS, base_overrides, epochs, live_processes_mentioning,
-                           make_folder, read_metrics, run_training, sweep_overrides,
-                           write_table_configs)
+from trainer_utils import (PAPER, REPO, THREADS, base_overrides, epochs, isolated,
+                           live_processes_mentioning, make_folder, read_metrics, run_training,
+                           sweep_overrides, write_table_configs)
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,26 @@ def reproduce(args: list[str], check: bool = True, **kw) -> subprocess.Completed
         raise AssertionError(f"reproduce.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc
+
+
+def reproduce_here(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """``reproduce.main(args)`` in this process, as ``reproduce``: for a call that trains
+    nothing (every run finished, or refused), whose imports would be most of a new process's
+    time. A run it started would go to a process of its own, and print its "starts" line here."""
+    import contextlib
+    import io
+
+    import reproduce as command
+    out, err = io.StringIO(), io.StringIO()
+    with isolated(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = command.main(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    if check and code != 0:
+        raise AssertionError(f"reproduce.py failed ({code}):\n{out.getvalue()[-3000:]}\n"
+                             f"{err.getvalue()[-4000:]}")
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def final_errors(run_dir: Path) -> dict:
@@ -108,7 +128,7 @@ def test_tiny_table_equals_the_runs_own_metrics(tmp_path, data):
 
     # the same command again: nothing runs
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed*/result.json")}
-    again = reproduce(args)
+    again = reproduce_here(args)
     assert "starts" not in again.stdout and "resumes" not in again.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed*/result.json")}
 
@@ -116,13 +136,13 @@ def test_tiny_table_equals_the_runs_own_metrics(tmp_path, data):
     moved = out / "net_a" / "imagenet" / "seed1" / "result.json"
     result = json.loads(moved.read_text())
     moved.write_text(json.dumps({**result, "commit": "0" * 40}))
-    refused = reproduce(args + ["--table"], check=False)
+    refused = reproduce_here(args + ["--table"], check=False)
     assert refused.returncode == 2 and "seed1" in refused.stderr and "differ" in refused.stderr
-    reproduce(args + ["--table", "--split-mixed"])
+    reproduce_here(args + ["--table", "--split-mixed"])
     assert "[00000000 " in (out / "results.md").read_text()
 
     # another config asked of the same run directories: refused, naming the key
-    changed = reproduce(args + ["optim.lr=0.01"], check=False)
+    changed = reproduce_here(args + ["optim.lr=0.01"], check=False)
     assert changed.returncode == 2 and "optim.lr" in changed.stderr
 
 
@@ -218,8 +238,9 @@ def test_sigterm_to_a_two_process_sweep_stops_its_run_with_a_checkpoint(tmp_path
     assert proc.returncode == 143, output[-3000:]
     assert "the same command resumes the sweep" in output
     assert "checkpointing at the next check" in (run / "train.log").read_text()
-    time.sleep(2)
-    left = live_processes_mentioning(f"run.output_dir={run}")
+    deadline = time.time() + 2          # none left within 2 s of the sweep's exit
+    while (left := live_processes_mentioning(f"run.output_dir={run}")) and time.time() < deadline:
+        time.sleep(0.1)
     assert not left, left
     assert not (run / "result.json").exists()
 

@@ -294,7 +294,7 @@ def test_a_tracker_server_that_goes_away_costs_a_warning_not_the_run(tmp_path, d
     server, url = start_mlflow_server(tmp_path / "mlflow")
     out = tmp_path / "run"
     try:
-        run = training(out, data, {"MLFLOW_TRACKING_URI": url, "WRN_TRACKER_CLOSE_WAIT_S": "5",
+        run = training(out, data, {"MLFLOW_TRACKING_URI": url, "WRN_TRACKER_CLOSE_WAIT_S": "2",
                                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
                        "run.loggers=[jsonl,mlflow]", "train.epochs=4")
         deadline, held = time.time() + 240, -1
@@ -331,10 +331,14 @@ def test_a_logger_whose_package_is_missing_or_unknown_is_one_line(tmp_path, data
         assert not (tmp_path / "out").exists()
 
 
-def test_a_tracker_that_fails_is_tried_again_after_its_pause_not_at_every_record(tmp_path):
+def test_a_tracker_that_fails_is_tried_again_after_its_pause_not_at_every_record(tmp_path,
+                                                                                  monkeypatch):
     """Records written while a tracker is down wait for its next try (RETRY_S later); the
     run's end asks for one last try at once, then the pause holds again."""
+    from engine import trackers
     from engine.metrics import RunInfo
+    # 2 s, not 5: the test waits out two pauses (the second one doubled)
+    monkeypatch.setattr(trackers, "RETRY_S", 2.0)
     from engine.trackers import RETRY_S, Background
 
     tries, up = [], []

@@ -203,7 +203,7 @@ def test_deepspeed_checkpoint_manifest_catches_a_flipped_byte(data, tmp_path):
     listed = (newest / "MANIFEST.sha256").read_text()
     assert "  weights.pt\n" in listed and "  state/mp_rank_00_model_states.pt\n" in listed
     flip_byte(newest / "state" / "mp_rank_00_model_states.pt")
-    proc = run_training(base_overrides(data, out, **ds))
+    proc = run_training(base_overrides(data, out, **ds, **{"run.max_steps": 5}))  # resumed: 1 step
     assert "mp_rank_00_model_states.pt: SHA-256 checksum mismatch" in proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
 
