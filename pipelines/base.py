@@ -3,7 +3,7 @@
 A backend is one function registered with ``@register_backend("name")`` that takes a
 ``DataConfig`` and a ``LoaderSpec`` and returns a ``Loader``. The trainer only ever calls
 ``build_loader(cfg, spec)``; adding a backend never touches the trainer. A backend of this
-package is one file named in ``BUILTIN_BACKENDS``, imported on the first ``build_loader``.
+package is one file named in ``BUILTIN_BACKENDS``, imported when that backend is first asked for.
 """
 from __future__ import annotations
 
@@ -192,23 +192,19 @@ class EpochOrder:
 
 BackendFn = Callable[[DataConfig, LoaderSpec], Loader]
 _backends: dict[str, BackendFn] = {}
-# modules of this package that register a backend, imported on first need; "dali" only where
-# DALI imports ("auto" then picks it)
-BUILTIN_BACKENDS = ("synthetic", "torch_backend", "dali")
-_builtins_loaded = False
+# the module of this package that registers each built-in backend, imported on first need (a
+# run of one backend does not import another's library); "dali" only where DALI imports
+BUILTIN_BACKENDS = {"synthetic": "synthetic", "torch": "torch_backend", "dali": "dali"}
 
 
-def _load_builtin_backends() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
+def _load_builtin_backend(name: str) -> None:
+    if name in _backends or name not in BUILTIN_BACKENDS:
         return
-    for module in BUILTIN_BACKENDS:
-        try:
-            importlib.import_module(f"{__package__}.{module}")
-        except ImportError as e:
-            if module != "dali" or not (e.name or "").startswith("nvidia"):
-                raise
-    _builtins_loaded = True
+    try:
+        importlib.import_module(f"{__package__}.{BUILTIN_BACKENDS[name]}")
+    except ImportError as e:
+        if name != "dali" or not (e.name or "").startswith("nvidia"):
+            raise
 
 
 def register_backend(name: str):
@@ -220,12 +216,13 @@ def register_backend(name: str):
 
 
 def available_backends() -> list[str]:
-    _load_builtin_backends()
+    for name in BUILTIN_BACKENDS:
+        _load_builtin_backend(name)
     return sorted(_backends)
 
 
 def resolve_backend(name: str) -> str:
-    _load_builtin_backends()
+    _load_builtin_backend("dali" if name == "auto" else name)
     if name == "auto":
         return "dali" if "dali" in _backends else "torch"
     if name not in _backends:
