@@ -2,8 +2,8 @@
 synthetic data, behind one small interface (``pipelines.base``).
 
 Importing the package imports no torch: ``DataConfig`` is plain data (``pipelines.config``),
-and the rest comes from ``pipelines.base`` on first use, the backends on the first
-``build_loader``/``resolve_backend``. Reading a config stays a fraction of a second."""
+and the rest comes from ``pipelines.base`` on first use, a backend when it is first asked for
+(``build_loader``/``resolve_backend``). Reading a config stays a fraction of a second."""
 from .config import DataConfig
 
 _FROM_BASE = ("Loader", "LoaderSpec", "available_backends", "build_loader", "register_backend",

@@ -198,13 +198,17 @@ BUILTIN_BACKENDS = {"synthetic": "synthetic", "torch": "torch_backend", "dali": 
 
 
 def _load_builtin_backend(name: str) -> None:
-    if name in _backends or name not in BUILTIN_BACKENDS:
+    if name in _backends or name not in BUILTIN_BACKENDS or name in _missing:
         return
     try:
         importlib.import_module(f"{__package__}.{BUILTIN_BACKENDS[name]}")
     except ImportError as e:
         if name != "dali" or not (e.name or "").startswith("nvidia"):
             raise
+        _missing.add(name)            # looked for once
+
+
+_missing: set[str] = set()
 
 
 def register_backend(name: str):
@@ -222,9 +226,10 @@ def available_backends() -> list[str]:
 
 
 def resolve_backend(name: str) -> str:
-    _load_builtin_backend("dali" if name == "auto" else name)
     if name == "auto":
-        return "dali" if "dali" in _backends else "torch"
+        _load_builtin_backend("dali")
+        name = "dali" if "dali" in _backends else "torch"
+    _load_builtin_backend(name)
     if name not in _backends:
         raise ValueError(f"unknown data backend {name!r}; valid: auto, {', '.join(available_backends())}")
     return name

@@ -36,6 +36,25 @@ def test_auto_is_dali_where_it_imports():
     assert resolve_backend("auto") == "dali"
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_torch_run_imports_no_dali_and_auto_falls_back_to_it(folder, backend):
+    """In a new interpreter: ``auto`` where DALI does not import (the import system told so:
+    ``sys.modules["nvidia"] = None``) is the torch backend, and its loader gives a batch;
+    ``torch`` asked for imports no DALI even where it is installed."""
+    import subprocess
+    hide = "sys.modules['nvidia'] = None; " if backend == "auto" else ""
+    code = (f"import sys; {hide}"
+            "from pipelines import DataConfig, LoaderSpec, build_loader, resolve_backend; "
+            f"cfg = DataConfig(root={str(folder)!r}, backend={backend!r}, workers=0); "
+            "images, labels = next(iter(build_loader(cfg, LoaderSpec('train', 4)))); "
+            "print(resolve_backend(cfg.backend), tuple(images.shape), "
+            "'nvidia.dali' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["torch", "(4,", "3,", "224,", "224)", "False"], proc.stdout
+
+
 # (backend, device): DALI on the GPU is its "mixed" pipeline (nvJPEG decoding, GPU resize)
 BACKEND_DEVICES = [("dali", "cpu"), ("torch", "cpu"), cuda_case("dali")]
 
