@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,21 +37,43 @@ def test_auto_is_dali_where_it_imports():
     assert resolve_backend("auto") == "dali"
 
 
+def site_packages_without_dali(folder: Path) -> Path:
+    """This environment's packages with DALI not installed: a folder of links to every entry
+    of site-packages but DALI's (``nvidia/dali`` and its dist-info)."""
+    import sysconfig
+    site = Path(sysconfig.get_paths()["purelib"])
+    (folder / "nvidia").mkdir(parents=True)
+    for entry in site.iterdir():
+        if entry.name.startswith("nvidia_dali"):
+            continue
+        if entry.name == "nvidia":
+            for part in entry.iterdir():
+                if part.name != "dali":
+                    (folder / "nvidia" / part.name).symlink_to(part)
+        else:
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_a_torch_run_imports_no_dali_and_auto_falls_back_to_it(folder, backend):
-    """In a new interpreter: ``auto`` where DALI does not import (the import system told so:
-    ``sys.modules["nvidia"] = None``) is the torch backend, and its loader gives a batch;
-    ``torch`` asked for imports no DALI even where it is installed."""
+def test_a_torch_run_imports_no_dali_and_auto_falls_back_to_it(folder, tmp_path, backend):
+    """In a new interpreter: ``auto`` where DALI is not installed (``python -S`` on this
+    environment's packages but DALI's) is the torch backend, and its loader gives a batch;
+    ``torch`` asked for imports no DALI where it is installed."""
     import subprocess
-    hide = "sys.modules['nvidia'] = None; " if backend == "auto" else ""
-    code = (f"import sys; {hide}"
+    repo = Path(__file__).resolve().parents[1]
+    paths = [str(repo)]
+    if backend == "auto":
+        paths.insert(0, str(site_packages_without_dali(tmp_path / "site")))
+    code = (f"import sys; sys.path[:0] = {paths!r}; "
             "from pipelines import DataConfig, LoaderSpec, build_loader, resolve_backend; "
             f"cfg = DataConfig(root={str(folder)!r}, backend={backend!r}, workers=0); "
             "images, labels = next(iter(build_loader(cfg, LoaderSpec('train', 4)))); "
             "print(resolve_backend(cfg.backend), tuple(images.shape), "
             "'nvidia.dali' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    flags = ["-S"] if backend == "auto" else []
+    proc = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["torch", "(4,", "3,", "224,", "224)", "False"], proc.stdout
 
