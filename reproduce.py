@@ -29,7 +29,6 @@ mixed_starts column in results.csv and a line in results.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import shlex
 import sys
 from pathlib import Path
@@ -136,8 +135,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # the interpreter's last garbage collections would walk every object torch & co. made
-    # (~1.5 s of CPU per process): frozen, they are left to the exit
-    gc.freeze()
-    sys.exit(code)
+    from engine import exit_frozen
+    exit_frozen(main())

@@ -17,7 +17,6 @@ command resumes from the newest valid checkpoint there (run.resume=auto).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 
@@ -110,8 +109,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # the interpreter's last garbage collections would walk every object torch & co. made
-    # (~1.5 s of CPU per process, each rank's): frozen, they are left to the exit
-    gc.freeze()
-    sys.exit(code)
+    from engine import exit_frozen
+    exit_frozen(main())

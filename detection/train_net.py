@@ -22,7 +22,6 @@ Multi-machine: --num-machines N --machine-rank R --dist-url tcp://HOST:PORT, as 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import sys
@@ -241,7 +240,6 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    from engine import exit_frozen
     cli(sys.argv[1:])
-    # the interpreter's last garbage collections would walk every object torch & co. made
-    # (~1.5 s of CPU per process): frozen, they are left to the exit
-    gc.freeze()
+    exit_frozen()

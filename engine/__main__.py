@@ -8,7 +8,6 @@ Training is ``train_imagenet.py`` (evaluation: ``train_imagenet.py --eval-only``
 paper over seeds ``reproduce.py``. ``python -m engine COMMAND --help`` for each."""
 from __future__ import annotations
 
-import gc
 import sys
 
 COMMANDS = {"predict": "engine.inference", "export": "engine.export"}
@@ -24,8 +23,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # the interpreter's last garbage collections would walk every object torch & co. made
-    # (~1.5 s of CPU per process): frozen, they are left to the exit
-    gc.freeze()
-    sys.exit(code)
+    from engine import exit_frozen
+    exit_frozen(main())
